@@ -1,0 +1,131 @@
+"""Argument validation with errors that name the argument and what is wrong.
+
+Expensive checks of user matrices (symmetry, definiteness) are remembered per
+tensor object and version, so passing the same tensor on every update costs one
+check, not one per step.
+"""
+
+import math
+from typing import Any
+
+import torch
+from optree import tree_leaves
+
+from posteriors_fast._memo import TensorMemo
+
+_validated = TensorMemo()
+
+
+def scalar_value(x: Any, name: str) -> float:
+    """``x`` as a Python float, or a TypeError if it is not a single number."""
+    if isinstance(x, bool):
+        raise TypeError(f"{name} must be a number, got a bool")
+    if isinstance(x, (int, float)):
+        return float(x)
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        return float(x.detach().reshape(()).item())
+    raise TypeError(f"{name} must be a number or a one-element tensor, got {type(x).__name__}")
+
+
+def positive_finite(x: Any, name: str) -> float:
+    """Validate a learning-rate-like hyperparameter: finite and > 0."""
+    value = scalar_value(x, name)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and positive, got {value}")
+    return value
+
+
+def float_params(params: Any, name: str = "params") -> None:
+    """Every leaf a floating-point tensor, and at least one leaf."""
+    leaves = tree_leaves(params)
+    if not leaves:
+        raise ValueError(f"{name} has no tensors: nothing to put a distribution on")
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"{name} must be a pytree of tensors; found a {type(leaf).__name__} leaf")
+        if not leaf.is_floating_point():
+            raise TypeError(
+                f"{name} must hold floating-point tensors; found dtype {leaf.dtype} "
+                f"(shape {tuple(leaf.shape)}). Convert it, e.g. with .float()."
+            )
+
+
+def batch_leading_dim(batch: Any, name: str = "batch") -> int:
+    """The common leading (sample) dimension of every tensor leaf of ``batch``."""
+    sizes = {}
+    for leaf in tree_leaves(batch):
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        if leaf.ndim == 0:
+            raise ValueError(
+                f"{name} has a 0-d tensor leaf; every leaf needs a leading sample dimension"
+            )
+        sizes.setdefault(leaf.shape[0], tuple(leaf.shape))
+    if not sizes:
+        raise ValueError(f"{name} contains no tensors with a sample dimension")
+    if len(sizes) > 1:
+        shapes = ", ".join(str(s) for s in sizes.values())
+        raise ValueError(
+            f"{name} leaves disagree on the leading (sample) dimension: shapes {shapes}"
+        )
+    return next(iter(sizes))
+
+
+def covariance(
+    value: Any,
+    size: int,
+    like: torch.Tensor,
+    name: str,
+    allow_zero: bool,
+) -> torch.Tensor | float:
+    """Validate a covariance given as a scalar c (meaning c·I) or a (P, P) tensor.
+
+    Args:
+        value: The user's argument.
+        size: P, the number of parameters.
+        like: A tensor with the parameters' dtype and device.
+        name: Argument name for messages.
+        allow_zero: True for a transition covariance (positive semi-definite is
+            enough), False for an initial covariance (positive definite).
+
+    Returns:
+        A Python float for scalar input, else the tensor on ``like``'s device and
+        dtype (not copied if already there).
+    """
+    need = "positive semi-definite" if allow_zero else "positive definite"
+    if isinstance(value, (int, float)) or (
+        isinstance(value, torch.Tensor) and value.numel() == 1
+    ):
+        c = scalar_value(value, name)
+        if not math.isfinite(c) or c < 0 or (c == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ValueError(f"{name} as a scalar c means c·I and needs c {bound} and finite, got {c}")
+        return c
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a number or a ({size}, {size}) tensor, got {type(value).__name__}")
+    if value.shape != (size, size):
+        raise ValueError(
+            f"{name} must be a scalar or a square ({size}, {size}) matrix matching the "
+            f"{size} parameters, got shape {tuple(value.shape)}"
+        )
+    matrix = value.detach().to(device=like.device, dtype=like.dtype)
+    tag = (name, allow_zero, like.dtype)
+    if _validated.get(value, tag):
+        return matrix
+    if not bool(torch.isfinite(matrix).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    scale = matrix.abs().max().clamp_min(torch.finfo(matrix.dtype).tiny)
+    tol = 100 * torch.finfo(matrix.dtype).eps * scale
+    if bool((matrix - matrix.mT).abs().max() > tol):
+        raise ValueError(f"{name} must be symmetric; max |A - Aᵀ| = {float((matrix - matrix.mT).abs().max()):.3g}")
+    if allow_zero:
+        lowest = float(torch.linalg.eigvalsh(matrix).min())
+        ok = lowest >= -float(tol) * size
+    else:
+        _, info = torch.linalg.cholesky_ex(matrix)
+        ok = int(info) == 0
+        lowest = float(torch.linalg.eigvalsh(matrix).min()) if not ok else 0.0
+    if not ok:
+        raise ValueError(f"{name} must be {need}; its smallest eigenvalue is {lowest:.3g}")
+    _validated.put(value, True, tag)
+    return matrix

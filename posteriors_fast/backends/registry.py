@@ -1,0 +1,146 @@
+"""Registry of hot-op implementations and the ``"compiled"`` selection policy.
+
+Each op module registers its implementations here at import time, one per
+*family*: ``"eager"`` (pure torch, always present) and, where they exist and help,
+``"triton"`` (CUDA), ``"cpp"`` (the extension in ``csrc/``, CPU) and
+``"torch_compile"``. A family can be unavailable on this machine (no CUDA, triton
+not installed, extension not built); its ``available`` callable says why.
+
+``backend="eager"`` always runs the eager family. ``backend="compiled"`` runs the
+first available family in :data:`COMPILED_PREFERENCE` that is registered for the
+device, else the eager family, logged once per (op, device).
+"""
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Tuple
+
+import torch
+
+from posteriors_fast.backends.selection import BACKENDS, _validate
+
+logger = logging.getLogger("posteriors_fast")
+
+#: Order in which the compiled policy tries the faster families.
+COMPILED_PREFERENCE = ("triton", "cpp", "torch_compile")
+FAMILIES = ("eager",) + COMPILED_PREFERENCE
+
+
+def _always() -> Tuple[bool, str]:
+    return True, ""
+
+
+@dataclass
+class _Impl:
+    fn: Callable
+    devices: Tuple[str, ...]
+    available: Callable[[], Tuple[bool, str]]
+
+
+@dataclass
+class _Op:
+    doc: str
+    impls: Dict[str, _Impl] = field(default_factory=dict)
+
+
+_OPS: Dict[str, _Op] = {}
+_CACHE: Dict[Tuple[str, str, str], Tuple[Callable, str, str]] = {}
+
+
+def register(
+    op: str,
+    family: str,
+    fn: Callable,
+    *,
+    doc: str = "",
+    devices: Tuple[str, ...] = ("cpu", "cuda"),
+    available: Callable[[], Tuple[bool, str]] = _always,
+) -> Callable:
+    """Register ``fn`` as the ``family`` implementation of hot op ``op``.
+
+    Args:
+        op: Op name, the same everywhere (``ops/<op>.py``, tests, benchmarks).
+        family: One of :data:`FAMILIES`.
+        fn: The implementation; all families of one op share a signature.
+        doc: One line describing the op (taken from the first registration).
+        devices: Device types the implementation runs on.
+        available: Returns ``(ok, reason)``; ``reason`` says what is missing.
+
+    Returns:
+        ``fn`` unchanged, so this can be used as a decorator helper.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} is not one of {FAMILIES}")
+    entry = _OPS.setdefault(op, _Op(doc=doc))
+    entry.doc = entry.doc or doc
+    entry.impls[family] = _Impl(fn, tuple(devices), available)
+    for key in [k for k in _CACHE if k[0] == op]:
+        del _CACHE[key]
+    return fn
+
+
+def _choose(op: str, backend: str, device_type: str) -> Tuple[Callable, str, str]:
+    if op not in _OPS:
+        raise KeyError(f"no hot op named {op!r}; known ops: {sorted(_OPS)}")
+    impls = _OPS[op].impls
+    eager = impls["eager"]
+    if backend == "eager":
+        return eager.fn, "eager", "backend='eager' runs pure torch"
+    missing = []
+    for family in COMPILED_PREFERENCE:
+        impl = impls.get(family)
+        if impl is None:
+            missing.append(f"{family}: not implemented for this op")
+            continue
+        if device_type not in impl.devices:
+            missing.append(f"{family}: not for {device_type}")
+            continue
+        ok, why = impl.available()
+        if ok:
+            return impl.fn, family, f"best available compiled family on {device_type}"
+        missing.append(f"{family}: {why}")
+    reason = "fell back to eager torch (" + "; ".join(missing) + ")"
+    return eager.fn, "eager", reason
+
+
+def implementation(op: str, backend: str, device_type: str) -> Callable:
+    """The callable that runs ``op`` for ``backend`` on ``device_type``.
+
+    The choice is cached; a fallback of the compiled policy is logged once.
+    """
+    key = (op, backend, device_type)
+    hit = _CACHE.get(key)
+    if hit is None:
+        hit = _choose(op, backend, device_type)
+        _CACHE[key] = hit
+        if backend != "eager" and hit[1] == "eager":
+            logger.info("posteriors_fast: %s on %s: %s", op, device_type, hit[2])
+    return hit[0]
+
+
+def report(op: str, backend: str, device_type: str) -> Tuple[str, str]:
+    """``(family, reason)`` for what :func:`implementation` would pick."""
+    _, family, reason = _choose(op, backend, device_type)
+    return family, reason
+
+
+def explain(device: str | None = None, backend: str | None = None) -> str:
+    """Human-readable table: for every hot op, what runs here and why.
+
+    Args:
+        device: ``"cpu"`` or ``"cuda"``; defaults to CUDA when available.
+        backend: Backend to explain; defaults to both ``"eager"`` and ``"compiled"``.
+
+    Returns:
+        The table as a string (also handy to ``print``).
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    backends = BACKENDS if backend is None else (_validate(backend, "backend"),)
+    lines = [f"posteriors_fast hot ops on device={device}:"]
+    for op in sorted(_OPS):
+        lines.append(f"  {op}: {_OPS[op].doc}")
+        for b in backends:
+            family, reason = report(op, b, device)
+            lines.append(f"    backend={b!r:<11} -> {family:<13} {reason}")
+    return "\n".join(lines)

@@ -1,0 +1,14 @@
+"""Hot ops. One module per op: the eager torch implementation first, then any
+faster families, each registered with :mod:`posteriors_fast.backends` when the
+module is imported (importing this package registers them all)."""
+
+from posteriors_fast.ops import (  # noqa: F401  (imported to register)
+    cg,
+    cholesky,
+    fisher_outer,
+    ggn_diag,
+    ggn_outer,
+    jacobian,
+    jsjt,
+    lowrank_update,
+)

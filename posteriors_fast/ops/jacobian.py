@@ -1,0 +1,97 @@
+"""Flat Jacobians: one (R, P) matrix whose columns follow optree's ravel order
+(sorted dict keys) of the parameters, and whose R rows are the function's
+outputs.
+
+Two constructions:
+
+* :func:`sample_jacobian` for sample-separable functions (the output for sample
+  i depends only on sample i, as for every function built by ``per_samplify``):
+  ``vmap`` over samples of a per-sample reverse pass. O(N·P) work.
+* :func:`output_jacobian` for arbitrary functions: one forward pass, then a
+  ``vmap`` of its vector-Jacobian product over the R unit cotangents.
+"""
+
+from typing import Any, Callable, Sequence, Tuple
+
+import torch
+from optree import tree_map
+from optree.integrations.torch import tree_ravel
+from torch.func import jacrev, vjp, vmap
+
+from posteriors_fast._errors import split_aux
+
+
+def _ravel_output(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out.reshape(-1)
+    return tree_ravel(out)[0]
+
+
+def sample_jacobian(
+    f: Callable, params: Any, batch: Any, has_aux: bool
+) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+    """Jacobian of a batch-level function evaluated one sample at a time.
+
+    ``f(params, batch)`` is called on batches of one sample (leading dimension 1)
+    under ``vmap``, exactly as ``per_samplify`` does.
+
+    Args:
+        f: ``f(params, batch) -> value`` or ``(value, aux)`` with ``has_aux``.
+        params: Pytree of parameters.
+        batch: Pytree of tensors with a common leading (sample) dimension N.
+        has_aux: Whether ``f`` returns ``(value, aux)``.
+
+    Returns:
+        ``(jac, values, aux)``: ``jac`` (N·k, P) with rows in sample-major order,
+        ``values`` (N·k,) the raveled outputs, ``aux`` stacked over samples (None
+        without has_aux); k is the number of output elements per sample.
+    """
+    flat, unravel = tree_ravel(params)
+
+    def one_sample(flat_params, sample):
+        sample = tree_map(lambda x: x.unsqueeze(0), sample)
+        value, aux = split_aux(f(unravel(flat_params), sample), has_aux)
+        value = _ravel_output(value)
+        return value, (value, aux)
+
+    jac, (values, aux) = vmap(jacrev(one_sample, has_aux=True), in_dims=(None, 0))(
+        flat, batch
+    )
+    return jac.reshape(-1, flat.numel()), values.reshape(-1), aux
+
+
+def output_jacobian(
+    f: Callable, args: Sequence[Any], argnums: int | Sequence[int], has_aux: bool
+) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+    """Jacobian of the raveled output of ``f(*args)`` with respect to the
+    arguments selected by ``argnums`` (raveled together, as optree ravels the
+    tuple of them when ``argnums`` is a sequence).
+
+    Returns:
+        ``(jac, output, aux)``: ``jac`` (R, P), ``output`` the value returned by
+        ``f`` (unraveled, detached from the transforms), ``aux`` (None without
+        has_aux).
+    """
+    args = list(args)
+    if isinstance(argnums, int):
+        selected = args[argnums]
+    else:
+        selected = tuple(args[i] for i in argnums)
+    flat, unravel = tree_ravel(selected)
+
+    def of_flat(flat_params):
+        new_args = list(args)
+        chosen = unravel(flat_params)
+        if isinstance(argnums, int):
+            new_args[argnums] = chosen
+        else:
+            for i, value in zip(argnums, chosen):
+                new_args[i] = value
+        value, aux = split_aux(f(*new_args), has_aux)
+        return _ravel_output(value), (value, aux)
+
+    raveled, pullback, (output, aux) = vjp(of_flat, flat, has_aux=True)
+    rows = raveled.numel()
+    basis = torch.eye(rows, dtype=raveled.dtype, device=raveled.device)
+    (jac,) = vmap(pullback)(basis)
+    return jac, output, aux

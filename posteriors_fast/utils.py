@@ -1,0 +1,587 @@
+"""Curvature products, linearised predictions, CG and small helpers, with the
+API of ``posteriors.utils`` 0.0.5 plus a ``backend=`` keyword on the functions
+that have hot paths (see :mod:`posteriors_fast.backends`)."""
+
+import math
+from functools import partial, wraps
+from typing import Any, Callable, Sequence, Tuple
+
+import torch
+from optree import tree_leaves, tree_map, tree_reduce
+from optree.integrations.torch import tree_ravel
+from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vjp
+
+from posteriors_fast import _checks, ops
+from posteriors_fast._errors import CatchAuxError
+from posteriors_fast.backends import resolve
+from posteriors_fast.ops.cholesky import CholeskyError
+from posteriors_fast.ops.jacobian import output_jacobian, sample_jacobian
+from posteriors_fast.tree_utils import tree_size
+from posteriors_fast.types import ForwardFn, Tensor, TensorTree
+
+__all__ = [
+    "CatchAuxError",
+    "model_to_function",
+    "linearized_forward_diag",
+    "hvp",
+    "fvp",
+    "empirical_fisher",
+    "ggnvp",
+    "ggn",
+    "diag_ggn",
+    "cg",
+    "diag_normal_log_prob",
+    "diag_normal_sample",
+    "per_samplify",
+    "is_scalar",
+    "L_from_flat",
+    "L_to_flat",
+]
+
+# Attribute set by per_samplify on its result: the batch-level function it wraps.
+# Seeing it, empirical_fisher knows the function is sample-separable and builds
+# the Jacobian one sample at a time (O(N·P)) instead of N full-batch passes.
+PER_SAMPLE_SOURCE = "_posteriors_fast_per_sample_source"
+
+
+class UnsupportedArgument(ValueError, AssertionError):
+    """An argument value that posteriors 0.0.5 rejects with a bare ``assert``.
+
+    A ValueError with a message, that still satisfies code catching the
+    reference's AssertionError."""
+
+
+def model_to_function(model: torch.nn.Module) -> Callable[[TensorTree, Any], Any]:
+    """Functional view of ``model``: ``f(params, *args, **kwargs)`` runs the
+    module with ``params`` (a dict name → tensor, as ``dict(model.named_parameters())``)
+    in place of its own parameters, via ``torch.func.functional_call``.
+
+    Args:
+        model: A ``torch.nn.Module``.
+
+    Returns:
+        The function ``f(params, *args, **kwargs) -> model output``.
+    """
+
+    def call_with(params, *args, **kwargs):
+        return functional_call(model, params, args=args, kwargs=kwargs)
+
+    return call_with
+
+
+def linearized_forward_diag(
+    forward_func: ForwardFn,
+    params: TensorTree,
+    batch: TensorTree,
+    sd_diag: TensorTree,
+    backend: str | None = None,
+) -> Tuple[TensorTree, Tensor, TensorTree]:
+    """Predictive mean and covariance factor of the model linearised at ``params``
+    under a diagonal Gaussian over the parameters:
+
+    $$ f(x | θ) ≈ N\\big(f(x | θ_m),\\ J(x | θ_m)\\, Σ\\, J(x | θ_m)ᵀ\\big), \\quad
+    Σ = \\mathrm{diag}(σ^2) $$
+
+    (the linearised Laplace predictive, Foong et al. 2019,
+    https://arxiv.org/abs/1906.11537).
+
+    Args:
+        forward_func: ``forward_func(params, batch) -> (outputs, aux)`` with
+            outputs a (N, C) tensor, sample dimension first.
+        params: Pytree of parameters θ_m.
+        batch: Model input.
+        sd_diag: Pytree like ``params`` of standard deviations σ.
+        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+
+    Returns:
+        ``(forward_vals, chol, aux)``: the outputs f(x | θ_m), the (N, C, C) lower
+        Cholesky factors of the per-sample covariances J Σ Jᵀ, and ``aux``.
+    """
+    backend = resolve(backend)
+    forward_vals, aux = forward_func(params, batch)
+    with torch.no_grad(), CatchAuxError():
+        jac, out, _ = output_jacobian(forward_func, (params, batch), 0, has_aux=True)
+    jac = jac.reshape(*out.shape[:2], jac.shape[-1])
+    var = tree_ravel(sd_diag)[0] ** 2
+    cov = ops.jsjt.jsjt(jac, var, backend=backend)
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if bool((info != 0).any()):
+        bad = int(torch.nonzero(info)[0, 0])
+        raise CholeskyError(
+            f"J Σ Jᵀ of sample {bad} is not positive definite, so it has no Cholesky "
+            "factor: the outputs of that sample do not vary enough with the parameters "
+            "given sd_diag (zeros in sd_diag, or outputs that depend on too few parameters)"
+        )
+    return forward_vals, chol, aux
+
+
+def hvp(
+    f: Callable,
+    primals: tuple,
+    tangents: tuple,
+    has_aux: bool = False,
+    backend: str | None = None,
+) -> Tuple[float, TensorTree] | Tuple[float, TensorTree, Any]:
+    """Hessian-vector product ``H(primals) @ tangents`` of a scalar function,
+    forward-over-reverse (a ``jvp`` of ``grad``), with the calling convention of
+    ``torch.func.jvp``.
+
+    Args:
+        f: Function with scalar output.
+        primals: Tuple of arguments (tensors or pytrees) at which to evaluate.
+        tangents: Tuple of the same structure as ``primals``.
+        has_aux: Whether ``f`` returns ``(value, aux)``.
+        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+
+    Returns:
+        ``(gradient, hvp_out)``, or ``(gradient, hvp_out, aux)`` with has_aux.
+    """
+    resolve(backend)
+    return jvp(grad(f, has_aux=has_aux), primals, tangents, has_aux=has_aux)
+
+
+def _leading_dim(tree) -> int:
+    return tree_leaves(tree)[0].shape[0]
+
+
+def fvp(
+    f: Callable,
+    primals: tuple,
+    tangents: tuple,
+    has_aux: bool = False,
+    normalize: bool = False,
+    backend: str | None = None,
+) -> Tuple[float, TensorTree] | Tuple[float, TensorTree, Any]:
+    """Empirical-Fisher-vector product ``JᵀJ v`` where J is the Jacobian of the
+    (typically per-sample log-likelihood) outputs of ``f`` at ``primals``
+    (Martens 2020, https://jmlr.org/papers/volume21/17-678/17-678.pdf).
+
+    Args:
+        f: Function with tensor output, e.g. per-sample log-likelihoods.
+        primals: Tuple of arguments at which to evaluate.
+        tangents: Tuple of the same structure as ``primals`` (the vector v).
+        has_aux: Whether ``f`` returns ``(value, aux)``.
+        normalize: Divide by the size of the output's leading dimension (the
+            batch size).
+        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+
+    Returns:
+        ``(output, fvp_out)``, or ``(output, fvp_out, aux)`` with has_aux; the
+        product is for the first primal.
+    """
+    resolve(backend)
+    forward = jvp(f, primals, tangents, has_aux=has_aux)
+    pullback = vjp(f, *primals, has_aux=has_aux)[1]
+    product = pullback(forward[1])[0]
+    if normalize:
+        n = _leading_dim(forward[0])
+        product = tree_map(lambda x: x / n, product)
+    return forward[0], product, *forward[2:]
+
+
+def per_samplify(
+    f: Callable[[TensorTree, TensorTree], Any],
+) -> Callable[[TensorTree, TensorTree], Any]:
+    """Per-sample version of a batch-level function.
+
+    ``per_samplify(f)(params, batch)`` evaluates ``f(params, sample)`` on every
+    sample of ``batch`` (each given a leading dimension of one) with
+    ``torch.vmap`` and stacks the results. ``f`` should return something whose
+    size does not depend on the batch size (e.g. a mean).
+
+    The result remembers ``f``, so curvature functions such as
+    :func:`empirical_fisher` can use per-sample reverse passes instead of a
+    Jacobian of the whole batch.
+
+    Args:
+        f: ``f(params, batch) -> output`` (output may be ``(value, aux)``).
+
+    Returns:
+        ``g(params, batch)`` with outputs stacked over samples.
+    """
+
+    def one_sample(params, sample):
+        return f(params, tree_map(lambda x: x.unsqueeze(0), sample))
+
+    batched = torch.vmap(one_sample, in_dims=(None, 0))
+
+    @wraps(f)
+    def per_sample(params, batch):
+        _checks.batch_leading_dim(batch)
+        return batched(params, batch)
+
+    setattr(per_sample, PER_SAMPLE_SOURCE, f)
+    return per_sample
+
+
+def empirical_fisher(
+    f: Callable,
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    normalize: bool = False,
+    backend: str | None = None,
+) -> Callable:
+    """Build a function returning the empirical Fisher ``F = JᵀJ`` of ``f``.
+
+    J is the Jacobian of the raveled outputs of ``f`` (typically per-sample
+    log-likelihoods) with respect to the arguments selected by ``argnums``,
+    raveled as ``optree.integrations.torch.tree_ravel`` does, so F is square in
+    the flat parameter dimension (Martens 2020).
+
+    When ``f`` was made by :func:`per_samplify` and is called as ``(params,
+    batch)``, J is built from one reverse pass per sample; otherwise from
+    reverse passes of the whole function (as ``torch.func.jacrev``).
+
+    Args:
+        f: Function of one or more arguments returning tensor(s).
+        argnums: Which positional argument(s) to differentiate.
+        has_aux: Whether ``f`` returns ``(output, aux)``.
+        normalize: Divide F by the number of outputs of ``f`` (the batch size).
+        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+
+    Returns:
+        ``fisher(*args, **kwargs)`` returning F, or ``(F, aux)`` with has_aux.
+    """
+    backend = resolve(backend)
+    source = getattr(f, PER_SAMPLE_SOURCE, None)
+
+    def fisher(*args, **kwargs):
+        if source is not None and argnums == 0 and len(args) == 2 and not kwargs:
+            _checks.batch_leading_dim(args[1])
+            jac, _, aux = sample_jacobian(source, args[0], args[1], has_aux)
+        else:
+            fn = partial(f, **kwargs) if kwargs else f
+            jac, _, aux = output_jacobian(fn, args, argnums, has_aux)
+        scale = 1.0 / jac.shape[0] if normalize else 1.0
+        result = ops.fisher_outer.fisher_outer(jac, scale, backend=backend)
+        return (result, aux) if has_aux else result
+
+    return fisher
+
+
+def ggnvp(
+    forward: Callable,
+    loss: Callable,
+    primals: tuple,
+    tangents: tuple,
+    forward_has_aux: bool = False,
+    loss_has_aux: bool = False,
+    normalize: bool = False,
+    backend: str | None = None,
+) -> (
+    Tuple[float, TensorTree]
+    | Tuple[float, TensorTree, Any]
+    | Tuple[float, TensorTree, Any, Any]
+):
+    """Generalised Gauss-Newton-vector product ``J_fᵀ H_l J_f v`` with z = f(θ)
+    the output of ``forward`` and H_l the Hessian of the scalar ``loss`` at z.
+    For an exponential-family negative log-likelihood in its natural parameter
+    this is the Fisher-vector product (Martens 2020).
+
+    Args:
+        forward: Function of the primals with tensor output z.
+        loss: Function of z with scalar output.
+        primals: Tuple of arguments of ``forward``.
+        tangents: Tuple of the same structure (the vector v).
+        forward_has_aux: Whether ``forward`` returns ``(z, aux)``.
+        loss_has_aux: Whether ``loss`` returns ``(value, aux)``.
+        normalize: Divide by the leading dimension of z (the batch size).
+        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+
+    Returns:
+        ``((z, grad_z loss), ggnvp_out)``, followed by the forward aux and/or the
+        loss aux when requested.
+    """
+    resolve(backend)
+    forward_out = jvp(forward, primals, tangents, has_aux=forward_has_aux)
+    z, jv = forward_out[0], forward_out[1]
+    loss_out = jvp(grad(loss, has_aux=loss_has_aux), (z,), (jv,), has_aux=loss_has_aux)
+    hjv = loss_out[1]
+    if normalize:
+        n = _leading_dim(z)
+        hjv = tree_map(lambda x: x / n, hjv)
+    pullback = vjp(forward, *primals, has_aux=forward_has_aux)[1]
+    product = pullback(hjv)[0]
+    return (z, loss_out[0]), product, *forward_out[2:], *loss_out[2:]
+
+
+def _require_argnums_zero(argnums) -> None:
+    if not (isinstance(argnums, int) and argnums == 0):
+        raise UnsupportedArgument(
+            f"argnums={argnums!r} is not supported: only argnums=0 (differentiate the "
+            "first argument of forward) is, as in posteriors 0.0.5"
+        )
+
+
+def _ggn_parts(forward, loss, forward_has_aux, loss_has_aux, normalize, params):
+    """Flat output Jacobian J (d, P), loss Hessian H (d, d) (scaled by 1/batch
+    with normalize), the unravel function and the list of auxes."""
+    flat, unravel = tree_ravel(params)
+
+    def forward_of_flat(flat_params):
+        return forward(unravel(flat_params))
+
+    jac, z, forward_aux = output_jacobian(forward_of_flat, (flat,), 0, forward_has_aux)
+    z = torch.stack(tree_leaves(z))[0] if not isinstance(z, torch.Tensor) else z
+    hess_out = jacfwd(jacrev(loss, has_aux=loss_has_aux), has_aux=loss_has_aux)(z)
+    hess = hess_out[0] if loss_has_aux else hess_out
+    hess = hess.reshape(z.numel(), z.numel())
+    if normalize:
+        hess = hess / z.shape[0]
+    auxes = []
+    if forward_has_aux:
+        auxes.append(forward_aux)
+    if loss_has_aux:
+        auxes.append(hess_out[1])
+    return jac, hess, unravel, auxes
+
+
+def ggn(
+    forward: Callable,
+    loss: Callable,
+    argnums: int | Sequence[int] = 0,
+    forward_has_aux: bool = False,
+    loss_has_aux: bool = False,
+    normalize: bool = False,
+    backend: str | None = None,
+) -> Callable:
+    """Build a function returning the dense generalised Gauss-Newton matrix
+    ``G = J_fᵀ H_l J_f`` (P, P) in the raveled parameter order of
+    ``optree.integrations.torch.tree_ravel``; see :func:`ggnvp` for the terms.
+
+    ``forward`` must return a tensor (whose first dimension is the batch, used
+    by ``normalize``) and ``loss`` maps it to a scalar.
+
+    Args:
+        forward: ``forward(params) -> z`` (or ``(z, aux)``).
+        loss: ``loss(z) -> scalar`` (or ``(scalar, aux)``).
+        argnums: Must be 0.
+        forward_has_aux: Whether ``forward`` returns aux.
+        loss_has_aux: Whether ``loss`` returns aux.
+        normalize: Divide by the batch size.
+        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+
+    Returns:
+        ``ggn(params)`` returning G, followed by the requested auxes as a tuple
+        ``(G, *auxes)`` when any aux is requested.
+    """
+    _require_argnums_zero(argnums)
+    backend = resolve(backend)
+
+    def dense_ggn(params):
+        jac, hess, _, auxes = _ggn_parts(
+            forward, loss, forward_has_aux, loss_has_aux, normalize, params
+        )
+        result = ops.ggn_outer.ggn_outer(jac, hess, backend=backend)
+        return (result, *auxes) if auxes else result
+
+    return dense_ggn
+
+
+def diag_ggn(
+    forward: Callable,
+    loss: Callable,
+    argnums: int | Sequence[int] = 0,
+    forward_has_aux: bool = False,
+    loss_has_aux: bool = False,
+    normalize: bool = False,
+    backend: str | None = None,
+) -> Callable:
+    """Build a function returning the diagonal of the generalised Gauss-Newton
+    matrix (see :func:`ggn`) as a pytree shaped like the parameters. The P×P
+    matrix is never formed.
+
+    Args:
+        forward: ``forward(params) -> z`` (or ``(z, aux)``).
+        loss: ``loss(z) -> scalar`` (or ``(scalar, aux)``).
+        argnums: Must be 0.
+        forward_has_aux: Whether ``forward`` returns aux.
+        loss_has_aux: Whether ``loss`` returns aux.
+        normalize: Divide by the batch size.
+        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+
+    Returns:
+        ``diag_ggn(params)`` returning the diagonal tree, or ``(diag, *auxes)``.
+    """
+    _require_argnums_zero(argnums)
+    backend = resolve(backend)
+
+    def diagonal_ggn(params):
+        jac, hess, unravel, auxes = _ggn_parts(
+            forward, loss, forward_has_aux, loss_has_aux, normalize, params
+        )
+        result = unravel(ops.ggn_diag.ggn_diag(jac, hess, backend=backend))
+        return (result, *auxes) if auxes else result
+
+    return diagonal_ggn
+
+
+def _identity(x):
+    return x
+
+
+def cg(
+    A: Callable,
+    b: TensorTree,
+    x0: TensorTree = None,
+    *,
+    maxiter: int = None,
+    damping: float = 0.0,
+    tol: float = 1e-5,
+    atol: float = 0.0,
+    M: Callable = _identity,
+    backend: str | None = None,
+) -> Tuple[TensorTree, Any]:
+    """Solve ``(A + damping·I) x = b`` by (preconditioned) conjugate gradients,
+    with ``A`` a function computing the product of a Hermitian positive definite
+    operator with a pytree shaped like ``b``. Tolerances follow SciPy's
+    non-legacy rule: stop when ``‖r‖² <= max(tol²‖b‖², atol²)`` or after
+    ``maxiter`` iterations. The iteration runs on one flat vector.
+
+    Args:
+        A: ``A(x) -> A x`` on pytrees shaped like ``b``.
+        b: Right-hand side.
+        x0: Initial guess shaped like ``b`` (zeros by default).
+        maxiter: Iteration cap (default ``10 * tree_size(b)``).
+        damping: Added to the diagonal of ``A`` (regularisation).
+        tol: Relative tolerance.
+        atol: Absolute tolerance.
+        M: Preconditioner ``M(r) -> z`` approximating ``A⁻¹ r``.
+        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+
+    Returns:
+        ``(x, info)`` with ``x`` shaped like ``b`` and ``info`` a dict with
+        ``"error"`` (final squared residual measure), ``"converged"`` and ``"niter"``.
+    """
+    backend = resolve(backend)
+    b_flat, unravel = tree_ravel(b)
+    x0_flat = torch.zeros_like(b_flat) if x0 is None else tree_ravel(x0)[0]
+    if maxiter is None:
+        maxiter = 10 * b_flat.numel()
+
+    def matvec(v):
+        return tree_ravel(A(unravel(v)))[0]
+
+    precond = None
+    if M is not _identity:
+
+        def precond(v):
+            return tree_ravel(M(unravel(v)))[0]
+
+    x, info = ops.cg.cg(
+        matvec, b_flat, x0_flat, maxiter, damping, tol, atol, precond, backend=backend
+    )
+    return unravel(x), info
+
+
+def _broadcast_scalar(value, like: TensorTree) -> TensorTree:
+    """A scalar (or one-element tree) as a tree like ``like`` of 0-d tensors."""
+    if tree_size(value) != 1:
+        return value
+    (scalar,) = tree_leaves(value)
+    if isinstance(scalar, torch.Tensor):
+        return tree_map(lambda t: scalar.detach().to(t.device), like)
+    return tree_map(lambda t: torch.tensor(scalar, device=t.device), like)
+
+
+_LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
+
+
+def diag_normal_log_prob(
+    x: TensorTree,
+    mean: float | TensorTree = 0.0,
+    sd_diag: float | TensorTree = 1.0,
+    normalize: bool = True,
+) -> float:
+    """Log density of ``x`` under a Gaussian with diagonal covariance.
+
+    Scalar ``mean`` or ``sd_diag`` are broadcast to every element without
+    materialising a full tree.
+
+    Args:
+        x: Pytree of tensors.
+        mean: Mean, a scalar or a tree like ``x``.
+        sd_diag: Standard deviations, a scalar or a tree like ``x``.
+        normalize: Full normalised log density if True; otherwise only
+            ``Σ -½((x - mean) / sd)²``.
+
+    Returns:
+        0-d tensor.
+    """
+    mean = _broadcast_scalar(mean, x)
+    sd_diag = _broadcast_scalar(sd_diag, x)
+
+    if normalize:
+
+        def leaf_sum(v, m, sd):
+            return (-((v - m) ** 2) / (2 * sd**2) - sd.log() - _LOG_SQRT_2PI).sum()
+
+    else:
+
+        def leaf_sum(v, m, sd):
+            return (-0.5 * ((v - m) / sd) ** 2).sum()
+
+    return tree_reduce(torch.add, tree_map(leaf_sum, x, mean, sd_diag))
+
+
+def diag_normal_sample(
+    mean: TensorTree,
+    sd_diag: float | TensorTree,
+    sample_shape: torch.Size = torch.Size([]),
+) -> dict:
+    """Draw from a Gaussian with diagonal covariance, leaf by leaf.
+
+    Args:
+        mean: Pytree of means.
+        sd_diag: Standard deviations, a scalar or a tree like ``mean``.
+        sample_shape: Leading shape of the draws.
+
+    Returns:
+        Tree like ``mean`` whose leaves have shape ``sample_shape + leaf.shape``.
+    """
+    sd_diag = _broadcast_scalar(sd_diag, mean)
+    shape = torch.Size(sample_shape)
+
+    def draw(m, sd):
+        # torch's default dtype, as posteriors 0.0.5, so seeded draws agree.
+        return m + torch.randn(shape + m.shape, device=m.device) * sd
+
+    return tree_map(draw, mean, sd_diag)
+
+
+def is_scalar(x: Any) -> bool:
+    """True for a Python int or float (bools included) or a one-element tensor."""
+    return isinstance(x, (int, float)) or (torch.is_tensor(x) and x.numel() == 1)
+
+
+def L_from_flat(L_flat: torch.Tensor) -> torch.Tensor:
+    """Lower-triangular (n, n) matrix from its n(n+1)/2 row-major lower entries.
+
+    Args:
+        L_flat: 1-d tensor of the lower-triangular entries.
+
+    Returns:
+        The matrix, with ``L_flat``'s dtype and device.
+    """
+    if not isinstance(L_flat, torch.Tensor) or L_flat.ndim != 1:
+        raise ValueError("L_flat must be a 1-d tensor of lower-triangular entries")
+    k = L_flat.shape[0]
+    n = (math.isqrt(8 * k + 1) - 1) // 2
+    if n * (n + 1) // 2 != k:
+        raise ValueError(
+            f"L_flat has {k} entries, which is not n(n+1)/2 for any n: it cannot be "
+            "the lower triangle of a square matrix"
+        )
+    rows, cols = torch.tril_indices(n, n, device=L_flat.device)
+    L = L_flat.new_zeros((n, n))
+    L[rows, cols] = L_flat
+    return L
+
+
+def L_to_flat(L: torch.Tensor) -> torch.Tensor:
+    """The lower-triangular entries of the square matrix ``L``, row-major, as a
+    new 1-d tensor (inverse of :func:`L_from_flat`)."""
+    if not isinstance(L, torch.Tensor) or L.ndim != 2 or L.shape[0] != L.shape[1]:
+        raise ValueError("L must be a square 2-d tensor")
+    rows, cols = torch.tril_indices(L.shape[0], L.shape[0], device=L.device)
+    return L[rows, cols].clone()
