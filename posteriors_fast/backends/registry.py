@@ -85,7 +85,7 @@ def _choose(op: str, backend: str, device_type: str) -> Tuple[Callable, str, str
     impls = _OPS[op].impls
     eager = impls["eager"]
     if backend == "eager":
-        return eager.fn, "eager", "backend='eager' runs pure torch"
+        return eager.fn, "eager", "pure torch, as requested"
     missing = []
     for family in COMPILED_PREFERENCE:
         impl = impls.get(family)

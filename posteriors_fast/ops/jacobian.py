@@ -20,6 +20,9 @@ from torch.func import jacrev, vjp, vmap
 
 from posteriors_fast._errors import split_aux
 
+# torch.func transforms only carry tensors through aux; stands in for "no aux".
+_NO_AUX = torch.empty(0)
+
 
 def _ravel_output(out) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
@@ -52,12 +55,12 @@ def sample_jacobian(
         sample = tree_map(lambda x: x.unsqueeze(0), sample)
         value, aux = split_aux(f(unravel(flat_params), sample), has_aux)
         value = _ravel_output(value)
-        return value, (value, aux)
+        return value, (value, aux if has_aux else _NO_AUX)
 
     jac, (values, aux) = vmap(jacrev(one_sample, has_aux=True), in_dims=(None, 0))(
         flat, batch
     )
-    return jac.reshape(-1, flat.numel()), values.reshape(-1), aux
+    return jac.reshape(-1, flat.numel()), values.reshape(-1), aux if has_aux else None
 
 
 def output_jacobian(
@@ -88,10 +91,10 @@ def output_jacobian(
             for i, value in zip(argnums, chosen):
                 new_args[i] = value
         value, aux = split_aux(f(*new_args), has_aux)
-        return _ravel_output(value), (value, aux)
+        return _ravel_output(value), (value, aux if has_aux else _NO_AUX)
 
     raveled, pullback, (output, aux) = vjp(of_flat, flat, has_aux=True)
     rows = raveled.numel()
     basis = torch.eye(rows, dtype=raveled.dtype, device=raveled.device)
     (jac,) = vmap(pullback)(basis)
-    return jac, output, aux
+    return jac, output, aux if has_aux else None
