@@ -253,7 +253,7 @@ def empirical_fisher(
             fn = partial(f, **kwargs) if kwargs else f
             jac, _, aux = output_jacobian(fn, args, argnums, has_aux)
         scale = 1.0 / jac.shape[0] if normalize else 1.0
-        result = ops.fisher_outer.fisher_outer(jac, scale, backend=backend)
+        result = ops.syrk.gram(jac, scale, backend=backend)
         return (result, aux) if has_aux else result
 
     return fisher

@@ -11,7 +11,7 @@ import posteriors_fast as pf
 from posteriors_fast import backends
 from posteriors_fast.backends import selection
 
-HOT_OPS = {"fisher_outer", "lowrank_update", "ggn_outer", "ggn_diag", "jsjt", "cg"}
+HOT_OPS = {"syrk", "lowrank_update", "ggn_outer", "ggn_diag", "jsjt", "cg"}
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +86,7 @@ def test_explain_lists_every_hot_op_for_both_backends():
     assert text.count("backend='eager'") == len(HOT_OPS)
     assert text.count("backend='compiled'") == len(HOT_OPS)
     # Today no compiled family is registered: explain must say that it falls back.
-    family, reason = backends.report("fisher_outer", "compiled", "cpu")
+    family, reason = backends.report("syrk", "compiled", "cpu")
     assert family == "eager" and "fell back to eager torch" in reason
 
 

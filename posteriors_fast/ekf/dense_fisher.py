@@ -140,17 +140,6 @@ def _check_state(state: EKFDenseState):
     return flat, unravel
 
 
-def _predict(cov: torch.Tensor, transition: torch.Tensor | float, like: torch.Tensor):
-    """Σ + Q as a new tensor in the parameters' dtype."""
-    pred = cov.to(dtype=like.dtype, device=like.device, copy=True)
-    if isinstance(transition, float):
-        if transition != 0.0:
-            pred.diagonal().add_(transition)
-    else:
-        pred.add_(transition)
-    return pred
-
-
 def _require_finite(tensor: torch.Tensor, what: str) -> None:
     if not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{what}; the state was not changed")
@@ -216,20 +205,22 @@ def update(
             "the per-sample gradients of log_likelihood contain NaN or inf, so the "
             "gradient and the Fisher are not finite",
         )
-        n = jac.shape[0]
-        jac = jac.to(flat.dtype)
-        new_cov = lowrank_update(_predict(state.cov, transition, flat), jac, lr / n, backend=backend)
-        new_flat = torch.addmv(flat, new_cov, jac.mean(0), alpha=lr)
-        _require_finite(new_cov, "the updated covariance is not finite (try a smaller lr or float64)")
-        _require_finite(new_flat, "the updated mean is not finite (try a smaller lr or float64)")
+        rows = jac.shape[0]
+        cov = state.cov if state.cov.dtype == flat.dtype else state.cov.to(flat.dtype)
+        plan = lowrank_update(cov, transition, jac.to(flat.dtype), lr / rows, backend=backend)
+        new_flat = torch.add(flat, plan.mean_step, alpha=lr)
         mean_log_lik = mean_log_lik.detach()
+    # Nothing below can fail: the state is only written from here on.
+    with torch.no_grad():
+        new_cov = plan.write(state.cov if inplace and cov is state.cov else None)
 
     new_params = unravel(new_flat)
     if not inplace:
         return EKFDenseState(new_params, new_cov, mean_log_lik, aux)
 
     tree_insert_(state.params, new_params)
-    state.cov.data = new_cov
+    if new_cov is not state.cov:
+        state.cov.data = new_cov
     if state.log_likelihood is _SHARED_DEFAULT_LOG_LIKELIHOOD:
         return state._replace(log_likelihood=mean_log_lik, aux=aux)
     state.log_likelihood.data = mean_log_lik

@@ -5,10 +5,10 @@ module is imported (importing this package registers them all)."""
 from posteriors_fast.ops import (  # noqa: F401  (imported to register)
     cg,
     cholesky,
-    fisher_outer,
     ggn_diag,
     ggn_outer,
     jacobian,
     jsjt,
     lowrank_update,
+    syrk,
 )

@@ -1,67 +1,120 @@
-"""``lowrank_update``: the covariance after adding a rank-N term to the precision,
+"""``lowrank_update``: the covariance after a rank-R term is added to the
+precision of a predicted covariance,
 
-$$ Σ_{new} = (Σ^{-1} + β JᵀJ)^{-1}, \\quad J ∈ ℝ^{N×P},\\ β > 0. $$
+$$ Σ_{new} = \\big((Σ + Q)^{-1} + β JᵀJ\\big)^{-1}, \\quad J ∈ ℝ^{R×P},\\ β > 0, $$
 
-This is the EKF / Laplace covariance update. When N < P it runs in Woodbury
-(Kalman) form, O(N·P²) and no P×P inverse:
+together with ``Σ_new ḡ`` for ḡ the row mean of J (the EKF mean step).
 
-$$ S = β^{-1} I_N + J Σ Jᵀ,\\quad W = L_S^{-1} J Σ,\\quad Σ_{new} = Σ - WᵀW, $$
+When R < P it runs in Woodbury (Kalman) form, O(R·P²), no P×P inverse and no
+P×P temporary:
 
-otherwise in precision form, two P×P Cholesky factorisations, O(P³).
+$$ S = β^{-1} I_R + J Σ_p Jᵀ = L Lᵀ,\\quad W = L^{-1} J Σ_p,\\quad
+Σ_{new} = Σ_p - WᵀW,\\quad Σ_{new}\\,ḡ = Σ_p ḡ - Wᵀ(W ḡ), $$
+
+with Σ_p ḡ the row mean of Σ_p Jᵀ. Otherwise it uses the precision form (two
+P×P Cholesky factorisations, O(P³)).
+
+The work is split in two phases so callers can update in place atomically:
+:func:`lowrank_update` does everything that can fail (Cholesky, finiteness)
+and returns an :class:`Update`; :meth:`Update.write` then writes Σ_new into a
+buffer, which may be Σ itself, and cannot fail.
 """
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from posteriors_fast.backends import implementation, register
 from posteriors_fast.ops.cholesky import robust_cholesky
+from posteriors_fast.ops.syrk import syrk_
 
-_HINT = (
-    "Use a larger init_cov or transition_cov, a smaller lr, or float64 parameters."
-)
-
-
-def symmetrise(matrix: torch.Tensor) -> torch.Tensor:
-    """``(matrix + matrixᵀ) / 2`` as a new tensor."""
-    return torch.add(matrix, matrix.mT).mul_(0.5)
+_HINT = "Use a larger init_cov or transition_cov, a smaller lr, or float64 parameters."
 
 
-def _woodbury(cov: torch.Tensor, jac: torch.Tensor, beta: float) -> torch.Tensor:
-    cov_jt = torch.mm(cov, jac.mT)  # (P, N) = Σ Jᵀ
-    gram = torch.mm(jac, cov_jt)  # (N, N) = J Σ Jᵀ
-    gram.diagonal().add_(1.0 / beta)
-    chol = robust_cholesky(gram, "the innovation matrix S = I/(lr/N) + J Σ Jᵀ", _HINT)
-    w = torch.linalg.solve_triangular(chol, cov_jt.mT, upper=False)  # (N, P)
-    return torch.addmm(cov, w.mT, w, alpha=-1.0)
+def _add_transition_(matrix: torch.Tensor, transition) -> torch.Tensor:
+    if isinstance(transition, torch.Tensor):
+        return matrix.add_(transition)
+    if transition != 0.0:
+        matrix.diagonal().add_(transition)
+    return matrix
 
 
-def _precision(cov: torch.Tensor, jac: torch.Tensor, beta: float) -> torch.Tensor:
-    prec = torch.cholesky_inverse(
-        robust_cholesky(cov, "the predicted covariance Σ + Q", _HINT)
-    )
-    prec.addmm_(jac.mT, jac, alpha=beta)
-    return torch.cholesky_inverse(
+@dataclass
+class Update:
+    """Result of :func:`lowrank_update`, not yet written.
+
+    Attributes:
+        mean_step: Σ_new ḡ, shape (P,).
+    """
+
+    mean_step: torch.Tensor
+    _cov: torch.Tensor
+    _transition: object
+    _w: Optional[torch.Tensor]  # Woodbury factor W (R, P); None in precision form
+    _new_cov: Optional[torch.Tensor]  # precision form: Σ_new already computed
+    _backend: str
+
+    def write(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Write Σ_new into ``out`` (which may be the input Σ itself) or, with
+        ``out=None``, into a new tensor. Returns the tensor written."""
+        if self._new_cov is not None:
+            return self._new_cov if out is None else out.copy_(self._new_cov)
+        if out is None:
+            out = self._cov.clone()
+        elif out is not self._cov:
+            out.copy_(self._cov)
+        _add_transition_(out, self._transition)
+        return syrk_(out, self._w, -1.0, 1.0, backend=self._backend)
+
+
+def _require_finite(t: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} is not finite (try a smaller lr or float64)")
+
+
+def lowrank_update_eager(cov, transition, jac, beta, backend) -> Update:
+    """See the module docstring. ``transition`` is a float c (c·I) or a (P, P)
+    tensor; ``cov`` is read, never written."""
+    rows, size = jac.shape
+    if rows < size:
+        cov_jt = torch.mm(cov, jac.mT)  # (P, R)
+        if isinstance(transition, torch.Tensor):
+            cov_jt.addmm_(transition, jac.mT)
+        elif transition != 0.0:
+            cov_jt.add_(jac.mT, alpha=transition)
+        innovation = torch.mm(jac, cov_jt)
+        innovation.diagonal().add_(1.0 / beta)
+        chol = robust_cholesky(innovation, "the innovation matrix S = I/(lr/N) + J (Σ + Q) Jᵀ", _HINT)
+        w = torch.linalg.solve_triangular(chol, cov_jt.mT, upper=False)  # (R, P)
+        step = cov_jt.mean(1) - torch.mv(w.mT, torch.mv(w, jac.mean(0)))
+        _require_finite(w, "the Kalman gain")
+        _require_finite(step, "the mean update")
+        return Update(step, cov, transition, w, None, backend)
+
+    pred = _add_transition_(cov.clone(), transition)
+    prec = torch.cholesky_inverse(robust_cholesky(pred, "the predicted covariance Σ + Q", _HINT))
+    syrk_(prec, jac, beta, 1.0, backend=backend)
+    new_cov = torch.cholesky_inverse(
         robust_cholesky(prec, "the updated precision (Σ + Q)⁻¹ + lr·F", _HINT)
     )
-
-
-def lowrank_update_eager(cov: torch.Tensor, jac: torch.Tensor, beta: float) -> torch.Tensor:
-    """``(cov⁻¹ + beta · jacᵀ jac)⁻¹``, symmetrised; a new tensor (``cov`` is not
-    modified). Woodbury form when N < P, precision form otherwise."""
-    n, p = jac.shape
-    out = _woodbury(cov, jac, beta) if n < p else _precision(cov, jac, beta)
-    return symmetrise(out)
+    new_cov = torch.add(new_cov, new_cov.mT).mul_(0.5)
+    step = torch.mv(new_cov, jac.mean(0))
+    _require_finite(new_cov, "the updated covariance")
+    _require_finite(step, "the mean update")
+    return Update(step, cov, transition, None, new_cov, backend)
 
 
 register(
     "lowrank_update",
     "eager",
     lowrank_update_eager,
-    doc="(Σ⁻¹ + β JᵀJ)⁻¹: Woodbury when N < P, precision form otherwise",
+    doc="((Σ+Q)⁻¹ + β JᵀJ)⁻¹ and its mean step: Woodbury when R < P, else precision form",
 )
 
 
-def lowrank_update(
-    cov: torch.Tensor, jac: torch.Tensor, beta: float, *, backend: str
-) -> torch.Tensor:
+def lowrank_update(cov, transition, jac, beta, *, backend: str) -> Update:
     """Dispatching entry point; ``backend`` must already be resolved."""
-    return implementation("lowrank_update", backend, cov.device.type)(cov, jac, beta)
+    return implementation("lowrank_update", backend, cov.device.type)(
+        cov, transition, jac, beta, backend
+    )
