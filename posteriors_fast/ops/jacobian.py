@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence, Tuple
 import torch
 from optree import tree_map
 from optree.integrations.torch import tree_ravel
-from torch.func import jacrev, vjp, vmap
+from torch.func import vjp, vmap
 
 from posteriors_fast._errors import split_aux
 
@@ -53,13 +53,19 @@ def sample_jacobian(
 
     def one_sample(flat_params, sample):
         sample = tree_map(lambda x: x.unsqueeze(0), sample)
-        value, aux = split_aux(f(unravel(flat_params), sample), has_aux)
-        value = _ravel_output(value)
-        return value, (value, aux if has_aux else _NO_AUX)
 
-    jac, (values, aux) = vmap(jacrev(one_sample, has_aux=True), in_dims=(None, 0))(
-        flat, batch
-    )
+        def of_flat(fp):
+            value, aux = split_aux(f(unravel(fp), sample), has_aux)
+            return _ravel_output(value), aux if has_aux else _NO_AUX
+
+        value, pullback, aux = vjp(of_flat, flat_params, has_aux=True)
+        if value.numel() == 1:  # the common case: one reverse pass, no inner vmap
+            rows = pullback(torch.ones_like(value))[0].unsqueeze(0)
+        else:
+            rows = vmap(pullback)(torch.eye(value.numel(), dtype=value.dtype, device=value.device))[0]
+        return rows, value, aux
+
+    jac, values, aux = vmap(one_sample, in_dims=(None, 0))(flat, batch)
     return jac.reshape(-1, flat.numel()), values.reshape(-1), aux if has_aux else None
 
 

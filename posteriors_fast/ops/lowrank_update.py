@@ -60,12 +60,20 @@ class Update:
         ``out=None``, into a new tensor. Returns the tensor written."""
         if self._new_cov is not None:
             return self._new_cov if out is None else out.copy_(self._new_cov)
+        cov, q = self._cov, self._transition
+        if isinstance(q, torch.Tensor):
+            # Σ + Q first (its upper triangle is what the downdate reads).
+            if out is None:
+                out = cov.clone()
+            elif out is not cov:
+                out.copy_(cov)
+            return syrk_(out.add_(q), self._w, -1.0, 1.0, backend=self._backend)
         if out is None:
-            out = self._cov.clone()
-        elif out is not self._cov:
-            out.copy_(self._cov)
-        _add_transition_(out, self._transition)
-        return syrk_(out, self._w, -1.0, 1.0, backend=self._backend)
+            out = torch.empty_like(cov)  # filled by the fused copy-and-downdate
+        syrk_(out, self._w, -1.0, 1.0, cov, backend=self._backend)
+        if q != 0.0:
+            out.diagonal().add_(q)  # a scalar Q only touches the diagonal
+        return out
 
 
 def _require_finite(t: torch.Tensor, what: str) -> None:
