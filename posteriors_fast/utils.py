@@ -459,8 +459,11 @@ def cg(
     if maxiter is None:
         maxiter = 10 * b_flat.numel()
 
-    def matvec(v):
-        return tree_ravel(A(unravel(v)))[0]
+    matvec = getattr(A, "flat_matvec", None)  # a posteriors_fast.operators operator
+    if matvec is None or getattr(A, "size", None) != b_flat.numel():
+
+        def matvec(v):
+            return tree_ravel(A(unravel(v)))[0]
 
     precond = None
     if M is not _identity:

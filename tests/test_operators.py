@@ -1,0 +1,93 @@
+"""Curvature operators: same products as posteriors 0.0.5's ggnvp / fvp / hvp,
+and cg with an operator equals cg with the equivalent closure."""
+
+from functools import partial
+
+import pytest
+import torch
+from optree import tree_map
+from optree.integrations.torch import tree_ravel
+
+import posteriors_fast as pf
+from posteriors_fast import operators
+
+from .ekf._problem import logits, make_problem
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-10)}
+
+
+@pytest.fixture
+def setup(dtype):
+    params, batch = make_problem(9, dtype, seed=4)
+    v = tree_map(lambda t: torch.randn_like(t), params)
+    forward = partial(logits, x=batch["x"])
+    loss = partial(torch.nn.functional.cross_entropy, target=batch["y"])
+    return params, batch, v, forward, loss
+
+
+def _close(a, b, dtype):
+    torch.testing.assert_close(tree_ravel(a)[0], tree_ravel(b)[0], **TOL[dtype])
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_ggn_operator_matches_reference_ggnvp(ref, setup, dtype, normalize):
+    params, _, v, forward, loss = setup
+    op = operators.ggn_operator(lambda p: forward(p), loss, params, normalize=normalize)
+    want = ref.ggnvp(lambda p: forward(p), loss, (params,), (v,), normalize=normalize)[1]
+    _close(op(v), want, dtype)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_fisher_operator_matches_reference_fvp(ref, setup, dtype, normalize):
+    params, batch, v, forward, _ = setup
+
+    def per_sample(p):
+        return -torch.nn.functional.cross_entropy(forward(p), batch["y"], reduction="none")
+
+    op = operators.fisher_operator(per_sample, params, normalize=normalize)
+    _close(op(v), ref.fvp(per_sample, (params,), (v,), normalize=normalize)[1], dtype)
+
+
+def test_hessian_operator_matches_reference_hvp(ref, setup, dtype):
+    params, _, v, forward, loss = setup
+
+    def f(p):
+        return loss(forward(p))
+
+    _close(operators.hessian_operator(f, params)(v), ref.hvp(f, (params,), (v,))[1], dtype)
+
+
+def test_operator_falls_back_when_linearize_cannot_trace(setup, dtype):
+    params, _, v, forward, loss = setup
+
+    def data_dependent(p):
+        z = forward(p)
+        return z * 2 if bool(z.sum() > -1e9) else z  # data-dependent branch
+
+    op = operators.ggn_operator(data_dependent, loss, params)
+    want = pf.ggnvp(data_dependent, loss, (params,), (v,))[1]
+    _close(op(v), want, dtype)
+
+
+def test_cg_with_operator_equals_cg_with_closure(setup, dtype, backend):
+    params, _, v, forward, loss = setup
+    op = operators.ggn_operator(forward, loss, params, normalize=True)
+
+    def closure(t):
+        return pf.ggnvp(forward, loss, (params,), (t,), normalize=True)[1]
+
+    x_op, info_op = pf.cg(op, v, maxiter=15, damping=0.1, backend=backend)
+    x_cl, info_cl = pf.cg(closure, v, maxiter=15, damping=0.1, backend=backend)
+    _close(x_op, x_cl, dtype)
+    assert info_op["niter"] == info_cl["niter"]
+
+
+def test_cg_with_operator_solves_the_damped_system(setup, dtype, backend):
+    params, _, v, forward, loss = setup
+    op = operators.ggn_operator(forward, loss, params, normalize=True)
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    x, info = pf.cg(op, v, damping=0.1, tol=tol, backend=backend)
+    assert bool(info["converged"])
+    flat_x, flat_v = tree_ravel(x)[0], tree_ravel(v)[0]
+    residual = op.flat_matvec(flat_x) + 0.1 * flat_x - flat_v
+    assert float(residual.norm()) <= 10 * tol * float(flat_v.norm())
