@@ -9,13 +9,14 @@ from typing import Any, Callable, Sequence, Tuple
 import torch
 from optree import tree_leaves, tree_map, tree_reduce
 from optree.integrations.torch import tree_ravel
-from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vjp
+from torch.func import functional_call, grad, jvp, vjp
 
 from posteriors_fast import _checks, ops
 from posteriors_fast._errors import CatchAuxError
 from posteriors_fast.backends import resolve
 from posteriors_fast.ops.cholesky import CholeskyError
 from posteriors_fast.ops.jacobian import output_jacobian, sample_jacobian
+from posteriors_fast.ops.loss_hessian import loss_hessian_times
 from posteriors_fast.tree_utils import tree_size
 from posteriors_fast.types import ForwardFn, Tensor, TensorTree
 
@@ -314,8 +315,9 @@ def _require_argnums_zero(argnums) -> None:
 
 
 def _ggn_parts(forward, loss, forward_has_aux, loss_has_aux, normalize, params):
-    """Flat output Jacobian J (d, P), loss Hessian H (d, d) (scaled by 1/batch
-    with normalize), the unravel function and the list of auxes."""
+    """Flat output Jacobian J (d, P), ``H J`` with H the loss Hessian in output
+    space (scaled by 1/batch with normalize; the (d, d) Hessian is never
+    formed), the unravel function and the list of auxes."""
     flat, unravel = tree_ravel(params)
 
     def forward_of_flat(flat_params):
@@ -323,17 +325,19 @@ def _ggn_parts(forward, loss, forward_has_aux, loss_has_aux, normalize, params):
 
     jac, z, forward_aux = output_jacobian(forward_of_flat, (flat,), 0, forward_has_aux)
     z = torch.stack(tree_leaves(z))[0] if not isinstance(z, torch.Tensor) else z
-    hess_out = jacfwd(jacrev(loss, has_aux=loss_has_aux), has_aux=loss_has_aux)(z)
-    hess = hess_out[0] if loss_has_aux else hess_out
-    hess = hess.reshape(z.numel(), z.numel())
+
+    def loss_value(z_):
+        return loss(z_)[0] if loss_has_aux else loss(z_)
+
+    hess_jac = loss_hessian_times(loss_value, z, jac)
     if normalize:
-        hess = hess / z.shape[0]
+        hess_jac = hess_jac / z.shape[0]
     auxes = []
     if forward_has_aux:
         auxes.append(forward_aux)
     if loss_has_aux:
-        auxes.append(hess_out[1])
-    return jac, hess, unravel, auxes
+        auxes.append(loss(z)[1])
+    return jac, hess_jac, unravel, auxes
 
 
 def ggn(
@@ -369,10 +373,10 @@ def ggn(
     backend = resolve(backend)
 
     def dense_ggn(params):
-        jac, hess, _, auxes = _ggn_parts(
+        jac, hess_jac, _, auxes = _ggn_parts(
             forward, loss, forward_has_aux, loss_has_aux, normalize, params
         )
-        result = ops.ggn_outer.ggn_outer(jac, hess, backend=backend)
+        result = ops.syrk.gram(jac, 1.0, hess_jac, backend=backend)
         return (result, *auxes) if auxes else result
 
     return dense_ggn
@@ -407,10 +411,10 @@ def diag_ggn(
     backend = resolve(backend)
 
     def diagonal_ggn(params):
-        jac, hess, unravel, auxes = _ggn_parts(
+        jac, hess_jac, unravel, auxes = _ggn_parts(
             forward, loss, forward_has_aux, loss_has_aux, normalize, params
         )
-        result = unravel(ops.ggn_diag.ggn_diag(jac, hess, backend=backend))
+        result = unravel(ops.ggn_diag.ggn_diag(jac, hess_jac, backend=backend))
         return (result, *auxes) if auxes else result
 
     return diagonal_ggn

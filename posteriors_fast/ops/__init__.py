@@ -6,9 +6,9 @@ from posteriors_fast.ops import (  # noqa: F401  (imported to register)
     cg,
     cholesky,
     ggn_diag,
-    ggn_outer,
     jacobian,
     jsjt,
+    loss_hessian,
     lowrank_update,
     syrk,
 )

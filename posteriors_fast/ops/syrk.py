@@ -36,10 +36,17 @@ def _mirror_block(size: int) -> int:
 
 
 def syrk_eager(
-    out: torch.Tensor, a: torch.Tensor, alpha: float, beta: float, c: torch.Tensor | None = None
+    out: torch.Tensor,
+    a: torch.Tensor,
+    alpha: float,
+    beta: float,
+    c: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out ← beta·c + alpha·aᵀa`` (upper tiles, then mirrored); ``c`` defaults
-    to ``out`` (in place).
+    """``out ← beta·c + alpha·aᵀb`` (upper tiles, then mirrored); ``c`` defaults
+    to ``out`` (in place) and ``b`` to ``a``. With ``b`` given the caller
+    guarantees that ``aᵀb`` is symmetric (e.g. b = H a with H symmetric, the
+    GGN), and only its upper triangle is computed (BLAS calls this gemmt).
 
     Only the upper triangle of ``c`` is read: it is assumed symmetric. With
     ``beta == 0``, ``c`` is ignored (NaN-safe), so ``out`` may come from
@@ -51,6 +58,7 @@ def syrk_eager(
         ``out``.
     """
     size = a.shape[1]
+    b = a if b is None else b
     starts = range(0, size, BLOCK)
     for i in starts:
         a_i = a[:, i : i + BLOCK].mT
@@ -58,11 +66,11 @@ def syrk_eager(
             if j < i:
                 continue
             tile = out[i : i + BLOCK, j : j + BLOCK]
-            a_j = a[:, j : j + BLOCK]
+            b_j = b[:, j : j + BLOCK]
             if c is None or c is out:
-                tile.addmm_(a_i, a_j, beta=beta, alpha=alpha)
+                tile.addmm_(a_i, b_j, beta=beta, alpha=alpha)
             else:
-                torch.addmm(c[i : i + BLOCK, j : j + BLOCK], a_i, a_j, beta=beta, alpha=alpha, out=tile)
+                torch.addmm(c[i : i + BLOCK, j : j + BLOCK], a_i, b_j, beta=beta, alpha=alpha, out=tile)
     _mirror_upper_(out, _mirror_block(size))
     return out
 
@@ -81,7 +89,7 @@ register(
     "syrk",
     "eager",
     syrk_eager,
-    doc="out ← β·C + α·AᵀA, upper tiles mirrored (empirical Fisher, EKF downdate)",
+    doc="out ← β·C + α·AᵀB for symmetric AᵀB (B = A by default), upper tiles mirrored",
 )
 
 
@@ -91,14 +99,18 @@ def syrk_(
     alpha: float,
     beta: float,
     c: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
     *,
     backend: str,
 ) -> torch.Tensor:
     """Dispatching entry point, writes ``out``; ``backend`` already resolved."""
-    return implementation("syrk", backend, a.device.type)(out, a, alpha, beta, c)
+    return implementation("syrk", backend, a.device.type)(out, a, alpha, beta, c, b)
 
 
-def gram(a: torch.Tensor, scale: float, *, backend: str) -> torch.Tensor:
-    """``scale · aᵀa`` as a new exactly symmetric (P, P) tensor."""
+def gram(
+    a: torch.Tensor, scale: float, b: torch.Tensor | None = None, *, backend: str
+) -> torch.Tensor:
+    """``scale · aᵀb`` (``b`` defaults to ``a``; ``aᵀb`` must be symmetric) as a
+    new exactly symmetric (P, P) tensor."""
     out = torch.empty(a.shape[1], a.shape[1], dtype=a.dtype, device=a.device)
-    return syrk_(out, a, scale, 0.0, backend=backend)
+    return syrk_(out, a, scale, 0.0, None, b, backend=backend)

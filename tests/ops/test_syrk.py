@@ -35,3 +35,13 @@ def test_gram_non_contiguous_input(backend, block):
     got = syrk.gram(a, 0.5, backend=backend)
     torch.testing.assert_close(got, 0.5 * a.T @ a)
     assert torch.equal(got, got.T)
+
+
+def test_gram_with_symmetric_product(backend, block):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(12, 20, generator=g, dtype=torch.float64)
+    h = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    h = h + h.T
+    got = syrk.gram(a, 2.0, h @ a, backend=backend)
+    torch.testing.assert_close(got, 2.0 * a.T @ h @ a)
+    assert torch.equal(got, got.T)
