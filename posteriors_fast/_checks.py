@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 import torch
-from optree import tree_leaves
+from optree import tree_leaves, tree_structure
 
 from posteriors_fast._memo import TensorMemo
 
@@ -129,3 +129,18 @@ def covariance(
         raise ValueError(f"{name} must be {need}; its smallest eigenvalue is {lowest:.3g}")
     _validated.put(value, True, tag)
     return matrix
+
+
+def same_structure(tree: Any, reference: Any, name: str, reference_name: str) -> None:
+    """``tree`` has the pytree structure and leaf shapes of ``reference``."""
+    if tree_structure(tree) != tree_structure(reference):
+        raise ValueError(
+            f"{name} must have the same pytree structure as {reference_name}: "
+            f"got {tree_structure(tree)}, expected {tree_structure(reference)}"
+        )
+    for a, b in zip(tree_leaves(tree), tree_leaves(reference)):
+        if getattr(a, "shape", None) != getattr(b, "shape", None):
+            raise ValueError(
+                f"{name} leaf shapes must match {reference_name}: got "
+                f"{tuple(getattr(a, 'shape', ()))}, expected {tuple(getattr(b, 'shape', ()))}"
+            )

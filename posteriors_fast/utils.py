@@ -99,6 +99,7 @@ def linearized_forward_diag(
         Cholesky factors of the per-sample covariances J Σ Jᵀ, and ``aux``.
     """
     backend = resolve(backend)
+    _checks.same_structure(sd_diag, params, "sd_diag", "params")
     forward_vals, aux = forward_func(params, batch)
     with torch.no_grad(), CatchAuxError():
         jac, out, _ = output_jacobian(forward_func, (params, batch), 0, has_aux=True)
@@ -459,9 +460,18 @@ def cg(
     """
     backend = resolve(backend)
     b_flat, unravel = tree_ravel(b)
-    x0_flat = torch.zeros_like(b_flat) if x0 is None else tree_ravel(x0)[0]
+    if x0 is None:
+        x0_flat = torch.zeros_like(b_flat)
+    else:
+        _checks.same_structure(x0, b, "x0", "b")
+        x0_flat = tree_ravel(x0)[0]
     if maxiter is None:
         maxiter = 10 * b_flat.numel()
+    if isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 0:
+        raise ValueError(f"maxiter must be a non-negative integer, got {maxiter!r}")
+    for name, value in (("tol", tol), ("atol", atol), ("damping", damping)):
+        if not _checks.scalar_value(value, name) >= 0:
+            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
 
     matvec = getattr(A, "flat_matvec", None)  # a posteriors_fast.operators operator
     if matvec is None or getattr(A, "size", None) != b_flat.numel():
