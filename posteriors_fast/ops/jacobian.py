@@ -20,6 +20,9 @@ from torch.func import vjp, vmap
 
 from posteriors_fast._errors import split_aux
 
+#: Samples per vmap chunk are capped so that chunk · P stays below this.
+_CHUNK_ENTRIES = 1 << 24
+
 # torch.func transforms only carry tensors through aux; stands in for "no aux".
 _NO_AUX = torch.empty(0)
 
@@ -65,7 +68,10 @@ def sample_jacobian(
             rows = vmap(pullback)(torch.eye(value.numel(), dtype=value.dtype, device=value.device))[0]
         return rows, value, aux
 
-    jac, values, aux = vmap(one_sample, in_dims=(None, 0))(flat, batch)
+    # Bound the per-sample temporaries vmap holds at once to about
+    # _CHUNK_ENTRIES gradient entries; the result is still one (N, P) matrix.
+    chunk = max(1, _CHUNK_ENTRIES // max(1, flat.numel()))
+    jac, values, aux = vmap(one_sample, in_dims=(None, 0), chunk_size=chunk)(flat, batch)
     return jac.reshape(-1, flat.numel()), values.reshape(-1), aux if has_aux else None
 
 

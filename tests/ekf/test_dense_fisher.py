@@ -175,3 +175,15 @@ def test_default_backend_comes_from_global_setting(monkeypatch):
         transform = dense_fisher.build(log_likelihood, 0.1)
     assert transform.update.keywords["backend"] == "compiled"
     assert dense_fisher.build(log_likelihood, 0.1).update.keywords["backend"] == "eager"
+
+
+def test_chunked_jacobian_gives_the_same_update(monkeypatch):
+    from posteriors_fast.ops import jacobian
+
+    params, batch = make_problem(9, torch.float64)
+    transform = dense_fisher.build(log_likelihood, 0.4)
+    whole = transform.update(transform.init(params), batch)
+    monkeypatch.setattr(jacobian, "_CHUNK_ENTRIES", 2 * P)  # two samples per chunk
+    chunked = transform.update(transform.init(params), batch)
+    torch.testing.assert_close(chunked.cov, whole.cov)
+    torch.testing.assert_close(chunked.aux, whole.aux)
