@@ -1,0 +1,93 @@
+"""``python -m benchmarks``: the project's main job.
+
+Runs the workload table of ``benchmarks/config.py`` on the device present (CUDA
+if available, else CPU) for the providers posteriors 0.0.5 (when installed),
+posteriors_fast eager and compiled; prints progress and a markdown table, and
+writes CSV, JSON and a PNG plot to ``--out``.
+"""
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+
+import optree
+import optree.integrations
+import optree.integrations.torch
+import torch
+
+# posteriors 0.0.5 imports optree.integration.torch, renamed in current optree.
+sys.modules.setdefault("optree.integration", optree.integrations)
+sys.modules.setdefault("optree.integration.torch", optree.integrations.torch)
+
+from benchmarks import report  # noqa: E402
+from benchmarks.config import CASES, MODELS, PROVIDERS  # noqa: E402
+from benchmarks.harness import bench_module, measure  # noqa: E402
+from benchmarks.workloads import num_params  # noqa: E402
+
+
+def _args(argv):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the small set, under 2 minutes on 2 CPU cores")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--only", default=None, help="run only cases whose bench or op contains this text")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    cases = [c for c in CASES if (c.quick or not args.quick)]
+    if args.only:
+        cases = [c for c in cases if args.only in c.bench or args.only in c.op]
+    env = report.environment(device)
+    print(f"posteriors_fast benchmarks on {device} ({env['device_name']}), torch {env['torch']}, "
+          f"{env['threads']} threads, commit {env['commit'][:10]}; posteriors {env['posteriors']}")
+    print("models (tanh MLP input-hidden-classes, P): " + ", ".join(
+        f"{k}={'-'.join(map(str, v))} (P={num_params(k)})" for k, v in MODELS.items()))
+    budget = 1.5 if args.quick else 6.0
+    rows, started = [], time.perf_counter()
+    for index, case in enumerate(cases, 1):
+        print(f"[{index}/{len(cases)}] {case.op} {case.model} N={case.n} ...", end=" ", flush=True)
+        timings = measure(case, providers, device, budget_s=budget, min_reps=3 if args.quick else 5)
+        reference = timings.get("posteriors")
+        ref_median = reference.median if reference is not None and reference.status == "ok" else float("nan")
+        flops = bench_module(case).flops(case)
+        summary = []
+        for provider, timing in timings.items():
+            median = timing.median
+            speedup = ref_median / median if timing.status == "ok" else float("nan")
+            rows.append({
+                "op": case.op, "model": case.model, "P": num_params(case.model), "N": case.n,
+                "provider": provider, "status": timing.status,
+                "median_ms": median * 1e3, "p20_ms": timing.quantile(0.2) * 1e3,
+                "p80_ms": timing.quantile(0.8) * 1e3,
+                "speedup_vs_posteriors": speedup,
+                "gflops": flops / median / 1e9 if timing.status == "ok" and median > 0 else float("nan"),
+                "first_call_ms": timing.first_s * 1e3,
+                "compile_s": max(0.0, timing.first_s - median) if provider == "compiled" and timing.status == "ok" else float("nan"),
+                "note": timing.note,
+            })
+            if timing.status == "ok":
+                summary.append(f"{provider} {median * 1e3:.1f} ms" + (f" ({speedup:.1f}x)" if not math.isnan(speedup) and provider != "posteriors" else ""))
+            else:
+                summary.append(f"{provider} {timing.status}")
+        print(", ".join(summary), flush=True)
+    print()
+    print(report.markdown(rows))
+    report.write(rows, env, args.out)
+    print(f"\nwrote {args.out}/results.csv, results.json, speedups.png in {time.perf_counter() - started:.0f} s")
+    print("FLOP counts are nominal (see each bench module's flops()); GFLOP/s = that count / median time.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""ekf.dense_fisher: one update from a fixed state, and sample(100)."""
+
+import torch
+
+from benchmarks.workloads import batch, library, log_likelihood, mlp_params, num_params
+
+LR, INIT_COV = 1e-3, 1e-2  # small enough that one reference update (wrong sign) still factors
+
+
+def probe_reference(case) -> bool:
+    return case.model == "L"  # P = 20k: the reference may take minutes
+
+
+def _state(lib, kwargs, params, data):
+    transform = lib.ekf.dense_fisher.build(log_likelihood, LR, init_cov=INIT_COV, **kwargs)
+    return transform, transform.init(params)
+
+
+def setup(case, provider, device):
+    lib, kwargs = library(provider)
+    params = {k: v.to(device) for k, v in mlp_params(case.model).items()}
+    data = tuple(t.to(device) for t in batch(case.model, case.n))
+    transform, state = _state(lib, kwargs, params, data)
+    if case.op == "ekf.dense_fisher.update":
+        return lambda: transform.update(state, data)
+    # sample(100) from the same covariance for every provider: ours after one update.
+    import posteriors_fast
+
+    fast = posteriors_fast.ekf.dense_fisher
+    tf = fast.build(log_likelihood, LR, init_cov=INIT_COV)
+    cov = tf.update(tf.init(params), data).cov
+    state = lib.ekf.dense_fisher.EKFDenseState(params, cov.clone())
+    return lambda: lib.ekf.dense_fisher.sample(state, torch.Size([100]))
+
+
+def flops(case) -> float:
+    """Nominal: update 3·N·P² (Woodbury: ΣJᵀ then the half downdate), or
+    N·P² + 2·P³ in precision form; sample 2·100·P² (one GEMM)."""
+    p = num_params(case.model)
+    if case.op.startswith("ekf.dense_fisher.sample"):
+        return 2 * 100 * p * p
+    return 3 * case.n * p * p if case.n < p else case.n * p * p + 2 * p**3

@@ -1,0 +1,50 @@
+"""The workload table: every shape the suite runs comes from here."""
+
+from dataclasses import dataclass
+from typing import Tuple
+
+#: tanh MLP layer sizes (input, hidden, classes) per model size.
+MODELS = {
+    "S": (20, 40, 5),  # P = 1045
+    "M": (50, 80, 10),  # P = 4890
+    "L": (100, 180, 10),  # P = 19990
+}
+
+PROVIDERS = ("posteriors", "eager", "compiled")
+
+#: A reference call slower than this is reported as "did not finish".
+REFERENCE_LIMIT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Case:
+    bench: str  # module stem: benchmarks/bench_<bench>.py
+    op: str  # what is timed
+    model: str  # key of MODELS
+    n: int  # batch size
+    quick: bool  # part of --quick
+
+
+def _cases():
+    out = []
+    for model, n, quick in [("S", 64, True), ("M", 64, True), ("S", 256, False), ("M", 256, False), ("L", 64, False)]:
+        out.append(Case("ekf_dense_fisher", "ekf.dense_fisher.update", model, n, quick))
+    for model, quick in [("S", True), ("M", True), ("L", False)]:
+        out.append(Case("ekf_dense_fisher", "ekf.dense_fisher.sample(100)", model, 64, quick))
+    for model, n, quick in [("S", 64, True), ("S", 256, False), ("S", 1024, False), ("M", 256, True)]:
+        out.append(Case("empirical_fisher", "empirical_fisher", model, n, quick))
+    for op in ("ggn", "diag_ggn"):
+        for model, n, quick in [("S", 64, True), ("S", 256, False), ("M", 64, False), ("M", 256, False)]:
+            out.append(Case("ggn", op, model, n, quick))
+    for model, n, quick in [("S", 64, True), ("S", 256, False), ("M", 256, False)]:
+        out.append(Case("linearized_forward_diag", "linearized_forward_diag", model, n, quick))
+    for op in ("hvp", "fvp", "ggnvp"):
+        for model, n, quick in [("S", 64, True), ("M", 256, False)]:
+            out.append(Case("products", op, model, n, quick))
+    for op in ("cg(50) ggn operator", "cg(50) dense SPD"):
+        for model, n, quick in [("S", 64, True), ("M", 256, False)]:
+            out.append(Case("cg", op, model, n, quick))
+    return tuple(out)
+
+
+CASES: Tuple[Case, ...] = _cases()

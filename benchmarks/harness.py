@@ -1,0 +1,132 @@
+"""Timing: warm-up, providers interleaved round-robin, medians and p20/p80.
+
+The machines are shared and noisy, so providers of one case are timed in
+alternation (a burst of load hits all of them), the first call (which includes
+compilation) is reported separately, and only same-run ratios are meaningful.
+"""
+
+import importlib
+import multiprocessing as mp
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from benchmarks.config import REFERENCE_LIMIT_S, Case
+
+
+@dataclass
+class Timing:
+    provider: str
+    status: str = "ok"  # ok | unavailable | DNF | error
+    first_s: float = float("nan")
+    samples: List[float] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples) if self.samples else float("nan")
+
+    def quantile(self, q: float) -> float:
+        if len(self.samples) < 2:
+            return self.median
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
+
+
+def bench_module(case: Case):
+    return importlib.import_module(f"benchmarks.bench_{case.bench}")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _probe_child(case: Case, provider: str, device: str, queue) -> None:
+    torch.set_num_threads(torch.get_num_threads())
+    fn = bench_module(case).setup(case, provider, device)
+    queue.put(_timed(fn, device))
+
+
+def reference_finishes(case: Case, device: str, limit: float = REFERENCE_LIMIT_S) -> Optional[float]:
+    """Run one reference call in a child process; its time, or None past ``limit``."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_probe_child, args=(case, "posteriors", device, queue))
+    child.start()
+    child.join(limit + 30)  # + start-up and set-up of the child
+    if child.is_alive():
+        child.kill()
+        child.join()
+        return None
+    if queue.empty():
+        return None
+    elapsed = queue.get()
+    return elapsed if elapsed <= limit else None
+
+
+def measure(
+    case: Case,
+    providers,
+    device: str,
+    budget_s: float,
+    min_reps: int = 3,
+    max_reps: int = 30,
+    warmup: int = 1,
+) -> Dict[str, Timing]:
+    """Time every available provider of ``case``, interleaved."""
+    module = bench_module(case)
+    timings: Dict[str, Timing] = {}
+    fns: Dict[str, Callable] = {}
+    for provider in providers:
+        timing = timings[provider] = Timing(provider)
+        if provider == "posteriors" and getattr(module, "probe_reference", lambda c: False)(case):
+            if reference_finishes(case, device) is None:
+                timing.status, timing.note = "DNF", f"reference did not finish in {REFERENCE_LIMIT_S:.0f} s"
+                continue
+        try:
+            fn = module.setup(case, provider, device)
+        except ImportError as err:
+            timing.status, timing.note = "unavailable", str(err)
+            continue
+        if fn is None:
+            timing.status, timing.note = "unavailable", "not applicable"
+            continue
+        try:
+            timing.first_s = _timed(fn, device)
+            if provider == "posteriors" and timing.first_s > REFERENCE_LIMIT_S:
+                timing.status, timing.note = "DNF", f"reference took {timing.first_s:.0f} s > {REFERENCE_LIMIT_S:.0f} s"
+                continue
+            for _ in range(warmup):
+                fn()
+        except Exception as err:  # a failing provider is reported, not fatal
+            timing.status, timing.note = "error", f"{type(err).__name__}: {err}"[:160]
+            continue
+        fns[provider] = fn
+
+    order = list(fns)
+    spent, reps = 0.0, 0
+    while order and reps < max_reps and (reps < min_reps or spent < budget_s):
+        for provider in order[reps % len(order) :] + order[: reps % len(order)]:
+            try:
+                elapsed = _timed(fns[provider], device)
+            except Exception as err:
+                timings[provider].status = "error"
+                timings[provider].note = f"{type(err).__name__}: {err}"[:160]
+                order.remove(provider)
+                continue
+            timings[provider].samples.append(elapsed)
+            spent += elapsed
+        reps += 1
+    return timings

@@ -1,0 +1,106 @@
+"""Results: a markdown table on stdout, CSV and JSON files, and a PNG plot."""
+
+import csv
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+from typing import Dict, List
+
+import torch
+
+logger = logging.getLogger("benchmarks")
+
+COLUMNS = [
+    "op", "model", "P", "N", "provider", "status", "median_ms", "p20_ms", "p80_ms",
+    "speedup_vs_posteriors", "gflops", "first_call_ms", "compile_s", "note",
+]
+
+
+def environment(device: str) -> Dict:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    env = {
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "commit": commit,
+    }
+    try:
+        import posteriors
+
+        env["posteriors"] = getattr(posteriors, "__version__", "?")
+    except ImportError:
+        env["posteriors"] = "not installed"
+    return env
+
+
+def _fmt(value, digits=2) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "—"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown(rows: List[Dict]) -> str:
+    shown = ["op", "model", "P", "N", "provider", "median_ms", "p20_ms", "p80_ms",
+             "speedup_vs_posteriors", "gflops", "compile_s", "status"]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    for row in rows:
+        cells = [_fmt(row[c]) if c != "speedup_vs_posteriors" else
+                 (f"{row[c]:.1f}x" if isinstance(row[c], float) and not math.isnan(row[c]) else "—")
+                 for c in shown]
+        if row["status"] != "ok":
+            cells[-1] = f"{row['status']}: {row['note']}"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write(rows: List[Dict], env: Dict, out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(out_dir, "results.json"), "w") as handle:
+        json.dump({"environment": env, "results": rows}, handle, indent=1, default=str)
+    _plot(rows, env, os.path.join(out_dir, "speedups.png"))
+
+
+def _plot(rows: List[Dict], env: Dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("plot skipped: matplotlib is not installed (pip install -e .[bench])")
+        return
+    labels, values = [], []
+    for row in rows:
+        if row["provider"] == "eager" and isinstance(row["speedup_vs_posteriors"], float) \
+                and not math.isnan(row["speedup_vs_posteriors"]):
+            labels.append(f"{row['op']} {row['model']}/N={row['N']}")
+            values.append(row["speedup_vs_posteriors"])
+    if not values:
+        return
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(values) + 1.5))
+    ax.barh(range(len(values)), values, color="tab:blue")
+    ax.set_yticks(range(len(values)), labels, fontsize=8)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup of posteriors_fast (eager) over posteriors 0.0.5, same run (log scale)")
+    ax.set_title(f"{env['device']} · torch {env['torch']} · {env['threads']} threads · {env['commit'][:8]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
