@@ -8,6 +8,12 @@ one tangent pass and one cotangent pass over the saved graph. Measured at the
 50-80-10 tanh MLP with N = 256 (P = 4890): a GGN product costs 0.57 ms against
 2.35 ms for ``ggnvp``; building the operator costs about 60 ms.
 
+When the output-by-parameter Jacobian is small (d·P ≤ ``MATERIALIZE_ENTRIES``)
+linearising costs more than it saves over 50 products, so the GGN and Fisher
+operators instead materialise J (and H·J) once and apply two matrix-vector
+products: at the 20-40-5 MLP with N = 64 (d·P = 334k) cg(50) takes about
+10 ms this way against 120 ms through ``linearize``.
+
 ``cg`` recognises these operators and iterates on their flat form directly.
 """
 
@@ -19,7 +25,12 @@ import torch
 from optree.integrations.torch import tree_ravel
 from torch.func import grad, jvp, linearize, vjp
 
+from posteriors_fast.ops.jacobian import output_jacobian
+from posteriors_fast.ops.loss_hessian import loss_hessian_times
 from posteriors_fast.types import TensorTree
+
+#: Largest d·P (outputs × parameters) for which J is materialised.
+MATERIALIZE_ENTRIES = 1 << 22
 
 logger = logging.getLogger("posteriors_fast")
 
@@ -83,10 +94,21 @@ def ggn_operator(
     def forward_flat(fp):
         return forward(unravel(fp))
 
+    z = forward_flat(flat).detach()
+    scale = 1.0 / _leading(z) if normalize else 1.0
+    if z.numel() * flat.numel() <= MATERIALIZE_ENTRIES:
+        with torch.no_grad():
+            jac, z, _ = output_jacobian(forward_flat, (flat,), 0, has_aux=False)
+            hess_jac = loss_hessian_times(loss, z, jac).mul_(scale)
+
+        def explicit(v):
+            return torch.mv(jac.mT, torch.mv(hess_jac, v))
+
+        return CurvatureOperator(explicit, unravel, flat.numel())
+
     z, j_v = _forward_product(forward_flat, flat)
     _, pullback = vjp(forward_flat, flat)
     _, h_v = _forward_product(grad(loss), z.detach())
-    scale = 1.0 / _leading(z) if normalize else 1.0
 
     def matvec(v):
         out = pullback(h_v(j_v(v)))[0]
@@ -112,9 +134,19 @@ def fisher_operator(f: Callable, params: TensorTree, normalize: bool = False) ->
     def f_flat(fp):
         return f(unravel(fp))
 
+    out = f_flat(flat).detach()
+    scale = 1.0 / _leading(out) if normalize else 1.0
+    if out.numel() * flat.numel() <= MATERIALIZE_ENTRIES:
+        with torch.no_grad():
+            jac = output_jacobian(f_flat, (flat,), 0, has_aux=False)[0]
+
+        def explicit(v):
+            return torch.mv(jac.mT, torch.mv(jac, v)).mul_(scale)
+
+        return CurvatureOperator(explicit, unravel, flat.numel())
+
     out, j_v = _forward_product(f_flat, flat)
     _, pullback = vjp(f_flat, flat)
-    scale = 1.0 / _leading(out) if normalize else 1.0
 
     def matvec(v):
         product = pullback(j_v(v))[0]

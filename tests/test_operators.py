@@ -57,7 +57,8 @@ def test_hessian_operator_matches_reference_hvp(ref, setup, dtype):
     _close(operators.hessian_operator(f, params)(v), ref.hvp(f, (params,), (v,))[1], dtype)
 
 
-def test_operator_falls_back_when_linearize_cannot_trace(setup, dtype):
+def test_operator_falls_back_when_linearize_cannot_trace(setup, dtype, monkeypatch):
+    monkeypatch.setattr(operators, "MATERIALIZE_ENTRIES", 0)  # force the linearised form
     params, _, v, forward, loss = setup
 
     def data_dependent(p):
@@ -91,3 +92,17 @@ def test_cg_with_operator_solves_the_damped_system(setup, dtype, backend):
     flat_x, flat_v = tree_ravel(x)[0], tree_ravel(v)[0]
     residual = op.flat_matvec(flat_x) + 0.1 * flat_x - flat_v
     assert float(residual.norm()) <= 10 * tol * float(flat_v.norm())
+
+
+@pytest.mark.parametrize("materialize", [True, False], ids=["explicit-J", "linearized"])
+def test_both_operator_forms_agree(setup, dtype, materialize, monkeypatch):
+    params, batch, v, forward, loss = setup
+    monkeypatch.setattr(operators, "MATERIALIZE_ENTRIES", 1 << 30 if materialize else 0)
+    ggn = operators.ggn_operator(forward, loss, params, normalize=True)
+    _close(ggn(v), pf.ggnvp(forward, loss, (params,), (v,), normalize=True)[1], dtype)
+
+    def per_sample(p):
+        return -torch.nn.functional.cross_entropy(forward(p), batch["y"], reduction="none")
+
+    fisher = operators.fisher_operator(per_sample, params, normalize=True)
+    _close(fisher(v), pf.fvp(per_sample, (params,), (v,), normalize=True)[1], dtype)
