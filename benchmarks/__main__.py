@@ -13,19 +13,12 @@ import os
 import sys
 import time
 
-import optree
-import optree.integrations
-import optree.integrations.torch
 import torch
 
-# posteriors 0.0.5 imports optree.integration.torch, renamed in current optree.
-sys.modules.setdefault("optree.integration", optree.integrations)
-sys.modules.setdefault("optree.integration.torch", optree.integrations.torch)
-
-from benchmarks import report  # noqa: E402
-from benchmarks.config import CASES, MODELS, PROVIDERS  # noqa: E402
-from benchmarks.harness import bench_module, measure  # noqa: E402
-from benchmarks.workloads import num_params  # noqa: E402
+from benchmarks import report
+from benchmarks.config import CASES, MODELS, PROVIDERS
+from benchmarks.harness import bench_module, measure
+from benchmarks.workloads import num_params
 
 
 def _args(argv):

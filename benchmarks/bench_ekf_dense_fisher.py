@@ -8,7 +8,8 @@ LR, INIT_COV = 1e-3, 1e-2  # small enough that one reference update (wrong sign)
 
 
 def probe_reference(case) -> bool:
-    return case.model == "L"  # P = 20k: the reference may take minutes
+    """Run the reference in a killable child first: at P = 20k it may take minutes."""
+    return case.model == "L"
 
 
 def _state(lib, kwargs, params, data):

@@ -10,7 +10,7 @@ import multiprocessing as mp
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -53,27 +53,38 @@ def _timed(fn: Callable, device: str) -> float:
     return time.perf_counter() - start
 
 
-def _probe_child(case: Case, provider: str, device: str, queue) -> None:
-    torch.set_num_threads(torch.get_num_threads())
-    fn = bench_module(case).setup(case, provider, device)
-    queue.put(_timed(fn, device))
+def _probe_child(case: Case, provider: str, device: str, threads: int, queue) -> None:
+    torch.set_num_threads(threads)
+    try:
+        fn = bench_module(case).setup(case, provider, device)
+        queue.put(("ok", _timed(fn, device)))
+    except Exception as err:
+        queue.put(("error", f"{type(err).__name__}: {err}"[:160]))
 
 
-def reference_finishes(case: Case, device: str, limit: float = REFERENCE_LIMIT_S) -> Optional[float]:
-    """Run one reference call in a child process; its time, or None past ``limit``."""
+def probe_reference(case: Case, device: str, limit: float = REFERENCE_LIMIT_S) -> Tuple[str, str]:
+    """Run one reference call in a child process that is killed past ``limit``.
+
+    Returns ``("ok", "")``, ``("DNF", why)`` or ``("error", message)``.
+    """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    child = ctx.Process(target=_probe_child, args=(case, "posteriors", device, queue))
+    child = ctx.Process(target=_probe_child, args=(case, "posteriors", device, torch.get_num_threads(), queue))
+    start = time.perf_counter()
     child.start()
     child.join(limit + 30)  # + start-up and set-up of the child
     if child.is_alive():
         child.kill()
         child.join()
-        return None
+        return "DNF", f"reference did not finish in {limit:.0f} s (killed after {time.perf_counter() - start:.0f} s)"
     if queue.empty():
-        return None
-    elapsed = queue.get()
-    return elapsed if elapsed <= limit else None
+        return "error", f"reference probe exited with code {child.exitcode}"
+    status, value = queue.get()
+    if status == "error":
+        return "error", value
+    if value > limit:
+        return "DNF", f"reference took {value:.0f} s > {limit:.0f} s"
+    return "ok", ""
 
 
 def measure(
@@ -92,8 +103,9 @@ def measure(
     for provider in providers:
         timing = timings[provider] = Timing(provider)
         if provider == "posteriors" and getattr(module, "probe_reference", lambda c: False)(case):
-            if reference_finishes(case, device) is None:
-                timing.status, timing.note = "DNF", f"reference did not finish in {REFERENCE_LIMIT_S:.0f} s"
+            status, why = probe_reference(case, device)
+            if status != "ok":
+                timing.status, timing.note = status, why
                 continue
         try:
             fn = module.setup(case, provider, device)
