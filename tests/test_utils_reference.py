@@ -316,3 +316,24 @@ def test_public_names_and_signatures_match_reference(ref):
                     isinstance(p.default, torch.Size) and ours[k].default == p.default
                 ), (name, k)
             assert ours[k].kind == p.kind, (name, k)
+
+
+@pytest.mark.parametrize("coupled", [False, True], ids=["separable", "batch-coupled"])
+def test_linearized_forward_diag_paths(ref, dtype, coupled, monkeypatch):
+    import posteriors_fast.utils as utils_module
+
+    params, (x, _) = random_params("nested", dtype), random_batch(7, dtype)
+    sd = tree_map(lambda t: torch.rand_like(t) + 0.1, params)
+
+    def fwd(p, batch):
+        z = forward(p, batch)
+        # Centering over the batch couples every sample's output to the others.
+        return (z - z.mean(0) if coupled else z), torch.tensor([])
+
+    calls = []
+    general = utils_module.output_jacobian
+    monkeypatch.setattr(utils_module, "output_jacobian", lambda *a, **k: calls.append(1) or general(*a, **k))
+    got = pf.linearized_forward_diag(fwd, params, x, sd)
+    want = ref.linearized_forward_diag(fwd, params, x, sd)
+    assert_tree_close(got[:2], want[:2], dtype)
+    assert calls == ([1] if coupled else [])  # the per-sample path only when separable
