@@ -16,6 +16,7 @@ from posteriors_fast._errors import CatchAuxError
 from posteriors_fast.backends import resolve
 from posteriors_fast.ops.cholesky import CholeskyError
 from posteriors_fast.ops.jacobian import output_jacobian, sample_jacobian
+from posteriors_fast.ops import products
 from posteriors_fast.ops.loss_hessian import loss_hessian_times
 from posteriors_fast.tree_utils import tree_size
 from posteriors_fast.types import ForwardFn, Tensor, TensorTree
@@ -186,6 +187,8 @@ def hvp(
         ``(gradient, hvp_out)``, or ``(gradient, hvp_out, aux)`` with has_aux.
     """
     resolve(backend)
+    if products.applicable(primals, tangents):
+        return products.hvp(f, primals[0], tangents[0], has_aux)
     return jvp(grad(f, has_aux=has_aux), primals, tangents, has_aux=has_aux)
 
 
@@ -219,6 +222,8 @@ def fvp(
         product is for the first primal.
     """
     resolve(backend)
+    if products.applicable(primals, tangents):
+        return products.fvp(f, primals[0], tangents[0], has_aux, normalize)
     forward = jvp(f, primals, tangents, has_aux=has_aux)
     pullback = vjp(f, *primals, has_aux=has_aux)[1]
     product = pullback(forward[1])[0]
@@ -342,6 +347,10 @@ def ggnvp(
         loss aux when requested.
     """
     resolve(backend)
+    if products.applicable(primals, tangents):
+        return products.ggnvp(
+            forward, loss, primals[0], tangents[0], forward_has_aux, loss_has_aux, normalize
+        )
     forward_out = jvp(forward, primals, tangents, has_aux=forward_has_aux)
     z, jv = forward_out[0], forward_out[1]
     loss_out = jvp(grad(loss, has_aux=loss_has_aux), (z,), (jv,), has_aux=loss_has_aux)

@@ -10,5 +10,6 @@ from posteriors_fast.ops import (  # noqa: F401  (imported to register)
     jsjt,
     loss_hessian,
     lowrank_update,
+    products,
     syrk,
 )
