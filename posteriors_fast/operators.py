@@ -1,18 +1,19 @@
 """Curvature operators built once and applied many times (an addition to the
 posteriors 0.0.5 API), made for :func:`posteriors_fast.cg`.
 
-``hvp``, ``fvp`` and ``ggnvp`` re-run the model on every product. The operators
-here linearise it once at ``params`` (``torch.func.linearize`` for the
-Jacobian-vector product, a saved ``vjp`` for the transpose), so each product is
-one tangent pass and one cotangent pass over the saved graph. Measured at the
-50-80-10 tanh MLP with N = 256 (P = 4890): a GGN product costs 0.57 ms against
-2.35 ms for ``ggnvp``; building the operator costs about 60 ms.
+``hvp``, ``fvp`` and ``ggnvp`` re-run the model on every product. These
+operators do the expensive part once at ``params`` and keep it:
 
-When the output-by-parameter Jacobian is small (d·P ≤ ``MATERIALIZE_ENTRIES``)
-linearising costs more than it saves over 50 products, so the GGN and Fisher
-operators instead materialise J (and H·J) once and apply two matrix-vector
-products: at the 20-40-5 MLP with N = 64 (d·P = 334k) cg(50) takes about
-10 ms this way against 120 ms through ``linearize``.
+* small problems (d·P ≤ ``MATERIALIZE_ENTRIES``, d the number of outputs): J and
+  H·J are materialised, and a product is two matrix-vector products. At the
+  20-40-5 MLP with N = 64 cg(50) takes about 10 ms this way (96 ms for the
+  reference's cg with its ggnvp closure);
+* otherwise the autograd graph of one forward pass is kept and each product
+  runs backward passes over it (J v by the double-backward trick, Jᵀu by a
+  plain backward), with the loss Hessian applied through its per-sample blocks
+  when it is block diagonal;
+* where autograd's graph cannot be used (parameters that require grad, inside a
+  ``torch.func`` transform), ``torch.func.linearize`` plus a saved ``vjp``.
 
 ``cg`` recognises these operators and iterates on their flat form directly.
 """
@@ -25,18 +26,19 @@ import torch
 from optree.integrations.torch import tree_ravel
 from torch.func import grad, jvp, linearize, vjp
 
+from posteriors_fast.ops import products
 from posteriors_fast.ops.jacobian import output_jacobian
-from posteriors_fast.ops.loss_hessian import loss_hessian_times
+from posteriors_fast.ops.loss_hessian import hessian_blocks, loss_hessian_times
 from posteriors_fast.types import TensorTree
+
+logger = logging.getLogger("posteriors_fast")
 
 #: Largest d·P (outputs × parameters) for which J is materialised.
 MATERIALIZE_ENTRIES = 1 << 22
 
-logger = logging.getLogger("posteriors_fast")
-
 
 class CurvatureOperator:
-    """Symmetric PSD (for GGN/Fisher) linear operator ``v ↦ A v``.
+    """Symmetric linear operator ``v ↦ A v`` (PSD for GGN and Fisher).
 
     Call it on a pytree shaped like the parameters, or use :attr:`flat_matvec`
     on vectors in ``optree`` ravel order.
@@ -55,8 +57,9 @@ class CurvatureOperator:
         return self._unravel(self.flat_matvec(tree_ravel(tangent)[0]))
 
 
-def _forward_product(fn: Callable, flat: torch.Tensor):
-    """``(fn(flat), v ↦ J v)``, linearised once when tracing allows it."""
+def _linearized(fn: Callable, flat: torch.Tensor):
+    """``(fn(flat), v ↦ J v)`` via ``torch.func.linearize``, or per-call ``jvp``
+    when the function cannot be traced."""
     try:
         with warnings.catch_warnings():
             # torch.fx's constant folding warns about an internal get_attr node.
@@ -64,15 +67,36 @@ def _forward_product(fn: Callable, flat: torch.Tensor):
             return linearize(fn, flat)
     except Exception as err:  # data-dependent control flow and the like
         logger.info("posteriors_fast: linearize failed (%s); using jvp per product", err)
+        return fn(flat), lambda v: jvp(fn, (flat,), (v,))[1]
 
-        def per_call(v):
-            return jvp(fn, (flat,), (v,))[1]
 
-        return fn(flat), per_call
+class _Graph:
+    """One recorded forward pass ``out = fn(flat)`` whose graph serves many
+    products: ``jv(v) = J v`` (double backward through a dummy cotangent) and
+    ``jtu(u) = Jᵀ u``."""
+
+    def __init__(self, fn: Callable, flat: torch.Tensor):
+        self.flat = flat.detach().requires_grad_(True)
+        with torch.enable_grad():
+            self.out = fn(self.flat)
+            self._dummy = torch.zeros_like(self.out, requires_grad=True)
+            (self._pulled,) = torch.autograd.grad(self.out, self.flat, self._dummy, create_graph=True)
+
+    def jv(self, v: torch.Tensor) -> torch.Tensor:
+        if not self._pulled.requires_grad:  # J does not depend on a dummy: J = 0
+            return torch.zeros_like(self.out)
+        return torch.autograd.grad(self._pulled, self._dummy, v, retain_graph=True)[0]
+
+    def jtu(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.autograd.grad(self.out, self.flat, u, retain_graph=True)[0]
 
 
 def _leading(z) -> int:
     return z.shape[0] if z.ndim > 0 else 1
+
+
+def _use_graph(params) -> bool:
+    return products.applicable((params,), (params,))
 
 
 def ggn_operator(
@@ -90,31 +114,41 @@ def ggn_operator(
         A :class:`CurvatureOperator`; the same products as :func:`posteriors_fast.ggnvp`.
     """
     flat, unravel = tree_ravel(params)
+    size = flat.numel()
 
     def forward_flat(fp):
         return forward(unravel(fp))
 
-    z = forward_flat(flat).detach()
+    with torch.no_grad():
+        z = forward_flat(flat)
     scale = 1.0 / _leading(z) if normalize else 1.0
-    if z.numel() * flat.numel() <= MATERIALIZE_ENTRIES:
+    if z.numel() * size <= MATERIALIZE_ENTRIES:
         with torch.no_grad():
             jac, z, _ = output_jacobian(forward_flat, (flat,), 0, has_aux=False)
             hess_jac = loss_hessian_times(loss, z, jac).mul_(scale)
+        return CurvatureOperator(lambda v: torch.mv(jac.mT, torch.mv(hess_jac, v)), unravel, size)
 
-        def explicit(v):
-            return torch.mv(jac.mT, torch.mv(hess_jac, v))
+    blocks = hessian_blocks(loss, z.detach())
+    if blocks is not None:
+        blocks = blocks * scale
+        n, c, _ = blocks.shape
 
-        return CurvatureOperator(explicit, unravel, flat.numel())
+        def hess_times(u):
+            return torch.bmm(blocks, u.reshape(n, c, 1)).reshape(z.shape)
 
-    z, j_v = _forward_product(forward_flat, flat)
+    else:
+        _, hess_times_unscaled = _linearized(grad(loss), z.detach())
+
+        def hess_times(u):
+            return hess_times_unscaled(u) * scale
+
+    if _use_graph(params):
+        graph = _Graph(forward_flat, flat)
+        return CurvatureOperator(lambda v: graph.jtu(hess_times(graph.jv(v))), unravel, size)
+
+    _, j_v = _linearized(forward_flat, flat)
     _, pullback = vjp(forward_flat, flat)
-    _, h_v = _forward_product(grad(loss), z.detach())
-
-    def matvec(v):
-        out = pullback(h_v(j_v(v)))[0]
-        return out * scale if normalize else out
-
-    return CurvatureOperator(matvec, unravel, flat.numel())
+    return CurvatureOperator(lambda v: pullback(hess_times(j_v(v)))[0], unravel, size)
 
 
 def fisher_operator(f: Callable, params: TensorTree, normalize: bool = False) -> CurvatureOperator:
@@ -130,29 +164,26 @@ def fisher_operator(f: Callable, params: TensorTree, normalize: bool = False) ->
         A :class:`CurvatureOperator`.
     """
     flat, unravel = tree_ravel(params)
+    size = flat.numel()
 
     def f_flat(fp):
         return f(unravel(fp))
 
-    out = f_flat(flat).detach()
+    with torch.no_grad():
+        out = f_flat(flat)
     scale = 1.0 / _leading(out) if normalize else 1.0
-    if out.numel() * flat.numel() <= MATERIALIZE_ENTRIES:
+    if out.numel() * size <= MATERIALIZE_ENTRIES:
         with torch.no_grad():
             jac = output_jacobian(f_flat, (flat,), 0, has_aux=False)[0]
+        return CurvatureOperator(lambda v: torch.mv(jac.mT, torch.mv(jac, v)).mul_(scale), unravel, size)
 
-        def explicit(v):
-            return torch.mv(jac.mT, torch.mv(jac, v)).mul_(scale)
+    if _use_graph(params):
+        graph = _Graph(f_flat, flat)
+        return CurvatureOperator(lambda v: graph.jtu(graph.jv(v)).mul_(scale), unravel, size)
 
-        return CurvatureOperator(explicit, unravel, flat.numel())
-
-    out, j_v = _forward_product(f_flat, flat)
+    _, j_v = _linearized(f_flat, flat)
     _, pullback = vjp(f_flat, flat)
-
-    def matvec(v):
-        product = pullback(j_v(v))[0]
-        return product * scale if normalize else product
-
-    return CurvatureOperator(matvec, unravel, flat.numel())
+    return CurvatureOperator(lambda v: pullback(j_v(v))[0] * scale, unravel, size)
 
 
 def hessian_operator(f: Callable, params: TensorTree) -> CurvatureOperator:
@@ -171,5 +202,17 @@ def hessian_operator(f: Callable, params: TensorTree) -> CurvatureOperator:
     def f_flat(fp):
         return f(unravel(fp))
 
-    _, h_v = _forward_product(grad(f_flat), flat)
+    if _use_graph(params):
+        point = flat.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (gradient,) = torch.autograd.grad(f_flat(point), point, create_graph=True)
+
+        def matvec(v):
+            if not gradient.requires_grad:  # f is linear: zero Hessian
+                return torch.zeros_like(v)
+            return torch.autograd.grad(gradient, point, v, retain_graph=True)[0]
+
+        return CurvatureOperator(matvec, unravel, flat.numel())
+
+    _, h_v = _linearized(grad(f_flat), flat)
     return CurvatureOperator(h_v, unravel, flat.numel())

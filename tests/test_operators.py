@@ -59,6 +59,7 @@ def test_hessian_operator_matches_reference_hvp(ref, setup, dtype):
 
 def test_operator_falls_back_when_linearize_cannot_trace(setup, dtype, monkeypatch):
     monkeypatch.setattr(operators, "MATERIALIZE_ENTRIES", 0)  # force the linearised form
+    monkeypatch.setattr(operators, "_use_graph", lambda p: False)
     params, _, v, forward, loss = setup
 
     def data_dependent(p):
@@ -94,10 +95,12 @@ def test_cg_with_operator_solves_the_damped_system(setup, dtype, backend):
     assert float(residual.norm()) <= 10 * tol * float(flat_v.norm())
 
 
-@pytest.mark.parametrize("materialize", [True, False], ids=["explicit-J", "linearized"])
-def test_both_operator_forms_agree(setup, dtype, materialize, monkeypatch):
+@pytest.mark.parametrize("form", ["explicit-J", "autograd-graph", "linearized"])
+def test_every_operator_form_agrees(setup, dtype, form, monkeypatch):
     params, batch, v, forward, loss = setup
-    monkeypatch.setattr(operators, "MATERIALIZE_ENTRIES", 1 << 30 if materialize else 0)
+    monkeypatch.setattr(operators, "MATERIALIZE_ENTRIES", 1 << 30 if form == "explicit-J" else 0)
+    if form == "linearized":
+        monkeypatch.setattr(operators, "_use_graph", lambda p: False)
     ggn = operators.ggn_operator(forward, loss, params, normalize=True)
     _close(ggn(v), pf.ggnvp(forward, loss, (params,), (v,), normalize=True)[1], dtype)
 
@@ -106,3 +109,28 @@ def test_both_operator_forms_agree(setup, dtype, materialize, monkeypatch):
 
     fisher = operators.fisher_operator(per_sample, params, normalize=True)
     _close(fisher(v), pf.fvp(per_sample, (params,), (v,), normalize=True)[1], dtype)
+
+
+@pytest.mark.parametrize("form", ["autograd-graph", "linearized"])
+def test_hessian_operator_forms(ref, setup, dtype, form, monkeypatch):
+    params, _, v, forward, loss = setup
+    if form == "linearized":
+        monkeypatch.setattr(operators, "_use_graph", lambda p: False)
+
+    def f(p):
+        return loss(forward(p))
+
+    op = operators.hessian_operator(f, params)
+    _close(op(v), ref.hvp(f, (params,), (v,))[1], dtype)
+    _close(op(v), op(v), dtype)  # the kept graph serves repeated products
+
+
+def test_ggn_operator_with_coupled_loss(ref, setup, dtype, monkeypatch):
+    monkeypatch.setattr(operators, "MATERIALIZE_ENTRIES", 0)
+    params, _, v, forward, _ = setup
+
+    def loss(z):
+        return z.sum() ** 2 / 100 + (z**2).mean()  # not block diagonal
+
+    op = operators.ggn_operator(forward, loss, params, normalize=True)
+    _close(op(v), ref.ggnvp(forward, loss, (params,), (v,), normalize=True)[1], dtype)

@@ -34,17 +34,9 @@ def _hessian_rows(loss: Callable, z: torch.Tensor, start: int, stop: int) -> tor
     return vmap(product)(basis)
 
 
-def loss_hessian_times(loss: Callable, z: torch.Tensor, jac: torch.Tensor) -> torch.Tensor:
-    """``H @ jac`` with H the Hessian of ``loss`` (z ↦ scalar) at ``z``.
-
-    Args:
-        loss: Scalar function of z.
-        z: Output of the forward function; dimension 0 is the sample dimension.
-        jac: (d, P) Jacobian of z (raveled) with respect to the parameters.
-
-    Returns:
-        (d, P) tensor.
-    """
+def hessian_blocks(loss: Callable, z: torch.Tensor):
+    """The (N, c, c) per-sample blocks of the Hessian of ``loss`` at ``z`` when
+    it is exactly block diagonal over dimension 0 of z, else None."""
     d = z.numel()
     n = z.shape[0] if z.ndim > 0 else 1
     c = d // n
@@ -56,10 +48,27 @@ def loss_hessian_times(loss: Callable, z: torch.Tensor, jac: torch.Tensor) -> to
         own = rows[torch.arange(s1 - s0), :, torch.arange(s0, s1), :]  # (m, c, c)
         rows[torch.arange(s1 - s0), :, torch.arange(s0, s1), :] = 0
         if bool(rows.any()):
-            return _dense_times(loss, z, jac)
+            return None
         blocks.append(own)
-    blocks = torch.cat(blocks)  # (N, c, c)
-    return torch.bmm(blocks, jac.reshape(n, c, -1)).reshape(d, -1)
+    return torch.cat(blocks)
+
+
+def loss_hessian_times(loss: Callable, z: torch.Tensor, jac: torch.Tensor) -> torch.Tensor:
+    """``H @ jac`` with H the Hessian of ``loss`` (z ↦ scalar) at ``z``.
+
+    Args:
+        loss: Scalar function of z.
+        z: Output of the forward function; dimension 0 is the sample dimension.
+        jac: (d, P) Jacobian of z (raveled) with respect to the parameters.
+
+    Returns:
+        (d, P) tensor.
+    """
+    blocks = hessian_blocks(loss, z)
+    if blocks is None:
+        return _dense_times(loss, z, jac)
+    n, c, _ = blocks.shape
+    return torch.bmm(blocks, jac.reshape(n, c, -1)).reshape(z.numel(), -1)
 
 
 def _dense_times(loss: Callable, z: torch.Tensor, jac: torch.Tensor) -> torch.Tensor:
