@@ -127,8 +127,11 @@ def init(
 
 
 def _check_state(state: EKFDenseState):
-    if not isinstance(state, EKFDenseState):
-        raise TypeError(f"state must be an EKFDenseState, got {type(state).__name__}")
+    if not all(hasattr(state, field) for field in ("params", "cov", "_replace")):
+        raise TypeError(
+            "state must be an EKFDenseState (a NamedTuple with params, cov, "
+            f"log_likelihood and aux), got {type(state).__name__}"
+        )
     _checks.float_params(state.params, "state.params")
     flat, unravel = tree_ravel(state.params)
     size = flat.numel()
