@@ -15,7 +15,11 @@ from posteriors_fast import _checks, ops
 from posteriors_fast._errors import CatchAuxError
 from posteriors_fast.backends import resolve
 from posteriors_fast.ops.cholesky import CholeskyError
-from posteriors_fast.ops.jacobian import output_jacobian, sample_jacobian
+from posteriors_fast.ops.jacobian import (
+    output_jacobian,
+    sample_jacobian,
+    separable_output_jacobian,
+)
 from posteriors_fast.ops import products
 from posteriors_fast.ops.loss_hessian import loss_hessian_times
 from posteriors_fast.tree_utils import tree_size
@@ -103,7 +107,7 @@ def linearized_forward_diag(
     _checks.same_structure(sd_diag, params, "sd_diag", "params")
     forward_vals, aux = forward_func(params, batch)
     with torch.no_grad(), CatchAuxError():
-        jac = _separable_jacobian(forward_func, params, batch, forward_vals)
+        jac = separable_output_jacobian(forward_func, params, batch, forward_vals)
         if jac is None:
             jac, out, _ = output_jacobian(forward_func, (params, batch), 0, has_aux=True)
             jac = jac.reshape(*out.shape[:2], jac.shape[-1])
@@ -118,51 +122,6 @@ def linearized_forward_diag(
             "given sd_diag (zeros in sd_diag, or outputs that depend on too few parameters)"
         )
     return forward_vals, chol, aux
-
-
-def _separable_jacobian(forward_func, params, batch, forward_vals):
-    """(N, C, P) Jacobian from one reverse pass per sample, or None when the
-    forward is not shown to be sample-separable.
-
-    The per-sample evaluation must reproduce the batch outputs, and one random
-    cotangent u must give the same ``Jᵀu`` through the batch forward as through
-    the per-sample Jacobian. Any coupling of samples (batch statistics, a loss
-    over the batch) fails this check for all but a measure-zero set of u, and
-    the general Jacobian is used instead. O(N·C·P) instead of O(N²·C·P).
-    """
-    if not isinstance(forward_vals, torch.Tensor) or forward_vals.ndim != 2:
-        return None
-    try:
-        n = _checks.batch_leading_dim(batch)
-    except ValueError:
-        return None
-    if n != forward_vals.shape[0]:
-        return None
-
-    def values_only(p, b):
-        return forward_func(p, b)[0]
-
-    jac, per_sample_vals, _ = sample_jacobian(values_only, params, batch, has_aux=False)
-    flat, unravel = tree_ravel(params)
-    want = forward_vals.detach().reshape(-1).to(per_sample_vals.dtype)
-    tol = _SEPARABLE_TOL.get(per_sample_vals.dtype, 1e-3)
-    if not torch.allclose(per_sample_vals, want, rtol=tol, atol=tol * float(want.abs().max().clamp_min(1))):
-        return None
-    probe = torch.randn(
-        want.shape, generator=torch.Generator(device=want.device).manual_seed(0),
-        dtype=want.dtype, device=want.device,
-    )
-    _, pullback = vjp(lambda fp: values_only(unravel(fp), batch).reshape(-1), flat)
-    through_batch = pullback(probe)[0]
-    through_samples = torch.mv(jac.mT, probe)
-    scale = float(through_batch.abs().max().clamp_min(1e-30))
-    if not torch.allclose(through_samples, through_batch, rtol=tol, atol=tol * scale):
-        return None
-    return jac.reshape(*forward_vals.shape, flat.numel())
-
-
-# Relative agreement required between per-sample and batch evaluations.
-_SEPARABLE_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 
 def hvp(

@@ -337,3 +337,17 @@ def test_linearized_forward_diag_paths(ref, dtype, coupled, monkeypatch):
     want = ref.linearized_forward_diag(fwd, params, x, sd)
     assert_tree_close(got[:2], want[:2], dtype)
     assert calls == ([1] if coupled else [])  # the per-sample path only when separable
+
+
+def test_linearized_forward_diag_forward_refusing_single_samples(ref):
+    params, (x, _) = random_params("dict", torch.float64), random_batch(6, torch.float64)
+    sd = tree_map(lambda t: torch.full_like(t, 0.2), params)
+
+    def fwd(p, batch):
+        if batch.shape[0] == 1:  # like BatchNorm in training mode
+            raise ValueError("Expected more than 1 value per channel when training")
+        return forward(p, batch), torch.tensor([])
+
+    got = pf.linearized_forward_diag(fwd, params, x, sd)
+    want = ref.linearized_forward_diag(fwd, params, x, sd)
+    assert_tree_close(got[:2], want[:2], torch.float64)
