@@ -1,0 +1,204 @@
+"""Extended Kalman filter with a diagonal covariance and the diagonal of the
+empirical Fisher.
+
+Each update tempers the batch log-likelihood by ε = ``lr`` and linearises it at
+the current mean μ (see :mod:`posteriors_fast.ekf.dense_fisher`), keeping only
+the diagonal of the covariance:
+
+$$ σ_p^2 = σ^2 + τ^2, \\qquad σ_{new}^{-2} = σ_p^{-2} + ε\\, \\overline{J^2},
+\\qquad μ_{new} = μ + ε\\, σ_{new}^2\\, ḡ, $$
+
+with τ = ``transition_sd``, J the (N, P) per-sample Jacobian of the
+log-likelihoods, J² its elementwise square averaged over samples (the diagonal
+of the empirical Fisher) and ḡ its row mean. One Jacobian (O(N·P) for
+``per_sample=False``) gives both, and the update runs as fused elementwise work
+on the raveled parameters. P×P is never formed.
+"""
+
+from functools import partial
+from typing import Any, NamedTuple
+
+import torch
+from optree import tree_map
+from optree.integrations.torch import tree_ravel
+
+from posteriors_fast import _checks
+from posteriors_fast._errors import CatchAuxError
+from posteriors_fast.backends import resolve
+from posteriors_fast.ops.jacobian import output_jacobian, sample_jacobian
+from posteriors_fast.tree_utils import tree_insert_
+from posteriors_fast.types import LogProbFn, TensorTree, Transform
+from posteriors_fast.utils import diag_normal_sample, is_scalar
+
+
+def build(
+    log_likelihood: LogProbFn,
+    lr: float,
+    transition_sd: float = 0.0,
+    per_sample: bool = False,
+    init_sds: TensorTree | float = 1.0,
+    backend: str | None = None,
+) -> Transform:
+    """Bind the hyperparameters of the diagonal-Fisher EKF into a ``Transform``.
+
+    Args:
+        log_likelihood: ``log_likelihood(params, batch) -> (value, aux)``; a batch
+            scalar with ``per_sample=False`` (evaluated one sample at a time), a
+            vector of per-sample values with ``per_sample=True``.
+        lr: Inverse temperature ε of the likelihood; finite and positive.
+        transition_sd: Standard deviation τ >= 0 of the transition noise added
+            before each update.
+        per_sample: See ``log_likelihood``.
+        init_sds: Initial standard deviations: a scalar > 0 or a tree like the
+            parameters with positive entries.
+        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+
+    Returns:
+        ``Transform(init, update)``.
+    """
+    _checks.positive_finite(lr, "lr")
+    _non_negative(transition_sd, "transition_sd")
+    backend = resolve(backend)
+    init_fn = partial(init, init_sds=init_sds)
+    update_fn = partial(
+        update,
+        log_likelihood=log_likelihood,
+        lr=lr,
+        transition_sd=transition_sd,
+        per_sample=per_sample,
+        backend=backend,
+    )
+    return Transform(init_fn, update_fn)
+
+
+class EKFDiagState(NamedTuple):
+    """Gaussian over the parameters with a diagonal covariance.
+
+    Attributes:
+        params: Mean, a pytree of tensors.
+        sd_diag: Standard deviations, a pytree like ``params``.
+        log_likelihood: Mean per-sample log-likelihood of the last batch.
+        aux: Auxiliary output of the last ``log_likelihood`` call.
+    """
+
+    params: TensorTree
+    sd_diag: TensorTree
+    log_likelihood: torch.Tensor = torch.tensor([])
+    aux: Any = None
+
+
+_SHARED_DEFAULT_LOG_LIKELIHOOD = EKFDiagState._field_defaults["log_likelihood"]
+
+
+def _non_negative(value, name: str) -> float:
+    number = _checks.scalar_value(value, name)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError(f"{name} must be finite and >= 0, got {number}")
+    return number
+
+
+def init(params: TensorTree, init_sds: TensorTree | float = 1.0) -> EKFDiagState:
+    """Initial state: mean ``params`` and standard deviations ``init_sds``.
+
+    Args:
+        params: Pytree of floating-point tensors (kept by reference).
+        init_sds: A scalar > 0 used for every parameter, or a tree like
+            ``params`` of positive standard deviations (copied).
+
+    Returns:
+        ``EKFDiagState``.
+    """
+    _checks.float_params(params, "params")
+    if is_scalar(init_sds):
+        value = _checks.positive_finite(init_sds, "init_sds")
+        sds = tree_map(lambda x: torch.full_like(x, value, requires_grad=x.requires_grad), params)
+    else:
+        _checks.same_structure(init_sds, params, "init_sds", "params")
+        if not bool((tree_ravel(init_sds)[0] > 0).all()):
+            raise ValueError("init_sds must be positive everywhere")
+        sds = tree_map(lambda s, x: s.detach().to(x.dtype).clone().requires_grad_(x.requires_grad), init_sds, params)
+    empty = torch.tensor([], dtype=tree_ravel(params)[0].dtype, device=tree_ravel(params)[0].device)
+    return EKFDiagState(params, sds, empty)
+
+
+def update(
+    state: EKFDiagState,
+    batch: Any,
+    log_likelihood: LogProbFn,
+    lr: float,
+    transition_sd: float = 0.0,
+    per_sample: bool = False,
+    inplace: bool = False,
+    backend: str | None = None,
+) -> EKFDiagState:
+    """One diagonal EKF step on ``batch`` (see the module docstring).
+
+    Args:
+        state: Current ``EKFDiagState``.
+        batch: Data for ``log_likelihood``; with ``per_sample=False`` every tensor
+            leaf shares its leading (sample) dimension.
+        log_likelihood: ``log_likelihood(params, batch) -> (value, aux)``.
+        lr: Inverse temperature ε, finite and positive.
+        transition_sd: τ >= 0.
+        per_sample: Whether ``log_likelihood`` already returns per-sample values.
+        inplace: Write the results into the tensors of ``state``; nothing is
+            written unless the whole step succeeds.
+        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+
+    Returns:
+        The updated ``EKFDiagState``.
+
+    Raises:
+        ValueError: bad hyperparameters or batch, or a non-finite
+            log-likelihood, gradient or result.
+    """
+    resolve(backend)
+    lr = _checks.positive_finite(lr, "lr")
+    tau = _non_negative(transition_sd, "transition_sd")
+    _checks.float_params(state.params, "state.params")
+    _checks.same_structure(state.sd_diag, state.params, "state.sd_diag", "state.params")
+    if not per_sample:
+        _checks.batch_leading_dim(batch, "batch")
+    flat, unravel = tree_ravel(state.params)
+    sd = tree_ravel(state.sd_diag)[0].detach()
+
+    with torch.no_grad(), CatchAuxError():
+        if per_sample:
+            jac, values, aux = output_jacobian(log_likelihood, (state.params, batch), 0, has_aux=True)
+            values = values.reshape(-1)
+        else:
+            jac, values, aux = sample_jacobian(log_likelihood, state.params, batch, has_aux=True)
+        mean_log_lik = values.mean().detach()
+        if not bool(torch.isfinite(mean_log_lik)):
+            raise ValueError("log_likelihood returned NaN or inf for this batch; the state was not changed")
+        if not bool(torch.isfinite(jac).all()):
+            raise ValueError(
+                "the per-sample gradients of log_likelihood contain NaN or inf; the state was not changed"
+            )
+        precision = (sd.square() + tau**2).reciprocal_().add_(jac.square().mean(0), alpha=lr)
+        new_var = precision.reciprocal_()
+        new_flat = torch.addcmul(flat.detach(), new_var, jac.mean(0), value=lr)
+        new_sd = new_var.sqrt_()
+
+    new_params, new_sds = unravel(new_flat), unravel(new_sd)
+    if not inplace:
+        return EKFDiagState(new_params, new_sds, mean_log_lik, aux)
+    tree_insert_(state.params, new_params)
+    tree_insert_(state.sd_diag, new_sds)
+    if state.log_likelihood is _SHARED_DEFAULT_LOG_LIKELIHOOD:
+        return state._replace(log_likelihood=mean_log_lik, aux=aux)
+    state.log_likelihood.data = mean_log_lik
+    return state._replace(aux=aux)
+
+
+def sample(state: EKFDiagState, sample_shape: torch.Size = torch.Size([])) -> TensorTree:
+    """Draw from N(state.params, diag(state.sd_diag²)).
+
+    Args:
+        state: State with mean and standard deviations.
+        sample_shape: Leading shape of the draws.
+
+    Returns:
+        Pytree like ``state.params`` with leaves ``sample_shape + leaf.shape``.
+    """
+    return diag_normal_sample(state.params, state.sd_diag, sample_shape=sample_shape)
