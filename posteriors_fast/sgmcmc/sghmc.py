@@ -1,0 +1,129 @@
+"""Stochastic gradient Hamiltonian Monte Carlo (Chen et al., 2014,
+https://arxiv.org/abs/1402.4102), with mass σ⁻² I and friction α:
+
+$$ θ_{t+1} = θ_t + ε σ^{-2} m_t, $$
+$$ m_{t+1} = m_t + ε ∇\\log p(θ_t | \\text{batch}) - ε σ^{-2} α m_t
++ \\sqrt{T ε (2α - T ε β)}\\, ξ_t. $$
+"""
+
+from functools import partial
+from typing import Any, NamedTuple
+
+import torch
+
+from posteriors_fast.backends import resolve
+from posteriors_fast.sgmcmc import _step
+from posteriors_fast.sgmcmc._momenta import initial_momenta
+from posteriors_fast.types import LogProbFn, TensorTree, Transform
+
+
+def build(
+    log_posterior: LogProbFn,
+    lr: float,
+    alpha: float = 0.01,
+    beta: float = 0.0,
+    sigma: float = 1.0,
+    temperature: float = 1.0,
+    momenta: TensorTree | float | None = None,
+    backend: str | None = None,
+) -> Transform:
+    """Bind the SGHMC hyperparameters into a ``Transform``.
+
+    Args:
+        log_posterior: ``log_posterior(params, batch) -> (value, aux)``.
+        lr: Step size ε > 0.
+        alpha: Friction α >= 0.
+        beta: Gradient-noise estimate β >= 0.
+        sigma: Standard deviation σ > 0 of the momenta (mass σ⁻²).
+        temperature: T >= 0.
+        momenta: Initial momenta: None (standard normal), a scalar or a tree.
+        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+
+    Returns:
+        ``Transform(init, update)``.
+    """
+    resolve(backend)
+    _validate(lr, alpha, beta, sigma, temperature)
+    return Transform(
+        partial(init, momenta=momenta),
+        partial(
+            update,
+            log_posterior=log_posterior,
+            lr=lr,
+            alpha=alpha,
+            beta=beta,
+            sigma=sigma,
+            temperature=temperature,
+        ),
+    )
+
+
+class SGHMCState(NamedTuple):
+    """State of an SGHMC chain.
+
+    Attributes:
+        params: Current position.
+        momenta: Current momenta, a tree like ``params``.
+        log_posterior: Log posterior of the last batch.
+        aux: Auxiliary output of the last ``log_posterior`` call.
+    """
+
+    params: TensorTree
+    momenta: TensorTree
+    log_posterior: torch.tensor = torch.tensor([])
+    aux: Any = None
+
+
+_SHARED_DEFAULT = SGHMCState._field_defaults["log_posterior"]
+
+
+def _validate(lr, alpha, beta, sigma, temperature):
+    lr = _step.number(lr, "lr", positive=True)
+    alpha = _step.number(alpha, "alpha")
+    beta = _step.number(beta, "beta")
+    sigma = _step.number(sigma, "sigma", positive=True)
+    temperature = _step.number(temperature, "temperature")
+    return _step.noise_scale(temperature, lr, alpha, beta, "alpha"), sigma**-2
+
+
+def init(params: TensorTree, momenta: TensorTree | float | None = None) -> SGHMCState:
+    """Initial state at ``params`` with ``momenta`` (see ``build``)."""
+    return SGHMCState(params, initial_momenta(params, momenta), torch.tensor([]))
+
+
+def update(
+    state: SGHMCState,
+    batch: Any,
+    log_posterior: LogProbFn,
+    lr: float,
+    alpha: float = 0.01,
+    beta: float = 0.0,
+    sigma: float = 1.0,
+    temperature: float = 1.0,
+    inplace: bool = False,
+) -> SGHMCState:
+    """One SGHMC step (see the module docstring).
+
+    Args:
+        state: Current ``SGHMCState``.
+        batch: Data for ``log_posterior``.
+        log_posterior: ``log_posterior(params, batch) -> (value, aux)``.
+        lr: ε > 0. alpha: α >= 0. beta: β >= 0. sigma: σ > 0. temperature: T >= 0.
+        inplace: Overwrite the state's tensors (only after every check passed).
+
+    Returns:
+        The new ``SGHMCState``.
+    """
+    scale, prec = _validate(lr, alpha, beta, sigma, temperature)
+    grads, spec, value, aux = _step.gradient(log_posterior, state.params, batch)
+    params, _ = _step.leaves_of(state.params)
+    momenta, _ = _step.leaves_of(state.momenta)
+    with torch.no_grad():
+        new_params = torch._foreach_add(params, momenta, alpha=lr * prec)
+        new_momenta = torch._foreach_mul(momenta, 1.0 - lr * prec * alpha)
+        torch._foreach_add_(new_momenta, grads, alpha=lr)
+        torch._foreach_add_(new_momenta, _step.noise_like(momenta), alpha=scale)
+    if not inplace:
+        return SGHMCState(_step.unflatten(spec, new_params), _step.unflatten(spec, new_momenta), value, aux)
+    _step.write_(params + momenta, new_params + new_momenta)
+    return _step.replace_scalar(state, "log_posterior", _SHARED_DEFAULT, value, aux=aux)

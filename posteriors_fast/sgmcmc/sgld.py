@@ -1,0 +1,107 @@
+"""Stochastic gradient Langevin dynamics (Welling and Teh, 2011,
+https://www.stats.ox.ac.uk/~teh/research/compstats/WelTeh2011a.pdf):
+
+$$ θ_{t+1} = θ_t + ε ∇\\log p(θ_t | \\text{batch}) + \\sqrt{T ε (2 - T ε β)}\\, ξ_t,
+\\qquad ξ_t \\sim N(0, I), $$
+
+with ε = ``lr``, T = ``temperature`` and β an estimate of the gradient noise.
+"""
+
+from functools import partial
+from typing import Any, NamedTuple
+
+import torch
+
+from posteriors_fast.backends import resolve
+from posteriors_fast.sgmcmc import _step
+from posteriors_fast.types import LogProbFn, TensorTree, Transform
+
+
+def build(
+    log_posterior: LogProbFn,
+    lr: float,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    backend: str | None = None,
+) -> Transform:
+    """Bind the SGLD hyperparameters into a ``Transform``.
+
+    Args:
+        log_posterior: ``log_posterior(params, batch) -> (value, aux)``.
+        lr: Step size ε > 0.
+        beta: Gradient-noise estimate β >= 0.
+        temperature: T >= 0 (0 gives gradient ascent).
+        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+
+    Returns:
+        ``Transform(init, update)``.
+    """
+    resolve(backend)
+    _validate(lr, beta, temperature)
+    return Transform(
+        init, partial(update, log_posterior=log_posterior, lr=lr, beta=beta, temperature=temperature)
+    )
+
+
+class SGLDState(NamedTuple):
+    """State of an SGLD chain.
+
+    Attributes:
+        params: Current position.
+        log_posterior: Log posterior of the last batch.
+        aux: Auxiliary output of the last ``log_posterior`` call.
+    """
+
+    params: TensorTree
+    log_posterior: torch.tensor = torch.tensor([])
+    aux: Any = None
+
+
+_SHARED_DEFAULT = SGLDState._field_defaults["log_posterior"]
+
+
+def _validate(lr, beta, temperature) -> float:
+    lr = _step.number(lr, "lr", positive=True)
+    beta = _step.number(beta, "beta")
+    temperature = _step.number(temperature, "temperature")
+    return _step.noise_scale(temperature, lr, 1.0, beta, "1")
+
+
+def init(params: TensorTree) -> SGLDState:
+    """Initial state at ``params`` (kept by reference)."""
+    return SGLDState(params, torch.tensor([]))
+
+
+def update(
+    state: SGLDState,
+    batch: Any,
+    log_posterior: LogProbFn,
+    lr: float,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    inplace: bool = False,
+) -> SGLDState:
+    """One SGLD step (see the module docstring).
+
+    Args:
+        state: Current ``SGLDState``.
+        batch: Data for ``log_posterior``.
+        log_posterior: ``log_posterior(params, batch) -> (value, aux)``.
+        lr: Step size ε > 0.
+        beta: Gradient-noise estimate β >= 0.
+        temperature: T >= 0.
+        inplace: Overwrite the state's tensors (only after every check passed).
+
+    Returns:
+        The new ``SGLDState``.
+    """
+    scale = _validate(lr, beta, temperature)
+    grads, spec, value, aux = _step.gradient(log_posterior, state.params, batch)
+    params, _ = _step.leaves_of(state.params)
+    with torch.no_grad():
+        new = torch._foreach_add(params, grads, alpha=lr)
+        torch._foreach_add_(new, _step.noise_like(params), alpha=scale)
+    if not inplace:
+        return SGLDState(_step.unflatten(spec, new), value, aux)
+    _step.write_(params, new)
+    return _step.replace_scalar(state, "log_posterior", _SHARED_DEFAULT, value, aux=aux)

@@ -1,0 +1,153 @@
+"""Stochastic gradient Nosé-Hoover thermostat (Ding et al., 2014,
+https://proceedings.neurips.cc/paper/2014/hash/21fe5b8ba755eeaece7a450849876228-Abstract.html):
+SGHMC whose friction ξ adapts so the momenta keep temperature T:
+
+$$ θ_{t+1} = θ_t + ε σ^{-2} m_t, $$
+$$ m_{t+1} = m_t + ε ∇\\log p(θ_t | \\text{batch}) - ε σ^{-2} ξ_t m_t
++ \\sqrt{T ε (2α - T ε β)}\\, η_t, $$
+$$ ξ_{t+1} = ξ_t + ε \\big(σ^{-2}\\, \\overline{m_t^2} - T\\big). $$
+"""
+
+from functools import partial
+from typing import Any, NamedTuple
+
+import torch
+from optree.integrations.torch import tree_ravel
+
+from posteriors_fast.backends import resolve
+from posteriors_fast.sgmcmc import _step
+from posteriors_fast.sgmcmc._momenta import initial_momenta
+from posteriors_fast.types import LogProbFn, TensorTree, Transform
+
+
+def build(
+    log_posterior: LogProbFn,
+    lr: float,
+    alpha: float = 0.01,
+    beta: float = 0.0,
+    sigma: float = 1.0,
+    temperature: float = 1.0,
+    momenta: TensorTree | float | None = None,
+    xi: float = None,
+    backend: str | None = None,
+) -> Transform:
+    """Bind the SGNHT hyperparameters into a ``Transform``.
+
+    Args:
+        log_posterior: ``log_posterior(params, batch) -> (value, aux)``.
+        lr: Step size ε > 0.
+        alpha: Friction α >= 0 of the injected noise (and the default initial ξ).
+        beta: Gradient-noise estimate β >= 0.
+        sigma: Standard deviation σ > 0 of the momenta.
+        temperature: T >= 0.
+        momenta: Initial momenta: None (standard normal), a scalar or a tree.
+        xi: Initial thermostat ξ; ``None`` (or 0, as in posteriors 0.0.5) means α.
+        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+
+    Returns:
+        ``Transform(init, update)``.
+    """
+    resolve(backend)
+    _validate(lr, alpha, beta, sigma, temperature)
+    return Transform(
+        partial(init, momenta=momenta, xi=xi or alpha),
+        partial(
+            update,
+            log_posterior=log_posterior,
+            lr=lr,
+            alpha=alpha,
+            beta=beta,
+            sigma=sigma,
+            temperature=temperature,
+        ),
+    )
+
+
+class SGNHTState(NamedTuple):
+    """State of an SGNHT chain.
+
+    Attributes:
+        params: Current position.
+        momenta: Current momenta, a tree like ``params``.
+        xi: Thermostat (adaptive friction), a 0-d tensor.
+        log_posterior: Log posterior of the last batch.
+        aux: Auxiliary output of the last ``log_posterior`` call.
+    """
+
+    params: TensorTree
+    momenta: TensorTree
+    xi: torch.tensor = torch.tensor([])
+    log_posterior: torch.tensor = torch.tensor([])
+    aux: Any = None
+
+
+_SHARED_DEFAULT_XI = SGNHTState._field_defaults["xi"]
+_SHARED_DEFAULT = SGNHTState._field_defaults["log_posterior"]
+
+
+def _validate(lr, alpha, beta, sigma, temperature):
+    lr = _step.number(lr, "lr", positive=True)
+    alpha = _step.number(alpha, "alpha")
+    beta = _step.number(beta, "beta")
+    sigma = _step.number(sigma, "sigma", positive=True)
+    temperature = _step.number(temperature, "temperature")
+    return _step.noise_scale(temperature, lr, alpha, beta, "alpha"), sigma**-2
+
+
+def init(
+    params: TensorTree,
+    momenta: TensorTree | float | None = None,
+    xi: float | torch.Tensor = 0.01,
+) -> SGNHTState:
+    """Initial state at ``params`` with ``momenta`` (see ``build``) and thermostat ``xi``."""
+    xi = xi.detach().clone() if isinstance(xi, torch.Tensor) else torch.tensor(xi)
+    return SGNHTState(params, initial_momenta(params, momenta), xi, torch.tensor([]))
+
+
+def update(
+    state: SGNHTState,
+    batch: Any,
+    log_posterior: LogProbFn,
+    lr: float,
+    alpha: float = 0.01,
+    beta: float = 0.0,
+    sigma: float = 1.0,
+    temperature: float = 1.0,
+    inplace: bool = False,
+) -> SGNHTState:
+    """One SGNHT step (see the module docstring).
+
+    Args:
+        state: Current ``SGNHTState``.
+        batch: Data for ``log_posterior``.
+        log_posterior: ``log_posterior(params, batch) -> (value, aux)``.
+        lr: ε > 0. alpha: α >= 0. beta: β >= 0. sigma: σ > 0. temperature: T >= 0.
+        inplace: Overwrite the state's tensors (only after every check passed).
+
+    Returns:
+        The new ``SGNHTState``.
+    """
+    scale, prec = _validate(lr, alpha, beta, sigma, temperature)
+    grads, spec, value, aux = _step.gradient(log_posterior, state.params, batch)
+    params, _ = _step.leaves_of(state.params)
+    momenta, _ = _step.leaves_of(state.momenta)
+    with torch.no_grad():
+        xi = state.xi
+        mean_square = tree_ravel(state.momenta)[0].square().mean()
+        new_xi = xi + lr * (prec * mean_square - temperature)
+        new_params = torch._foreach_add(params, momenta, alpha=lr * prec)
+        new_momenta = torch._foreach_add(momenta, torch._foreach_mul(momenta, -lr * prec * xi))
+        torch._foreach_add_(new_momenta, grads, alpha=lr)
+        torch._foreach_add_(new_momenta, _step.noise_like(momenta), alpha=scale)
+    if not bool(torch.isfinite(new_xi).all()):
+        raise ValueError("the thermostat xi became NaN or inf; the state was not changed")
+    if not inplace:
+        return SGNHTState(
+            _step.unflatten(spec, new_params), _step.unflatten(spec, new_momenta), new_xi, value, aux
+        )
+    _step.write_(params + momenta, new_params + new_momenta)
+    if state.xi is _SHARED_DEFAULT_XI:
+        state = state._replace(xi=new_xi)
+    else:
+        state.xi.data = new_xi
+    return _step.replace_scalar(state, "log_posterior", _SHARED_DEFAULT, value, aux=aux)
