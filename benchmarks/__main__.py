@@ -50,10 +50,13 @@ def main(argv=None) -> int:
     rows, started = [], time.perf_counter()
     for index, case in enumerate(cases, 1):
         print(f"[{index}/{len(cases)}] {case.op} {case.model} N={case.n} ...", end=" ", flush=True)
-        timings = measure(case, providers, device, budget_s=budget, min_reps=3 if args.quick else 5)
+        module = bench_module(case)
+        case_providers = providers + (["copy"] if hasattr(module, "bytes_moved") else [])
+        timings = measure(case, case_providers, device, budget_s=budget, min_reps=3 if args.quick else 5)
         reference = timings.get("posteriors")
         ref_median = reference.median if reference is not None and reference.status == "ok" else float("nan")
-        flops = bench_module(case).flops(case)
+        flops = module.flops(case)
+        moved = module.bytes_moved(case) if hasattr(module, "bytes_moved") else None
         summary = []
         for provider, timing in timings.items():
             median = timing.median
@@ -67,7 +70,8 @@ def main(argv=None) -> int:
                 "gflops": flops / median / 1e9 if timing.status == "ok" and median > 0 else float("nan"),
                 "first_call_ms": timing.first_s * 1e3,
                 "compile_s": max(0.0, timing.first_s - median) if provider == "compiled" and timing.status == "ok" else float("nan"),
-                "note": timing.note,
+                "note": timing.note if moved is None or timing.status != "ok" else
+                f"{moved / median / 1e9:.1f} GB/s of nominal traffic",
             })
             if timing.status == "ok":
                 summary.append(f"{provider} {median * 1e3:.1f} ms" + (f" ({speedup:.1f}x)" if not math.isnan(speedup) and provider != "posteriors" else ""))

@@ -44,6 +44,7 @@ def _cases():
     for op in ("cg(50) ggn operator", "cg(50) dense SPD"):
         for model, n, quick in [("S", 64, True), ("M", 256, False)]:
             out.append(Case("cg", op, model, n, quick))
+    out.append(Case("sgmcmc", "sgmcmc.sghmc step (1M params)", "S", 0, True))
     return tuple(out)
 
 
