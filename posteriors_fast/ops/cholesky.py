@@ -42,7 +42,9 @@ def robust_cholesky(matrix: torch.Tensor, name: str, hint: str = "") -> torch.Te
         return factor
     if not bool(torch.isfinite(matrix).all()):
         raise CholeskyError(f"{name} contains NaN or inf, so it has no Cholesky factor. {hint}")
-    scale = matrix.diagonal().abs().mean().clamp_min(torch.finfo(matrix.dtype).tiny)
+    scale = matrix.diagonal().abs().mean()
+    if float(scale) == 0.0:  # no scale to size a jitter by: nothing to rescue
+        raise CholeskyError(f"{name} has a zero diagonal, so it is not positive definite. {hint}")
     jitter = _FIRST_JITTER.get(matrix.dtype, 1e-3) * scale
     for _ in range(_RETRIES):
         attempt = matrix.clone()

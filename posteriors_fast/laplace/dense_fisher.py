@@ -1,0 +1,74 @@
+"""Laplace approximation with a dense empirical-Fisher precision: each batch adds
+``JᵀJ`` (J the per-sample Jacobian of the log posterior, unnormalised) to the
+precision; samples come from N(params, prec⁻¹)."""
+
+from functools import partial
+from typing import Any
+
+import torch
+
+from posteriors_fast import _checks
+from posteriors_fast._errors import CatchAuxError
+from posteriors_fast.backends import resolve
+from posteriors_fast.laplace._dense import DenseLaplaceState, check_state, init, require_finite, sample
+from posteriors_fast.ops.jacobian import output_jacobian, sample_jacobian
+from posteriors_fast.ops.syrk import syrk_
+from posteriors_fast.types import LogProbFn, Transform
+
+__all__ = ["build", "DenseLaplaceState", "init", "update", "sample"]
+
+
+def build(
+    log_posterior: LogProbFn,
+    per_sample: bool = False,
+    init_prec: torch.Tensor | float = 0.0,
+    backend: str | None = None,
+) -> Transform:
+    """Bind the hyperparameters into a ``Transform``.
+
+    Args:
+        log_posterior: ``log_posterior(params, batch) -> (value, aux)``, a batch
+            scalar (``per_sample=False``) or per-sample values.
+        per_sample: See ``log_posterior``.
+        init_prec: Prior precision: a scalar c >= 0 (c·I) or a (P, P) PSD tensor.
+        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+
+    Returns:
+        ``Transform(init, update)``.
+    """
+    backend = resolve(backend)
+    return Transform(
+        partial(init, init_prec=init_prec),
+        partial(update, log_posterior=log_posterior, per_sample=per_sample, backend=backend),
+    )
+
+
+def update(
+    state: DenseLaplaceState,
+    batch: Any,
+    log_posterior: LogProbFn,
+    per_sample: bool = False,
+    inplace: bool = False,
+    backend: str | None = None,
+) -> DenseLaplaceState:
+    """Add the batch's empirical Fisher ``JᵀJ`` to the precision.
+
+    One per-sample Jacobian (O(N·P) for ``per_sample=False``) and one symmetric
+    rank-N product fused with the copy (or in place with ``inplace=True``).
+    """
+    backend = resolve(backend)
+    check_state(state)
+    if not per_sample:
+        _checks.batch_leading_dim(batch, "batch")
+    with torch.no_grad(), CatchAuxError():
+        if per_sample:
+            jac, _, aux = output_jacobian(log_posterior, (state.params, batch), 0, has_aux=True)
+        else:
+            jac, _, aux = sample_jacobian(log_posterior, state.params, batch, has_aux=True)
+        require_finite(jac, "the per-sample gradients of log_posterior")
+        jac = jac.to(state.prec.dtype)
+        if inplace:
+            syrk_(state.prec, jac, 1.0, 1.0, backend=backend)
+            return state._replace(aux=aux)
+        new = syrk_(torch.empty_like(state.prec), jac, 1.0, 1.0, state.prec, backend=backend)
+    return DenseLaplaceState(state.params, new, aux)

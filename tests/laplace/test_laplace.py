@@ -1,0 +1,155 @@
+"""laplace.* against posteriors 0.0.5 (every deterministic output), the fixed
+defects, sampling and bad input."""
+
+import pytest
+import torch
+from optree import tree_leaves, tree_map
+from optree.integrations.torch import tree_ravel
+
+from posteriors_fast import laplace
+
+from .._trees import forward, random_batch, random_params
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-10)}
+
+
+def _log_post(p, batch):
+    x, y = batch
+    z = forward(p, x)
+    return -torch.nn.functional.cross_entropy(z, y), z
+
+
+def _log_post_per_sample(p, batch):
+    x, y = batch
+    z = forward(p, x)
+    return -torch.nn.functional.cross_entropy(z, y, reduction="none"), z
+
+
+def _forward(p, batch):
+    return forward(p, batch[0]), batch[0].sum()
+
+
+def _outer(z, batch):
+    return -torch.nn.functional.cross_entropy(z, batch[1], reduction="sum")
+
+
+def _close(a, b, dtype):
+    for x, y in zip(tree_leaves(a), tree_leaves(b)):
+        torch.testing.assert_close(x, y.to(x.dtype), **TOL[dtype])
+
+
+def _builders(name, per_sample):
+    if name in ("dense_fisher", "diag_fisher"):
+        return dict(log_posterior=_log_post_per_sample if per_sample else _log_post, per_sample=per_sample)
+    if name == "dense_hessian":
+        return dict(log_posterior=_log_post, epsilon=0.1, rescale=2.0)
+    return dict(forward=_forward, outer_log_likelihood=_outer)
+
+
+CASES = [("dense_fisher", False), ("dense_fisher", True), ("diag_fisher", False), ("diag_fisher", True),
+         ("dense_ggn", False), ("dense_hessian", False), ("diag_ggn", False)]
+
+
+@pytest.mark.parametrize("name, per_sample", CASES)
+@pytest.mark.parametrize("kind", ["dict", "nested"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_matches_reference(ref, backend, dtype, name, per_sample, kind, inplace):
+    params = random_params(kind, dtype)
+    dense = name.startswith("dense")
+    size = tree_ravel(params)[0].numel()
+    prior = 0.5 * torch.eye(size, dtype=dtype) if dense else tree_map(lambda t: torch.full_like(t, 0.5), params)
+    key = "init_prec" if dense else "init_prec_diag"
+    ours = getattr(laplace, name).build(**_builders(name, per_sample), **{key: prior}, backend=backend)
+    theirs = getattr(ref.laplace, name).build(**_builders(name, per_sample), **{key: prior.clone() if dense else tree_map(torch.clone, prior)})
+    a, b = ours.init(params), theirs.init(params)
+    for step in range(2):
+        batch = random_batch(5, dtype, seed=step)
+        a = ours.update(a, batch, inplace=inplace)
+        b = theirs.update(b, batch, inplace=inplace)
+    if dense:
+        tol = TOL[dtype]
+        if name == "dense_hessian" and dtype == torch.float64:
+            # The reference's epsilon·I is float32 (0.1 → 0.1000000015): 1.5e-9 per step.
+            tol = dict(rtol=1e-9, atol=1e-8)
+        torch.testing.assert_close(a.prec, b.prec.to(dtype), **tol)
+        assert torch.equal(a.prec, a.prec.T)
+    else:
+        _close(a.prec_diag, b.prec_diag, dtype)
+    _close(a.aux, b.aux, dtype)
+    if dense:
+        torch.testing.assert_close(prior, 0.5 * torch.eye(size, dtype=dtype))  # init copied it
+
+
+@pytest.mark.parametrize("name", ["dense_fisher", "dense_ggn", "dense_hessian"])
+def test_dense_identity_on_params_dtype(ref, name):
+    params = random_params("dict", torch.float64)
+    state = getattr(laplace, name).init(params, 2.0)
+    assert state.prec.dtype == torch.float64
+    assert getattr(ref.laplace, name).init(params, 2.0).prec.dtype == torch.float32  # the defect
+
+
+def test_dense_hessian_epsilon_on_params_dtype(ref):
+    params, batch = random_params("dict", torch.float64), random_batch(4, torch.float64)
+    transform = laplace.dense_hessian.build(_log_post, init_prec=0.0, epsilon=0.3)
+    new = transform.update(transform.init(params), batch)
+    assert new.prec.dtype == torch.float64
+    flat, unravel = tree_ravel(params)
+    hess = torch.func.hessian(lambda fp: -_log_post(unravel(fp), batch)[0])(flat)
+    torch.testing.assert_close(new.prec, hess + 0.3 * torch.eye(flat.numel(), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (2, 3)])
+@pytest.mark.parametrize("name", ["dense_fisher", "diag_fisher"])
+def test_sample_shapes_for_multi_dim_params(ref, name, shape):
+    params = random_params("nested", torch.float64)  # leaves with 2 dimensions
+    state = getattr(laplace, name).init(params, 1.0)
+    draws = getattr(laplace, name).sample(state, torch.Size(shape))
+    for d, p in zip(tree_leaves(draws), tree_leaves(params)):
+        assert d.shape == torch.Size(shape) + p.shape
+
+
+def test_dense_sample_moments():
+    torch.manual_seed(0)
+    params = {"a": torch.tensor([1.0, -1.0], dtype=torch.float64), "b": torch.tensor([[0.5]], dtype=torch.float64)}
+    prec = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 4.0]], dtype=torch.float64)
+    state = laplace.dense_fisher.DenseLaplaceState(params, prec)
+    draws = laplace.dense_fisher.sample(state, (40000,))
+    flat = torch.cat([draws["a"], draws["b"].reshape(-1, 1)], dim=1)
+    # Standard errors at 40k draws: ~0.005 (mean), ~0.01 (covariance entries).
+    torch.testing.assert_close(flat.mean(0), tree_ravel(params)[0], rtol=0, atol=0.03)
+    torch.testing.assert_close(flat.T.cov(), torch.linalg.inv(prec), rtol=0, atol=0.04)
+
+
+def test_bad_init_prec():
+    params = random_params("dict", torch.float64)
+    size = tree_ravel(params)[0].numel()
+    with pytest.raises(ValueError, match="init_prec must be positive semi-definite"):
+        laplace.dense_fisher.init(params, -torch.eye(size, dtype=torch.float64))
+    with pytest.raises(ValueError, match="init_prec .* c >= 0"):
+        laplace.dense_ggn.init(params, -1.0)
+    with pytest.raises(ValueError, match="init_prec_diag must be finite and >= 0"):
+        laplace.diag_fisher.init(params, -1.0)
+    with pytest.raises(ValueError, match="epsilon must be finite and >= 0"):
+        laplace.dense_hessian.build(_log_post, epsilon=-1.0)
+
+
+def test_sample_from_zero_precision_says_what_to_do():
+    params = random_params("dict", torch.float64)
+    with pytest.raises(torch.linalg.LinAlgError, match="init_prec > 0"):
+        laplace.dense_fisher.sample(laplace.dense_fisher.init(params), (2,))
+
+
+def _nan_post(p, batch):
+    value, z = _log_post(p, batch)
+    return value * float("nan"), z
+
+
+@pytest.mark.parametrize("name", ["dense_fisher", "diag_fisher", "dense_hessian"])
+def test_failed_inplace_update_leaves_state_untouched(name):
+    params, batch = random_params("nested", torch.float64), random_batch(4, torch.float64)
+    transform = getattr(laplace, name).build(_nan_post)
+    state = transform.init(params)
+    before = [(t.clone(), t.data_ptr()) for t in tree_leaves(state)]
+    with pytest.raises(ValueError, match="NaN or inf"):
+        transform.update(state, batch, inplace=True)
+    assert all(torch.equal(t, old) and t.data_ptr() == ptr for t, (old, ptr) in zip(tree_leaves(state), before))
