@@ -4,7 +4,7 @@
 ``backend="compiled"`` (or call :func:`set_backend`) for the compiled hot paths.
 """
 
-from posteriors_fast import backends, ekf, laplace, optim, sgmcmc, torchopt, types
+from posteriors_fast import backends, ekf, laplace, optim, sgmcmc, torchopt, types, vi
 from posteriors_fast.backends import get_backend, set_backend, use_backend
 from posteriors_fast.tree_utils import (
     extract_requires_grad,

@@ -1,0 +1,176 @@
+"""Variational inference with a dense Gaussian q = N(μ, L Lᵀ), L lower triangular
+and stored flat (``L_to_flat``), fitted by a torchopt optimizer on the Monte
+Carlo negative ELBO (see :mod:`posteriors_fast.vi.diag`).
+
+L is used directly: draws are μ + L ε and log q(θ) = −½‖L⁻¹(θ − μ)‖² −
+Σ log|L_ii| − (P/2) log 2π from one triangular solve; L Lᵀ is never formed
+and never factored again.
+"""
+
+import math
+from functools import partial
+from typing import Any, Callable, NamedTuple, Tuple
+
+import torch
+from optree import tree_map
+from optree.integrations.torch import tree_ravel
+from torch.func import vmap
+
+from posteriors_fast import _checks
+from posteriors_fast.backends import resolve
+from posteriors_fast.types import LogProbFn, TensorTree, Transform
+from posteriors_fast.utils import L_from_flat, L_to_flat, is_scalar
+from posteriors_fast.vi import _optimizer
+
+
+def build(
+    log_posterior: Callable[[TensorTree, Any], float],
+    optimizer: Any,
+    temperature: float = 1.0,
+    n_samples: int = 1,
+    stl: bool = True,
+    init_L: torch.Tensor | float = 1.0,
+    backend: str | None = None,
+) -> Transform:
+    """Bind the settings into a ``Transform``.
+
+    Args:
+        log_posterior: ``log_posterior(params, batch) -> (value, aux)``.
+        optimizer: A torchopt ``GradientTransformation``.
+        temperature: T >= 0, the weight of the entropy term.
+        n_samples: Monte Carlo samples per step (>= 1).
+        stl: Use the sticking-the-landing gradient estimator.
+        init_L: Initial Cholesky factor: a scalar c (c·I) or a (P, P) lower-triangular tensor.
+        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+
+    Returns:
+        ``Transform(init, update)``.
+    """
+    resolve(backend)
+    _optimizer.check_settings(temperature, n_samples)
+    return Transform(
+        partial(init, optimizer=optimizer, init_L=init_L),
+        partial(
+            update,
+            log_posterior=log_posterior,
+            optimizer=optimizer,
+            temperature=temperature,
+            n_samples=n_samples,
+            stl=stl,
+        ),
+    )
+
+
+class VIDenseState(NamedTuple):
+    """State of dense Gaussian VI.
+
+    Attributes:
+        params: Mean μ.
+        L_factor: Flat lower-triangular Cholesky factor of the covariance.
+        opt_state: The torchopt optimizer state.
+        nelbo: Negative ELBO estimate of the last batch.
+        aux: Auxiliary output of the last ``log_posterior`` call.
+    """
+
+    params: TensorTree
+    L_factor: torch.Tensor
+    opt_state: Any
+    nelbo: torch.tensor = torch.tensor([])
+    aux: Any = None
+
+
+_SHARED_DEFAULT = VIDenseState._field_defaults["nelbo"]
+
+
+def init(params: TensorTree, optimizer: Any, init_L: torch.Tensor | float = 1.0) -> VIDenseState:
+    """Initial state: mean ``params``, factor ``init_L`` (c·I on the params'
+    device and dtype for a scalar c), and ``optimizer.init([params, L_flat])``."""
+    _optimizer.require_torchopt()
+    _checks.float_params(params, "params")
+    flat = tree_ravel(params)[0]
+    size = flat.numel()
+    if is_scalar(init_L):
+        L = torch.eye(size, dtype=flat.dtype, device=flat.device) * _checks.scalar_value(init_L, "init_L")
+    else:
+        if not isinstance(init_L, torch.Tensor) or init_L.shape != (size, size):
+            raise ValueError(f"init_L must be a scalar or a ({size}, {size}) lower-triangular tensor")
+        L = init_L.detach().to(flat.dtype)
+    L_flat = L_to_flat(L)
+    return VIDenseState(params, L_flat, optimizer.init([params, L_flat]), torch.tensor([]))
+
+
+def update(
+    state: VIDenseState,
+    batch: Any,
+    log_posterior: LogProbFn,
+    optimizer: Any,
+    temperature: float = 1.0,
+    n_samples: int = 1,
+    stl: bool = True,
+    inplace: bool = False,
+) -> VIDenseState:
+    """One optimizer step on the negative ELBO of ``batch`` (in place or not,
+    with the optimizer state carried forward either way; atomic)."""
+    _optimizer.check_settings(temperature, n_samples)
+
+    def objective(mean, L_flat):
+        return nelbo(mean, L_flat, batch, log_posterior, temperature, n_samples, stl)
+
+    mean, L_flat, opt_state, value, aux = _optimizer.step(
+        objective, state.params, state.L_factor, state.opt_state, optimizer, inplace
+    )
+    if inplace:
+        return _optimizer.write_back(state, _SHARED_DEFAULT, opt_state, value, aux)
+    return VIDenseState(mean, L_flat, opt_state, value, aux)
+
+
+def _log_q(x: torch.Tensor, loc: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """log N(x; loc, L Lᵀ) for rows of x, from L directly."""
+    z = torch.linalg.solve_triangular(L, (x - loc).mT, upper=False)
+    half_log_det = L.diagonal().abs().log().sum()
+    return -0.5 * z.square().sum(0) - half_log_det - 0.5 * loc.shape[-1] * math.log(2 * math.pi)
+
+
+def nelbo(
+    mean: dict,
+    L_factor: torch.Tensor,
+    batch: Any,
+    log_posterior: LogProbFn,
+    temperature: float = 1.0,
+    n_samples: int = 1,
+    stl: bool = True,
+) -> Tuple[float, Any]:
+    """Monte Carlo negative ELBO of N(mean, L Lᵀ) with ``n_samples``
+    reparameterised draws; returns ``(nelbo, aux)``.
+
+    With ``stl`` both the mean and L are held constant inside log q (posteriors
+    0.0.5 detaches only L: its ``mean_flat.detach()`` result is discarded).
+    """
+    mean_flat, unravel = tree_ravel(mean)
+    L = L_from_flat(L_factor)
+    noise = torch.empty((n_samples, mean_flat.numel()), dtype=mean_flat.dtype, device=mean_flat.device).normal_()
+    draws = mean_flat + noise @ L.mT
+    loc, L_q = (mean_flat.detach(), L.detach()) if stl else (mean_flat, L)
+    if n_samples == 1:
+        log_p, aux = log_posterior(unravel(draws[0]), batch)
+        log_q = _log_q(draws[:1], loc, L_q)[0]
+    else:
+        log_p, aux = vmap(log_posterior, (0, None), (0, 0))(vmap(unravel)(draws), batch)
+        log_q = _log_q(draws, loc, L_q)
+    return -(log_p - log_q * temperature).mean(), aux
+
+
+def sample(state: VIDenseState, sample_shape: torch.Size = torch.Size([])) -> TensorTree:
+    """Draw from q = N(params, L Lᵀ): ``mean + L ε`` with one matrix product.
+
+    Returns:
+        Pytree like ``state.params`` with leaves ``sample_shape + leaf.shape``.
+    """
+    flat, unravel = tree_ravel(state.params)
+    L = L_from_flat(state.L_factor)
+    shape = torch.Size(sample_shape)
+    noise = torch.empty(shape + flat.shape, dtype=flat.dtype, device=flat.device).normal_()
+    draws = flat + noise.reshape(-1, flat.numel()) @ L.mT
+    if len(shape) == 0:
+        return unravel(draws.reshape(flat.shape))
+    return tree_map(lambda x: x.reshape(shape + x.shape[1:]), vmap(unravel)(draws))
