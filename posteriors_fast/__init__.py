@@ -38,4 +38,11 @@ from posteriors_fast.utils import (
     per_samplify,
 )
 
-__version__ = "0.1.0"
+# As in posteriors 0.0.5, ``version`` (importlib.metadata's) is importable from here.
+from importlib.metadata import PackageNotFoundError, version  # noqa: E402
+
+try:
+    __version__ = version("posteriors_fast")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.1.0"
+del PackageNotFoundError
