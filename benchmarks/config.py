@@ -45,6 +45,12 @@ def _cases():
         for model, n, quick in [("S", 64, True), ("M", 256, False)]:
             out.append(Case("cg", op, model, n, quick))
     out.append(Case("sgmcmc", "sgmcmc.sghmc step (1M params)", "S", 0, True))
+    for model, n, quick in [("S", 64, True), ("M", 256, False)]:
+        out.append(Case("laplace", "laplace.dense_fisher.update", model, n, quick))
+    for model, n, quick in [("S", 256, False), ("M", 256, False)]:
+        out.append(Case("laplace", "laplace.diag_ggn.update", model, n, quick))
+    out.append(Case("laplace", "laplace.dense_fisher.sample(100)", "M", 64, False))
+    out.append(Case("vi", "vi.diag.update", "S", 64, True))
     return tuple(out)
 
 

@@ -1,0 +1,46 @@
+"""laplace.dense_fisher update, laplace.diag_ggn update and dense sample(100)."""
+
+import torch
+
+from benchmarks.workloads import batch, forward, library, log_likelihood, mlp_params, num_params
+from benchmarks.config import MODELS
+
+
+def _outer(z, batch_):
+    return -torch.nn.functional.cross_entropy(z, batch_[1], reduction="sum")
+
+
+def _forward(params, batch_):
+    return forward(params, batch_[0]), torch.tensor([])
+
+
+def setup(case, provider, device):
+    lib, kwargs = library(provider)
+    params = {k: v.to(device) for k, v in mlp_params(case.model).items()}
+    data = tuple(t.to(device) for t in batch(case.model, case.n))
+    if case.op == "laplace.dense_fisher.update":
+        transform = lib.laplace.dense_fisher.build(log_likelihood, init_prec=1.0, **kwargs)
+        state = transform.init(params)
+        return lambda: transform.update(state, data)
+    if case.op == "laplace.diag_ggn.update":
+        transform = lib.laplace.diag_ggn.build(_forward, _outer, init_prec_diag=1.0, **kwargs)
+        state = transform.init(params)
+        return lambda: transform.update(state, data)
+    # sample(100) from the same precision: identity plus one batch's Fisher.
+    import posteriors_fast
+
+    fast = posteriors_fast.laplace.dense_fisher
+    prec = fast.build(log_likelihood, init_prec=1.0).update(fast.init(params, 1.0), data).prec
+    state = lib.laplace.dense_fisher.DenseLaplaceState(params, prec.clone())
+    return lambda: lib.laplace.dense_fisher.sample(state, torch.Size([100]))
+
+
+def flops(case) -> float:
+    """Nominal: dense Fisher N·P² (symmetric rank-N update); diag GGN 2·N·C·P;
+    sample 2·100·P² (one triangular solve with 100 right-hand sides)."""
+    p = num_params(case.model)
+    if case.op == "laplace.dense_fisher.update":
+        return case.n * p * p
+    if case.op == "laplace.diag_ggn.update":
+        return 2 * case.n * MODELS[case.model][-1] * p
+    return 2 * 100 * p * p
