@@ -26,7 +26,10 @@ def test_top_level_names(ref):
 
 def _same_default(a, b):
     if isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+        # posteriors 0.0.5's own defaults are torch.tensor([]), but earlier tests'
+        # in-place updates of the reference may have written into them (the
+        # shared-default defect), so ours is compared with the pristine value.
+        return isinstance(a, torch.Tensor) and a.shape == (0,) and a.dtype == torch.get_default_dtype()
     return a == b
 
 
