@@ -38,6 +38,16 @@ def noise_scale(temperature: float, lr: float, friction: float, beta: float, wha
     return math.sqrt(variance)
 
 
+def hmc_settings(lr, alpha, beta, sigma, temperature) -> Tuple[float, float]:
+    """Validate the SGHMC/SGNHT hyperparameters; returns (noise scale, σ⁻²)."""
+    lr = number(lr, "lr", positive=True)
+    alpha = number(alpha, "alpha")
+    beta = number(beta, "beta")
+    sigma = number(sigma, "sigma", positive=True)
+    temperature = number(temperature, "temperature")
+    return noise_scale(temperature, lr, alpha, beta, "alpha"), sigma**-2
+
+
 def gradient(log_posterior, params, batch) -> Tuple[List[torch.Tensor], Any, torch.Tensor, Any]:
     """``(grad leaves, treespec, log posterior, aux)``, checked for NaN and inf."""
     with torch.no_grad(), CatchAuxError():

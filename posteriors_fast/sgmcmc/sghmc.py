@@ -43,7 +43,7 @@ def build(
         ``Transform(init, update)``.
     """
     resolve(backend)
-    _validate(lr, alpha, beta, sigma, temperature)
+    _step.hmc_settings(lr, alpha, beta, sigma, temperature)
     return Transform(
         partial(init, momenta=momenta),
         partial(
@@ -77,15 +77,6 @@ class SGHMCState(NamedTuple):
 _SHARED_DEFAULT = SGHMCState._field_defaults["log_posterior"]
 
 
-def _validate(lr, alpha, beta, sigma, temperature):
-    lr = _step.number(lr, "lr", positive=True)
-    alpha = _step.number(alpha, "alpha")
-    beta = _step.number(beta, "beta")
-    sigma = _step.number(sigma, "sigma", positive=True)
-    temperature = _step.number(temperature, "temperature")
-    return _step.noise_scale(temperature, lr, alpha, beta, "alpha"), sigma**-2
-
-
 def init(params: TensorTree, momenta: TensorTree | float | None = None) -> SGHMCState:
     """Initial state at ``params`` with ``momenta`` (see ``build``)."""
     return SGHMCState(params, initial_momenta(params, momenta), torch.tensor([]))
@@ -114,7 +105,7 @@ def update(
     Returns:
         The new ``SGHMCState``.
     """
-    scale, prec = _validate(lr, alpha, beta, sigma, temperature)
+    scale, prec = _step.hmc_settings(lr, alpha, beta, sigma, temperature)
     grads, spec, value, aux = _step.gradient(log_posterior, state.params, batch)
     params, _ = _step.leaves_of(state.params)
     momenta, _ = _step.leaves_of(state.momenta)

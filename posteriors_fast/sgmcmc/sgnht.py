@@ -48,7 +48,7 @@ def build(
         ``Transform(init, update)``.
     """
     resolve(backend)
-    _validate(lr, alpha, beta, sigma, temperature)
+    _step.hmc_settings(lr, alpha, beta, sigma, temperature)
     return Transform(
         partial(init, momenta=momenta, xi=xi or alpha),
         partial(
@@ -85,15 +85,6 @@ _SHARED_DEFAULT_XI = SGNHTState._field_defaults["xi"]
 _SHARED_DEFAULT = SGNHTState._field_defaults["log_posterior"]
 
 
-def _validate(lr, alpha, beta, sigma, temperature):
-    lr = _step.number(lr, "lr", positive=True)
-    alpha = _step.number(alpha, "alpha")
-    beta = _step.number(beta, "beta")
-    sigma = _step.number(sigma, "sigma", positive=True)
-    temperature = _step.number(temperature, "temperature")
-    return _step.noise_scale(temperature, lr, alpha, beta, "alpha"), sigma**-2
-
-
 def init(
     params: TensorTree,
     momenta: TensorTree | float | None = None,
@@ -127,7 +118,7 @@ def update(
     Returns:
         The new ``SGNHTState``.
     """
-    scale, prec = _validate(lr, alpha, beta, sigma, temperature)
+    scale, prec = _step.hmc_settings(lr, alpha, beta, sigma, temperature)
     grads, spec, value, aux = _step.gradient(log_posterior, state.params, batch)
     params, _ = _step.leaves_of(state.params)
     momenta, _ = _step.leaves_of(state.momenta)
