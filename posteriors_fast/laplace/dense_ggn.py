@@ -18,7 +18,8 @@ from posteriors_fast.laplace._dense import (
     sample,
 )
 from posteriors_fast.types import ForwardFn, OuterLogProbFn, TensorTree, Transform
-from posteriors_fast.utils import ggn
+from posteriors_fast.laplace._ggn import batch_ggn_factors
+from posteriors_fast.ops.syrk import gram
 
 __all__ = ["build", "DenseLaplaceState", "init", "update", "sample"]
 
@@ -59,11 +60,7 @@ def update(
     backend = resolve(backend)
     check_state(state)
     with torch.no_grad(), CatchAuxError():
-        term, aux = ggn(
-            lambda params: forward(params, batch),
-            lambda z: -outer_log_likelihood(z, batch),
-            forward_has_aux=True,
-            backend=backend,
-        )(state.params)
+        jac, hess_jac, aux = batch_ggn_factors(state.params, batch, forward, outer_log_likelihood)
+        term = gram(jac, 1.0, hess_jac, backend=backend)
     require_finite(term, "the GGN of this batch")
     return add_to_prec(state, term, aux, inplace)

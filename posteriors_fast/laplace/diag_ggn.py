@@ -5,13 +5,13 @@ from functools import partial
 from typing import Any
 
 import torch
-from optree.integrations.torch import tree_ravel
 
 from posteriors_fast._errors import CatchAuxError
 from posteriors_fast.backends import resolve
 from posteriors_fast.laplace._diag import DiagLaplaceState, add_to_prec, init, sample
 from posteriors_fast.types import ForwardFn, OuterLogProbFn, TensorTree, Transform
-from posteriors_fast.utils import diag_ggn
+from posteriors_fast.laplace._ggn import batch_ggn_factors
+from posteriors_fast.ops.ggn_diag import ggn_diag
 
 __all__ = ["build", "DiagLaplaceState", "init", "update", "sample"]
 
@@ -51,10 +51,6 @@ def update(
     """Add the batch's diagonal GGN (loss ``-outer_log_likelihood``)."""
     backend = resolve(backend)
     with torch.no_grad(), CatchAuxError():
-        term, aux = diag_ggn(
-            lambda params: forward(params, batch),
-            lambda z: -outer_log_likelihood(z, batch),
-            forward_has_aux=True,
-            backend=backend,
-        )(state.params)
-    return add_to_prec(state, tree_ravel(term)[0], aux, inplace)
+        jac, hess_jac, aux = batch_ggn_factors(state.params, batch, forward, outer_log_likelihood)
+        term = ggn_diag(jac, hess_jac, backend=backend)
+    return add_to_prec(state, term, aux, inplace)

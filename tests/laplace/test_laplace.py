@@ -153,3 +153,23 @@ def test_failed_inplace_update_leaves_state_untouched(name):
     with pytest.raises(ValueError, match="NaN or inf"):
         transform.update(state, batch, inplace=True)
     assert all(torch.equal(t, old) and t.data_ptr() == ptr for t, (old, ptr) in zip(tree_leaves(state), before))
+
+
+@pytest.mark.parametrize("name", ["dense_ggn", "diag_ggn"])
+def test_ggn_with_batch_coupled_forward(ref, name):
+    # Centering over the batch couples samples: the per-sample Jacobian must
+    # not be used, and the result must still match the reference.
+    def coupled(p, batch):
+        z = forward(p, batch[0])
+        return z - z.mean(0), batch[0].sum()
+
+    params, batch = random_params("nested", torch.float64), random_batch(6, torch.float64)
+    key = "init_prec" if name == "dense_ggn" else "init_prec_diag"
+    ours = getattr(laplace, name).build(coupled, _outer, **{key: 1.0})
+    theirs = getattr(ref.laplace, name).build(coupled, _outer, **{key: 1.0})
+    a = ours.update(ours.init(params), batch)
+    b = theirs.update(theirs.init(params), batch)
+    if name == "dense_ggn":
+        torch.testing.assert_close(a.prec, b.prec.to(torch.float64), rtol=1e-6, atol=1e-6)
+    else:
+        _close(a.prec_diag, b.prec_diag, torch.float64)

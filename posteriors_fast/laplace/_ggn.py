@@ -1,0 +1,26 @@
+"""The batch GGN factors shared by ``laplace.dense_ggn`` and ``laplace.diag_ggn``.
+
+Unlike ``utils.ggn`` (which sees only a closure ``forward(params)``), these
+methods call ``forward(params, batch)`` with the batch as an argument, so the
+Jacobian can be built one sample at a time when the forward is verified
+sample-separable (O(N·C·P) instead of O(N²·C·P)); otherwise the general
+Jacobian is used. The loss Hessian is applied through its per-sample blocks."""
+
+import torch
+from optree.integrations.torch import tree_ravel
+
+from posteriors_fast.ops.jacobian import output_jacobian, separable_output_jacobian
+from posteriors_fast.ops.loss_hessian import loss_hessian_times
+
+
+def batch_ggn_factors(params, batch, forward, outer_log_likelihood):
+    """``(J, H J, aux)``: J (d, P) the Jacobian of z = forward(params, batch)[0]
+    (raveled), H the Hessian of z ↦ −outer_log_likelihood(z, batch)."""
+    size = tree_ravel(params)[0].numel()
+    z, aux = forward(params, batch)
+    jac = separable_output_jacobian(forward, params, batch, z)
+    if jac is None:
+        jac, z, aux = output_jacobian(forward, (params, batch), 0, has_aux=True)
+    jac = jac.reshape(-1, size)
+    hess_jac = loss_hessian_times(lambda z_: -outer_log_likelihood(z_, batch), z.detach(), jac)
+    return jac, hess_jac, aux
