@@ -72,7 +72,7 @@ def probe_reference(case: Case, device: str, limit: float = REFERENCE_LIMIT_S) -
     child = ctx.Process(target=_probe_child, args=(case, "posteriors", device, torch.get_num_threads(), queue))
     start = time.perf_counter()
     child.start()
-    child.join(limit + 30)  # + start-up and set-up of the child
+    child.join(limit + 10)  # + start-up and set-up of the child (~5 s measured)
     if child.is_alive():
         child.kill()
         child.join()
