@@ -1,0 +1,127 @@
+"""Every ``posteriors_fast::`` operator schema and its fake (meta) kernel.
+
+Importing this module defines the schemas, so a first call under
+``torch.compile(fullgraph=True)`` traces without touching data. Implementations
+live elsewhere and attach to these names:
+
+* ``csrc/cpu/*.cpp`` registers CPU kernels with
+  ``TORCH_LIBRARY_IMPL(posteriors_fast, CPU, m)``; the built extension
+  (``posteriors_fast._C``) is soft-loaded by :func:`load_extension`.
+* The Triton kernels (``posteriors_fast/kernels/triton``) are separate
+  ``torch.library.triton_op`` operators named ``<op>_triton``: ``triton_op``
+  defines its own schema from its Python body so that Inductor can trace into
+  it, which an opaque CPU kernel under the same name would prevent.
+
+All three ops mutate their first arguments and are not differentiable: they
+serve ``torch.no_grad`` paths (Fisher accumulation, the EKF covariance
+downdate, CG). Calling one on tensors that require grad, with grad mode on,
+raises a ``RuntimeError`` that says so instead of silently dropping gradients.
+"""
+
+import logging
+from typing import Tuple
+
+import torch
+
+logger = logging.getLogger("posteriors_fast")
+
+NAMESPACE = "posteriors_fast"
+
+#: op name -> schema. Documented semantics (shared by every implementation):
+SCHEMAS = {
+    # out ← beta·C + alpha·AᵀB on the upper triangle (diagonal included), A and B
+    # of shape (K, P), AᵀB symmetric (B defaults to A), C defaults to out (in
+    # place); only C's upper triangle is read and C is not read when beta == 0.
+    # mirror=True copies the upper triangle onto the lower one; otherwise the
+    # strictly lower triangle of out is left untouched.
+    "syrk_": "syrk_(Tensor(a!) out, Tensor a, Tensor? b, Tensor? c, float alpha, float beta, bool mirror) -> ()",
+    # cov ← cov − WᵀW, W of shape (R, P): the Woodbury EKF covariance downdate.
+    # Reads cov's upper triangle and writes an exactly symmetric result.
+    "cov_downdate_": "cov_downdate_(Tensor(a!) cov, Tensor w) -> ()",
+    # One conjugate-gradient iteration on flat real vectors for the operator
+    # A + damping·I, given ap = A·p and gamma = r·r (0-dim):
+    #   α = gamma / (p·ap + damping·p·p); x += α·p; r −= α·(ap + damping·p);
+    #   gamma_new = r·r; p ← r + (gamma_new / gamma)·p; returns gamma_new (0-dim).
+    "cg_step_": "cg_step_(Tensor(a!) x, Tensor(b!) r, Tensor(c!) p, Tensor ap, Tensor gamma, float damping) -> Tensor",
+}
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+for _schema in SCHEMAS.values():
+    _lib.define(_schema)
+
+
+def _square(t: torch.Tensor, name: str, size: int) -> None:
+    torch._check(t.dim() == 2 and t.shape[0] == size and t.shape[1] == size,
+                 lambda: f"{name} must be ({size}, {size}), got {tuple(t.shape)}")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::syrk_")
+def _syrk_fake(out, a, b, c, alpha, beta, mirror):
+    torch._check(a.dim() == 2, lambda: f"a must be 2-D (K, P), got {tuple(a.shape)}")
+    _square(out, "out", a.shape[1])
+    if b is not None:
+        torch._check(b.shape == a.shape, lambda: f"b must match a {tuple(a.shape)}, got {tuple(b.shape)}")
+    if c is not None:
+        _square(c, "c", a.shape[1])
+    return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::cov_downdate_")
+def _cov_downdate_fake(cov, w):
+    torch._check(w.dim() == 2, lambda: f"w must be 2-D (R, P), got {tuple(w.shape)}")
+    _square(cov, "cov", w.shape[1])
+    return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::cg_step_")
+def _cg_step_fake(x, r, p, ap, gamma, damping):
+    for name, t in (("r", r), ("p", p), ("ap", ap)):
+        torch._check(t.shape == x.shape, lambda: f"{name} must match x {tuple(x.shape)}")
+    return x.new_empty(())
+
+
+def _no_autograd(name: str):
+    op = getattr(getattr(torch.ops, NAMESPACE), name).default
+
+    def kernel(*args):
+        if torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in args
+        ):
+            raise RuntimeError(
+                f"{NAMESPACE}::{name} is not differentiable (it mutates its inputs and "
+                "serves no-grad paths); call it under torch.no_grad() on detached "
+                "tensors, or use backend='eager' to differentiate through the torch code"
+            )
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    _lib.impl(name, kernel, "Autograd")
+
+
+for _name in SCHEMAS:
+    _no_autograd(_name)
+
+
+_EXTENSION: Tuple[bool, str] | None = None
+
+
+def load_extension() -> Tuple[bool, str]:
+    """Load the C++ CPU kernels once; returns ``(loaded, reason)``.
+
+    Never raises: a missing or broken build is logged once with its reason and
+    the dispatch layer falls back to other families.
+    """
+    global _EXTENSION
+    if _EXTENSION is None:
+        try:
+            from posteriors_fast import _C  # noqa: F401  (registers the CPU kernels)
+
+            _EXTENSION = (True, "")
+        except Exception as exc:  # ImportError, undefined symbol, ABI mismatch ...
+            _EXTENSION = (
+                False,
+                f"C++ extension posteriors_fast._C not loaded ({type(exc).__name__}: {exc}); "
+                "reinstall with a compiler present: pip install --no-build-isolation -e .",
+            )
+            logger.info("posteriors_fast: %s", _EXTENSION[1])
+    return _EXTENSION
