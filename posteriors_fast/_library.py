@@ -49,6 +49,9 @@ _lib = torch.library.Library(NAMESPACE, "DEF")
 for _schema in SCHEMAS.values():
     _lib.define(_schema)
 
+#: ``torch.ops.posteriors_fast``: call the ops as ``OPS.syrk_(...)``.
+OPS = getattr(torch.ops, NAMESPACE)
+
 
 def _square(t: torch.Tensor, name: str, size: int) -> None:
     torch._check(t.dim() == 2 and t.shape[0] == size and t.shape[1] == size,

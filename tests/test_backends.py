@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import posteriors_fast as pf
-from posteriors_fast import backends
+from posteriors_fast import _library, backends
 from posteriors_fast.backends import selection
 
-HOT_OPS = {"syrk", "lowrank_update", "ggn_diag", "jsjt", "cg"}
+HOT_OPS = {"syrk", "cov_downdate", "lowrank_update", "ggn_diag", "jsjt", "cg"}
 
 
 @pytest.fixture(autouse=True)
@@ -85,9 +85,13 @@ def test_explain_lists_every_hot_op_for_both_backends():
         assert f"  {op}:" in text
     assert text.count("backend='eager'") == len(HOT_OPS)
     assert text.count("backend='compiled'") == len(HOT_OPS)
-    # Today no compiled family is registered: explain must say that it falls back.
+    # On the CPU the compiled policy picks the C++ kernels when the extension
+    # loaded, and says why it fell back otherwise.
     family, reason = backends.report("syrk", "compiled", "cpu")
-    assert family == "eager" and "fell back to eager torch" in reason
+    if _library.load_extension()[0]:
+        assert family == "cpp" and "best available" in reason
+    else:
+        assert family == "eager" and "cpp: C++ extension posteriors_fast._C not loaded" in reason
 
 
 def test_compiled_policy_prefers_an_available_family_and_skips_unavailable():

@@ -20,12 +20,15 @@ the utils function).
 from posteriors_fast.backends.selection import (
     BACKENDS,
     ENV_VAR,
+    FAMILY_BACKENDS,
     get_backend,
     resolve,
     set_backend,
     use_backend,
 )
+from posteriors_fast.backends.families import BackendUnavailableError
 from posteriors_fast.backends.registry import (
+    decline,
     explain,
     implementation,
     register,
@@ -43,4 +46,7 @@ __all__ = [
     "implementation",
     "report",
     "explain",
+    "decline",
+    "BackendUnavailableError",
+    "FAMILY_BACKENDS",
 ]

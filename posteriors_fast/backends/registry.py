@@ -9,6 +9,9 @@ not installed, extension not built); its ``available`` callable says why.
 ``backend="eager"`` always runs the eager family. ``backend="compiled"`` runs the
 first available family in :data:`COMPILED_PREFERENCE` that is registered for the
 device, else the eager family, logged once per (op, device).
+``backend="compiled:<family>"`` runs that family wherever the op has it for the
+device and eager torch elsewhere (the family itself was checked to be available
+when the backend name was validated).
 """
 
 import logging
@@ -17,6 +20,7 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
+from posteriors_fast.backends.families import AVAILABILITY
 from posteriors_fast.backends.selection import BACKENDS, _validate
 
 logger = logging.getLogger("posteriors_fast")
@@ -24,10 +28,6 @@ logger = logging.getLogger("posteriors_fast")
 #: Order in which the compiled policy tries the faster families.
 COMPILED_PREFERENCE = ("triton", "cpp", "torch_compile")
 FAMILIES = ("eager",) + COMPILED_PREFERENCE
-
-
-def _always() -> Tuple[bool, str]:
-    return True, ""
 
 
 @dataclass
@@ -41,6 +41,7 @@ class _Impl:
 class _Op:
     doc: str
     impls: Dict[str, _Impl] = field(default_factory=dict)
+    declined: Dict[str, str] = field(default_factory=dict)  # family -> why not
 
 
 _OPS: Dict[str, _Op] = {}
@@ -54,7 +55,7 @@ def register(
     *,
     doc: str = "",
     devices: Tuple[str, ...] = ("cpu", "cuda"),
-    available: Callable[[], Tuple[bool, str]] = _always,
+    available: Callable[[], Tuple[bool, str]] | None = None,
 ) -> Callable:
     """Register ``fn`` as the ``family`` implementation of hot op ``op``.
 
@@ -65,6 +66,8 @@ def register(
         doc: One line describing the op (taken from the first registration).
         devices: Device types the implementation runs on.
         available: Returns ``(ok, reason)``; ``reason`` says what is missing.
+            Defaults to the family's own check
+            (:data:`posteriors_fast.backends.families.AVAILABILITY`).
 
     Returns:
         ``fn`` unchanged, so this can be used as a decorator helper.
@@ -73,10 +76,18 @@ def register(
         raise ValueError(f"family={family!r} is not one of {FAMILIES}")
     entry = _OPS.setdefault(op, _Op(doc=doc))
     entry.doc = entry.doc or doc
-    entry.impls[family] = _Impl(fn, tuple(devices), available)
+    entry.impls[family] = _Impl(fn, tuple(devices), available or AVAILABILITY[family])
     for key in [k for k in _CACHE if k[0] == op]:
         del _CACHE[key]
     return fn
+
+
+def decline(op: str, family: str, reason: str) -> None:
+    """Record that ``op`` deliberately has no ``family`` implementation and why
+    (shown by :func:`explain` instead of "not implemented")."""
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} is not one of {FAMILIES}")
+    _OPS.setdefault(op, _Op(doc="")).declined[family] = reason
 
 
 def _choose(op: str, backend: str, device_type: str) -> Tuple[Callable, str, str]:
@@ -86,11 +97,15 @@ def _choose(op: str, backend: str, device_type: str) -> Tuple[Callable, str, str
     eager = impls["eager"]
     if backend == "eager":
         return eager.fn, "eager", "pure torch, as requested"
+    families = COMPILED_PREFERENCE
+    if backend.startswith("compiled:"):
+        families = (backend.split(":", 1)[1],)
     missing = []
-    for family in COMPILED_PREFERENCE:
+    for family in families:
         impl = impls.get(family)
         if impl is None:
-            missing.append(f"{family}: not implemented for this op")
+            why = _OPS[op].declined.get(family, "not implemented for this op")
+            missing.append(f"{family}: {why}")
             continue
         if device_type not in impl.devices:
             missing.append(f"{family}: not for {device_type}")

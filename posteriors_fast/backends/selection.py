@@ -5,7 +5,13 @@ import contextvars
 import os
 from typing import Iterator
 
+from posteriors_fast.backends.families import require
+
 BACKENDS = ("eager", "compiled")
+#: ``"compiled"`` restricted to one kernel family: the family's implementation
+#: of every op that has one, eager torch for the rest; an error when the family
+#: is not available here (see :mod:`posteriors_fast.backends.families`).
+FAMILY_BACKENDS = ("compiled:triton", "compiled:cpp", "compiled:torch_compile")
 ENV_VAR = "POSTERIORS_FAST_BACKEND"
 
 # A ContextVar (not a plain global) so that use_backend() in one thread or task
@@ -17,11 +23,14 @@ _global_default: str | None = None
 
 
 def _validate(name, source: str) -> str:
-    if not isinstance(name, str) or name not in BACKENDS:
+    if not isinstance(name, str) or name not in BACKENDS + FAMILY_BACKENDS:
         raise ValueError(
             f"{source}={name!r} is not a posteriors_fast backend; "
-            f"valid names are {', '.join(repr(b) for b in BACKENDS)}"
+            f"valid names are {', '.join(repr(b) for b in BACKENDS)} "
+            f"(or one kernel family: {', '.join(repr(b) for b in FAMILY_BACKENDS)})"
         )
+    if name in FAMILY_BACKENDS:
+        require(name.split(":", 1)[1])
     return name
 
 

@@ -5,6 +5,7 @@ module is imported (importing this package registers them all)."""
 from posteriors_fast.ops import (  # noqa: F401  (imported to register)
     cg,
     cholesky,
+    cov_downdate,
     ggn_diag,
     jacobian,
     jsjt,

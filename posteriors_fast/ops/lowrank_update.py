@@ -27,6 +27,7 @@ import torch
 
 from posteriors_fast.backends import implementation, register
 from posteriors_fast.ops.cholesky import robust_cholesky
+from posteriors_fast.ops.cov_downdate import cov_downdate_
 from posteriors_fast.ops.syrk import syrk_
 
 _HINT = "Use a larger init_cov or transition_cov, a smaller lr, or float64 parameters."
@@ -67,7 +68,12 @@ class Update:
                 out = cov.clone()
             elif out is not cov:
                 out.copy_(cov)
-            return syrk_(out.add_(q), self._w, -1.0, 1.0, backend=self._backend)
+            return cov_downdate_(out.add_(q), self._w, backend=self._backend)
+        if out is cov:
+            cov_downdate_(cov, self._w, backend=self._backend)
+            if q != 0.0:
+                cov.diagonal().add_(q)
+            return cov
         if out is None:
             out = torch.empty_like(cov)  # filled by the fused copy-and-downdate
         syrk_(out, self._w, -1.0, 1.0, cov, backend=self._backend)

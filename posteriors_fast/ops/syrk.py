@@ -19,8 +19,11 @@ P, K       ``AᵀA``     ``addmm_``      tiles (1024)
 result must be symmetric.
 """
 
+import importlib
+
 import torch
 
+from posteriors_fast import _library
 from posteriors_fast.backends import implementation, register
 
 #: GEMM tile edge. 1024 measured best of {512, 1024, 2048} at P = 20000, K = 64
@@ -91,6 +94,41 @@ register(
     syrk_eager,
     doc="out ← β·C + α·AᵀB for symmetric AᵀB (B = A by default), upper tiles mirrored",
 )
+
+
+def native_ok(out: torch.Tensor, *tensors) -> bool:
+    """Whether the native kernels accept these arguments: real float32/float64,
+    a row-major ``out``, and nothing that autograd would need to see."""
+    if out.dtype not in (torch.float32, torch.float64) or out.stride(-1) != 1:
+        return False
+    grad = torch.is_grad_enabled()
+    return all(
+        t is None or (t.dtype == out.dtype and not (grad and t.requires_grad))
+        for t in (out,) + tensors
+    )
+
+
+def syrk_cpp(out, a, alpha, beta, c=None, b=None):
+    """C++ kernel (``csrc/cpu/syrk.cpp``): upper tiles in parallel, one
+    single-threaded GEMM each, mirrored in cache; eager torch for arguments it
+    does not take (see :func:`native_ok`)."""
+    if not native_ok(out, a, b, c):
+        return syrk_eager(out, a, alpha, beta, c, b)
+    _library.OPS.syrk_(out, a, b, None if c is out else c, float(alpha), float(beta), True)
+    return out
+
+
+def syrk_triton(out, a, alpha, beta, c=None, b=None):
+    """Triton kernel (``kernels/triton/syrk.py``), upper tiles with a mirrored store."""
+    if not native_ok(out, a, b, c):
+        return syrk_eager(out, a, alpha, beta, c, b)
+    kernels = importlib.import_module("posteriors_fast.kernels.triton.syrk")
+    kernels.syrk_triton(out, a, b, None if c is out else c, float(alpha), float(beta), True)
+    return out
+
+
+register("syrk", "cpp", syrk_cpp, devices=("cpu",))
+register("syrk", "triton", syrk_triton, devices=("cuda",))
 
 
 def syrk_(

@@ -1,0 +1,1 @@
+"""Kernels behind the hot ops; imported lazily by the dispatch layer."""

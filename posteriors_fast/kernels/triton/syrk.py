@@ -1,0 +1,217 @@
+"""Triton ``syrk``: ``out ← β·C + α·AᵀB`` on the upper triangle of a (P, P)
+output, for A, B of shape (K, P) with AᵀB symmetric (B defaults to A), and
+optionally mirrored so the result is exactly symmetric.
+
+The grid is 2-D over (row tile i, column tile j); programs with j < i exit at
+once, so only the upper tiles are computed (about half the FLOPs of AᵀB). Each
+upper tile reads only the upper triangle of C and, with ``MIRROR``, also writes
+its transpose into the (j, i) tile; no program reads what another writes, so C
+may be ``out`` itself (in place). With ``HAS_C`` false (β == 0) C is never
+loaded, so NaN or garbage in it is ignored.
+
+Registered as the custom op ``posteriors_fast::syrk_triton``.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+#: Tile edges. Output tiles are square (BLOCK_M == BLOCK_N).
+BLOCK_MN = 32
+BLOCK_K = 16
+
+
+@triton.jit
+def _syrk_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    out_ptr,
+    P,
+    K,
+    alpha: "fp64",
+    beta: "fp64",
+    stride_ak,
+    stride_ap,
+    stride_bk,
+    stride_bp,
+    stride_cm,
+    stride_cn,
+    stride_om,
+    stride_on,
+    HAS_C: tl.constexpr,
+    MIRROR: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    if pid_j < pid_i:
+        return
+    dtype = out_ptr.dtype.element_ty
+    rm = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mask_m = rm < P
+    mask_n = rn < P
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=dtype)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + rk
+        mask_k = ks < K
+        a = tl.load(
+            a_ptr + ks[:, None] * stride_ak + rm[None, :] * stride_ap,
+            mask=mask_k[:, None] & mask_m[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + ks[:, None] * stride_bk + rn[None, :] * stride_bp,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc += tl.dot(tl.trans(a), b, input_precision="ieee")
+
+    # alpha and beta are float64 scalars (python floats would be fp32 on GPU):
+    # the epilogue runs in the promoted type and is cast once at the store.
+    value = acc * alpha
+    # Global row <= col: the whole tile when j > i, the upper half on the diagonal.
+    upper = (rm[:, None] <= rn[None, :]) & mask_m[:, None] & mask_n[None, :]
+    if HAS_C:
+        c = tl.load(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, mask=upper, other=0.0)
+        value += beta * c
+    value = value.to(dtype)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, value, mask=upper)
+    if MIRROR:
+        # out[col, row] = value[row, col] for row < col: swapping the strides
+        # stores the transpose without moving data in registers.
+        strict = (rm[:, None] < rn[None, :]) & mask_m[:, None] & mask_n[None, :]
+        tl.store(out_ptr + rm[:, None] * stride_on + rn[None, :] * stride_om, value, mask=strict)
+
+
+def _is_interpreted(kernel) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - layout of older/newer triton
+        return False
+    return isinstance(kernel, InterpretedFunction)
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``torch.library.wrap_triton(kernel)[grid](*args, **kwargs)``, except that
+    under ``TRITON_INTERPRET=1`` with fake (or meta) tensors nothing is launched.
+
+    Compiled kernels go through ``wrap_triton``'s higher-order op, whose fake
+    implementation is a no-op (a mutation changes no metadata). Interpreted
+    kernels are returned by ``wrap_triton`` as they are and would read the fake
+    tensors' data pointers, so the same no-op is done here for plain fake-tensor
+    propagation; inside a graph trace (proxy or functionalization mode) the
+    kernel could not be captured, so that raises instead of dropping it.
+    """
+    if _is_interpreted(kernel):
+        from torch._subclasses.fake_tensor import is_fake
+
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        if any(is_fake(t) or t.is_meta for t in tensors):
+            modes = (torch._C._TorchDispatchModeKey.PROXY, torch._C._TorchDispatchModeKey.FUNCTIONAL)
+            if any(torch._C._get_dispatch_mode(key) is not None for key in modes):
+                # A graph being traced would silently lose the kernel.
+                raise RuntimeError(
+                    "cannot trace an interpreted Triton kernel (TRITON_INTERPRET=1) into a graph: "
+                    "aot_dispatch / torch.compile over a Triton op needs CUDA"
+                )
+            return
+    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def _check_matrix(name: str, t: torch.Tensor, shape, dtype, device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype} (that of a), got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on device {device} (that of a), got {t.device}")
+
+
+def check_syrk_args(out: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor], c: Optional[torch.Tensor]) -> None:
+    """Raise ``ValueError`` naming the offending argument."""
+    if not isinstance(a, torch.Tensor) or a.dim() != 2:
+        got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+        raise ValueError(f"a must be a 2-D tensor of shape (K, P), got {got}")
+    if a.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"a must be float32 or float64, got {a.dtype}")
+    size = a.shape[1]
+    if b is not None:
+        _check_matrix("b", b, a.shape, a.dtype, a.device)
+    _check_matrix("out", out, (size, size), a.dtype, a.device)
+    if c is not None:
+        _check_matrix("c", c, (size, size), a.dtype, a.device)
+
+
+def launch_syrk(
+    out: torch.Tensor,
+    a: torch.Tensor,
+    b: Optional[torch.Tensor],
+    c: Optional[torch.Tensor],
+    alpha: float,
+    beta: float,
+    mirror: bool,
+) -> None:
+    """Launch ``_syrk_kernel`` through ``wrap_triton`` (arguments already checked)."""
+    size, depth = a.shape[1], a.shape[0]
+    if size == 0:
+        return
+    b = a if b is None else b
+    c = out if c is None else c
+    has_c = beta != 0
+    grid = (triton.cdiv(size, BLOCK_MN), triton.cdiv(size, BLOCK_MN))
+    launch(
+        _syrk_kernel,
+        grid,
+        a,
+        b,
+        c,
+        out,
+        size,
+        depth,
+        float(alpha),
+        float(beta),
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        c.stride(0),
+        c.stride(1),
+        out.stride(0),
+        out.stride(1),
+        HAS_C=has_c,
+        MIRROR=bool(mirror),
+        BLOCK_M=BLOCK_MN,
+        BLOCK_N=BLOCK_MN,
+        BLOCK_K=BLOCK_K,
+    )
+
+
+@torch.library.triton_op("posteriors_fast::syrk_triton", mutates_args={"out"})
+def syrk_triton(
+    out: torch.Tensor,
+    a: torch.Tensor,
+    b: Optional[torch.Tensor],
+    c: Optional[torch.Tensor],
+    alpha: float,
+    beta: float,
+    mirror: bool,
+) -> None:
+    """``out ← beta·c + alpha·aᵀb`` on the upper triangle (diagonal included).
+
+    ``b`` defaults to ``a`` (the caller guarantees ``aᵀb`` symmetric); ``c``
+    defaults to ``out`` (in-place accumulate) and only its upper triangle is
+    read; with ``beta == 0`` it is not read at all. With ``mirror`` the lower
+    triangle becomes the transpose of the upper one; otherwise it is untouched.
+    """
+    check_syrk_args(out, a, b, c)
+    launch_syrk(out, a, b, c, alpha, beta, mirror)

@@ -1,0 +1,145 @@
+"""posteriors_fast::syrk_ and ::cov_downdate_: the C++ CPU kernels against a
+float64 oracle, opcheck, declared non-differentiability, and dispatch."""
+
+import pytest
+import torch
+
+from posteriors_fast import _library
+from posteriors_fast.ops import cov_downdate, syrk
+from tests.ops._native import close, needs_ext
+
+OPS = _library.OPS
+SHAPES = [(1, 1), (1, 37), (5, 513), (64, 1100), (3, 1025)]  # P around the 512 tile
+
+
+def _sym(p, dtype, gen):
+    c = torch.randn(p, p, dtype=dtype, generator=gen)
+    return c + c.T
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("k,p", SHAPES)
+@pytest.mark.parametrize("mirror", [True, False])
+@pytest.mark.parametrize("variant", ["inplace", "separate_c", "beta0_nan", "with_b"])
+def test_syrk_matches_float64_oracle(dtype, k, p, mirror, variant):
+    gen = torch.Generator().manual_seed(k * 1000 + p)
+    a = torch.randn(k, p, dtype=dtype, generator=gen)
+    b, c, alpha, beta = None, None, -0.7, 1.0
+    out = _sym(p, dtype, gen)
+    base = out.clone()
+    if variant == "separate_c":
+        c, beta = _sym(p, dtype, gen), 0.5
+        out = torch.full((p, p), 123.0, dtype=dtype)
+        base = c
+    elif variant == "beta0_nan":
+        out = torch.full((p, p), float("nan"), dtype=dtype)
+        beta, base = 0.0, torch.zeros(p, p, dtype=dtype)
+    elif variant == "with_b":
+        h = _sym(k, torch.float64, gen).to(dtype)
+        b = h @ a  # aᵀ(Ha) is symmetric
+    before = out.clone()
+    OPS.syrk_(out, a, b, c, alpha, beta, mirror)
+    a64 = a.double()
+    b64 = a64 if b is None else b.double()
+    expected = beta * base.double() + alpha * a64.T @ b64
+    upper = torch.ones(p, p, dtype=torch.bool).triu()
+    close(out[upper], expected[upper], dtype)
+    if mirror:
+        assert torch.equal(out, out.T)
+    else:
+        assert torch.equal(out[~upper], before[~upper]) or (variant == "beta0_nan" and out[~upper].isnan().all())
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("r,p", [(1, 1), (1, 600), (8, 1030)])
+def test_cov_downdate_matches_oracle_and_is_symmetric(dtype, r, p):
+    gen = torch.Generator().manual_seed(r + p)
+    m = torch.randn(p + 2, p, dtype=torch.float64, generator=gen)
+    cov = (m.T @ m / p + torch.eye(p, dtype=torch.float64)).to(dtype)
+    w = (0.1 * torch.randn(r, p, dtype=torch.float64, generator=gen)).to(dtype)
+    expected = cov.double() - w.double().T @ w.double()
+    OPS.cov_downdate_(cov, w)
+    close(cov, expected, dtype)
+    assert torch.equal(cov, cov.T)
+
+
+@needs_ext
+def test_non_contiguous_a_and_strided_out():
+    a = torch.randn(40, 9).T  # (9, 40) view with strides (1, 9)
+    big = torch.zeros(40, 50)
+    out = big[:, 5:45]  # row-major with stride 50
+    OPS.syrk_(out, a, None, None, 1.0, 0.0, True)
+    close(out, a.double().T @ a.double(), torch.float32)
+    assert torch.equal(big[:, :5], torch.zeros(40, 5))
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (lambda: (torch.zeros(3, 3), torch.zeros(3), None, None, 1.0, 0.0, True), "a must be 2-D"),
+        (lambda: (torch.zeros(4, 4), torch.zeros(2, 3), None, None, 1.0, 0.0, True), r"out must be \(3, 3\)"),
+        (lambda: (torch.zeros(3, 3, dtype=torch.float64), torch.zeros(2, 3), None, None, 1.0, 0.0, True), "out dtype"),
+        (lambda: (torch.zeros(3, 3), torch.zeros(2, 3), torch.zeros(2, 4), None, 1.0, 0.0, True), "b must have a's shape"),
+        (lambda: (torch.zeros(3, 3), torch.zeros(2, 3), None, torch.zeros(2, 2), 1.0, 1.0, True), r"c must be \(3, 3\)"),
+        (lambda: (torch.zeros(3, 3, dtype=torch.int64), torch.zeros(2, 3, dtype=torch.int64), None, None, 1.0, 0.0, True), "float32 or float64"),
+    ],
+    ids=["a_1d", "out_shape", "dtype_mismatch", "b_shape", "c_shape", "int"],
+)
+def test_syrk_bad_input_names_the_argument(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        OPS.syrk_(*args())
+
+
+@needs_ext
+def test_syrk_opcheck():
+    a = torch.randn(6, 20)
+    c = torch.randn(20, 20)
+    c = c + c.T
+    samples = [
+        (torch.zeros(20, 20), a, None, None, 1.0, 0.0, True),
+        (torch.zeros(20, 20), a, None, c, -1.0, 0.5, False),
+        (c.clone(), a, 2 * a, None, 1.0, 1.0, True),
+    ]
+    for args in samples:
+        torch.library.opcheck(OPS.syrk_.default, args)
+    torch.library.opcheck(OPS.cov_downdate_.default, (c.clone(), a))
+
+
+@needs_ext
+def test_not_differentiable_with_a_clear_error():
+    a = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="posteriors_fast::syrk_ is not differentiable"):
+        OPS.syrk_(torch.zeros(4, 4), a, None, None, 1.0, 0.0, True)
+    with torch.no_grad():  # allowed without grad mode
+        OPS.syrk_(torch.zeros(4, 4), a, None, None, 1.0, 0.0, True)
+    with pytest.raises(RuntimeError, match="cov_downdate_ is not differentiable"):
+        OPS.cov_downdate_(torch.eye(4), a)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_dispatch_cpp_equals_eager(dtype):
+    a = torch.randn(30, 700, dtype=dtype)
+    c = _sym(700, dtype, torch.Generator().manual_seed(0))
+    fast = syrk.syrk_(torch.empty_like(c), a, 0.3, 1.0, c, backend="compiled:cpp")
+    slow = syrk.syrk_(torch.empty_like(c), a, 0.3, 1.0, c, backend="eager")
+    close(fast, slow.double(), dtype)
+    cov_f, cov_e = c.clone(), c.clone()
+    cov_downdate.cov_downdate_(cov_f, a / 30, backend="compiled")
+    cov_downdate.cov_downdate_(cov_e, a / 30, backend="eager")
+    close(cov_f, cov_e.double(), dtype)
+
+
+@needs_ext
+def test_dispatch_falls_back_for_arguments_the_kernel_does_not_take():
+    a = torch.randn(3, 5, dtype=torch.complex64)
+    out = torch.zeros(5, 5, dtype=torch.complex64)
+    syrk.syrk_(out, a, 1.0, 0.0, backend="compiled")  # complex: eager path
+    torch.testing.assert_close(out.triu(), (a.mT @ a).triu())
+    a = torch.randn(3, 5, requires_grad=True)  # autograd: eager path, differentiable
+    g = syrk.gram(a, 1.0, backend="compiled")
+    g.sum().backward()
+    assert a.grad is not None
