@@ -32,6 +32,13 @@ def _args(argv):
     return parser.parse_args(argv)
 
 
+def _moved(module, case, provider) -> float:
+    """Nominal bytes of one call; the ``copy`` provider moves its own count."""
+    if provider == "copy" and hasattr(module, "copy_bytes"):
+        return module.copy_bytes(case)
+    return module.bytes_moved(case)
+
+
 def main(argv=None) -> int:
     args = _args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -51,9 +58,14 @@ def main(argv=None) -> int:
     for index, case in enumerate(cases, 1):
         print(f"[{index}/{len(cases)}] {case.op} {case.model} N={case.n} ...", end=" ", flush=True)
         module = bench_module(case)
-        case_providers = providers + (["copy"] if hasattr(module, "bytes_moved") else [])
-        timings = measure(case, case_providers, device, budget_s=budget, min_reps=3 if args.quick else 5)
-        reference = timings.get("posteriors")
+        # Kernel benches bring their own providers and baseline (plain torch).
+        case_providers = list(getattr(module, "PROVIDERS", providers))
+        if hasattr(module, "bytes_moved"):
+            case_providers.append("copy")
+        baseline = getattr(module, "BASELINE", "posteriors")
+        timings = measure(case, case_providers, device, budget_s=budget, min_reps=3 if args.quick else 5,
+                          max_reps=getattr(module, "MAX_REPS", 30))
+        reference = timings.get(baseline)
         ref_median = reference.median if reference is not None and reference.status == "ok" else float("nan")
         flops = module.flops(case)
         moved = module.bytes_moved(case) if hasattr(module, "bytes_moved") else None
@@ -62,19 +74,20 @@ def main(argv=None) -> int:
             median = timing.median
             speedup = ref_median / median if timing.status == "ok" else float("nan")
             rows.append({
-                "op": case.op, "model": case.model, "P": num_params(case.model), "N": case.n,
-                "provider": provider, "status": timing.status,
+                "op": case.op, "model": case.model, "P": case.p or num_params(case.model), "N": case.n,
+                "provider": provider, "status": timing.status, "baseline": baseline,
                 "median_ms": median * 1e3, "p20_ms": timing.quantile(0.2) * 1e3,
                 "p80_ms": timing.quantile(0.8) * 1e3,
-                "speedup_vs_posteriors": speedup,
+                "speedup": speedup,
                 "gflops": flops / median / 1e9 if timing.status == "ok" and median > 0 else float("nan"),
                 "first_call_ms": timing.first_s * 1e3,
-                "compile_s": max(0.0, timing.first_s - median) if provider == "compiled" and timing.status == "ok" else float("nan"),
+                "compile_s": max(0.0, timing.first_s - median)
+                if provider in ("compiled", "torch_compile") and timing.status == "ok" else float("nan"),
                 "note": timing.note if moved is None or timing.status != "ok" else
-                f"{moved / median / 1e9:.1f} GB/s of nominal traffic",
+                f"{_moved(module, case, provider) / median / 1e9:.1f} GB/s of nominal traffic",
             })
             if timing.status == "ok":
-                summary.append(f"{provider} {median * 1e3:.1f} ms" + (f" ({speedup:.1f}x)" if not math.isnan(speedup) and provider != "posteriors" else ""))
+                summary.append(f"{provider} {median * 1e3:.3f} ms" + (f" ({speedup:.2f}x)" if not math.isnan(speedup) and provider != baseline else ""))
             else:
                 summary.append(f"{provider} {timing.status}")
         print(", ".join(summary), flush=True)

@@ -21,8 +21,9 @@ class Case:
     bench: str  # module stem: benchmarks/bench_<bench>.py
     op: str  # what is timed
     model: str  # key of MODELS
-    n: int  # batch size
+    n: int  # batch size (rows K of the kernel benches)
     quick: bool  # part of --quick
+    p: int = 0  # parameter count of the kernel benches (model "-"); 0: from the model
 
 
 def _cases():
@@ -51,6 +52,11 @@ def _cases():
         out.append(Case("laplace", "laplace.diag_ggn.update", model, n, quick))
     out.append(Case("laplace", "laplace.dense_fisher.sample(100)", "M", 64, False))
     out.append(Case("vi", "vi.diag.update", "S", 64, True))
+    # Native kernels against their plain-torch baselines (BASELINE of the module).
+    for p, k, quick in [(5000, 256, True), (20000, 64, False)]:
+        out.append(Case("syrk", "syrk (JᵀJ, P×P)", "-", k, quick, p))
+    for p, quick in [(10_000, True), (10_000_000, False)]:
+        out.append(Case("cg_step", "cg step (vector updates)", "-", 0, quick, p))
     return tuple(out)
 
 

@@ -45,7 +45,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn: Callable, device: str) -> float:
+def _timed(fn, device: str) -> float:
+    """Seconds of one call. ``fn`` may be a pair ``(call, reset)``: ``reset``
+    runs untimed first (benches of in-place steps restore their inputs)."""
+    if isinstance(fn, tuple):
+        fn, reset = fn
+        reset()
     _sync(device)
     start = time.perf_counter()
     fn()
@@ -121,7 +126,7 @@ def measure(
                 timing.status, timing.note = "DNF", f"reference took {timing.first_s:.0f} s > {REFERENCE_LIMIT_S:.0f} s"
                 continue
             for _ in range(warmup):
-                fn()
+                _timed(fn, device)
         except Exception as err:  # a failing provider is reported, not fatal
             timing.status, timing.note = "error", f"{type(err).__name__}: {err}"[:160]
             continue

@@ -15,7 +15,7 @@ logger = logging.getLogger("benchmarks")
 
 COLUMNS = [
     "op", "model", "P", "N", "provider", "status", "median_ms", "p20_ms", "p80_ms",
-    "speedup_vs_posteriors", "gflops", "first_call_ms", "compile_s", "note",
+    "speedup", "baseline", "gflops", "first_call_ms", "compile_s", "note",
 ]
 
 
@@ -53,10 +53,10 @@ def _fmt(value, digits=2) -> str:
 
 def markdown(rows: List[Dict]) -> str:
     shown = ["op", "model", "P", "N", "provider", "median_ms", "p20_ms", "p80_ms",
-             "speedup_vs_posteriors", "gflops", "compile_s", "status"]
+             "speedup", "baseline", "gflops", "compile_s", "status"]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for row in rows:
-        cells = [_fmt(row[c]) if c != "speedup_vs_posteriors" else
+        cells = [_fmt(row[c]) if c != "speedup" else
                  (f"{row[c]:.1f}x" if isinstance(row[c], float) and not math.isnan(row[c]) else "—")
                  for c in shown]
         if row["status"] != "ok":
@@ -87,10 +87,10 @@ def _plot(rows: List[Dict], env: Dict, path: str) -> None:
         return
     labels, values = [], []
     for row in rows:
-        if row["provider"] == "eager" and isinstance(row["speedup_vs_posteriors"], float) \
-                and not math.isnan(row["speedup_vs_posteriors"]):
+        if row["provider"] == "eager" and row["baseline"] == "posteriors" \
+                and isinstance(row["speedup"], float) and not math.isnan(row["speedup"]):
             labels.append(f"{row['op']} {row['model']}/N={row['N']}")
-            values.append(row["speedup_vs_posteriors"])
+            values.append(row["speedup"])
     if not values:
         return
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(values) + 1.5))

@@ -13,12 +13,18 @@
 namespace posteriors_fast {
 namespace {
 
-// Tile edge of the GEMMs. Measured on 2 cores, float32 (see
-// benchmarks/bench_syrk.py): 512 beats 256 and 1024 at P = 5000, K = 256 and
-// at P = 20000, K = 64 once tiles run in parallel.
-constexpr int64_t kTile = 512;
-// Edge of the square blocks of the transposed copy (cache-sized).
-constexpr int64_t kCopyBlock = 32;
+// Tile edge of the GEMMs and of the blocks of the transposed copy. Measured on
+// 2 cores, float32, full result, ms at (P = 5000, K = 256) / (P = 20000, K = 64):
+//   tile 512, copy 32: 50 / 323;  512/64: 47 / 286;  512/128: 45 / 275;
+//   tile 1024, copy 32: 54 / 328;  256/32: 48 / 335;  256/64: 45 / 314.
+#ifndef PF_SYRK_TILE
+#define PF_SYRK_TILE 512
+#endif
+constexpr int64_t kTile = PF_SYRK_TILE;
+#ifndef PF_COPY_BLOCK
+#define PF_COPY_BLOCK 128
+#endif
+constexpr int64_t kCopyBlock = PF_COPY_BLOCK;
 
 template <typename scalar_t>
 void mirror_tile(scalar_t* out, int64_t ld, int64_t i0, int64_t j0, int64_t rows, int64_t cols) {

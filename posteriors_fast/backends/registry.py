@@ -108,12 +108,16 @@ def _choose(op: str, backend: str, device_type: str) -> Tuple[Callable, str, str
             missing.append(f"{family}: {why}")
             continue
         if device_type not in impl.devices:
-            missing.append(f"{family}: not for {device_type}")
+            why = _OPS[op].declined.get(family, f"not for {device_type}")
+            missing.append(f"{family}: {why}")
             continue
         ok, why = impl.available()
         if ok:
             return impl.fn, family, f"best available compiled family on {device_type}"
         missing.append(f"{family}: {why}")
+    reasons = {m.split(": ", 1)[1] for m in missing}
+    if len(missing) > 1 and len(reasons) == 1:  # one reason for every family
+        missing = [f"{'/'.join(f for f in families)}: {reasons.pop()}"]
     reason = "fell back to eager torch (" + "; ".join(missing) + ")"
     return eager.fn, "eager", reason
 

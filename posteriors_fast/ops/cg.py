@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from posteriors_fast import _library
-from posteriors_fast.backends import implementation, register
+from posteriors_fast.backends import decline, implementation, register
 
 
 def vdot_real(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -159,7 +159,12 @@ def cg_torch_compile(matvec, b, x0, maxiter, damping, tol, atol, precond):
 
 register("cg", "cpp", cg_cpp, devices=("cpu",))
 register("cg", "triton", cg_triton, devices=("cuda",))
-register("cg", "torch_compile", cg_torch_compile)
+# torch.compile of the step on the CPU, same run (benchmarks/bench_cg_step.py,
+# float32, 2 threads): 0.5x eager at P = 10⁴ (call overhead), 1.2x at P = 10⁷,
+# against 1.7x and 1.3x for the C++ step; so the compiled policy never picks it
+# on the CPU (it must not be slower than eager at any size).
+register("cg", "torch_compile", cg_torch_compile, devices=("cuda",))
+decline("cg", "torch_compile", "not on the CPU: measured 0.5x eager at P = 10⁴ (call overhead)")
 
 
 def cg(matvec, b, x0, maxiter, damping, tol, atol, precond, *, backend: str):

@@ -13,7 +13,7 @@ import importlib
 import torch
 
 from posteriors_fast import _library
-from posteriors_fast.backends import implementation, register
+from posteriors_fast.backends import decline, implementation, register
 from posteriors_fast.ops.syrk import native_ok, syrk_eager
 
 
@@ -46,6 +46,10 @@ register(
     doc="Σ ← Σ − WᵀW in place, exactly symmetric (Woodbury EKF step)",
 )
 register("cov_downdate", "cpp", cov_downdate_cpp, devices=("cpu",))
+decline(
+    "cov_downdate", "torch_compile",
+    "not provided: Inductor emits one extern GEMM per tile, no fusion to gain over the native kernels",
+)
 register("cov_downdate", "triton", cov_downdate_triton, devices=("cuda",))
 
 

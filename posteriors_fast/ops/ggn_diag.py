@@ -1,6 +1,8 @@
 """``ggn_diag``: the diagonal of ``Jᵀ H J`` from J (d, P) and ``H J`` (d, P),
 column by column, without forming the (P, P) matrix."""
 
+import functools
+
 import torch
 
 from posteriors_fast.backends import implementation, register
@@ -21,6 +23,31 @@ register(
     ggn_diag_eager,
     doc="diag(JᵀHJ) from J and HJ, never forming P×P",
 )
+
+
+#: Below this many entries of J the compiled graph's call overhead (~20 µs)
+#: outweighs the fusion. Measured, float32, 2 threads: d×P = 640×1045, eager
+#: 0.063 ms, compiled 0.083 ms; 2560×4890, eager 17.0 ms, compiled 3.7 ms (the
+#: fused multiply-sum never writes the (d, P) product).
+COMPILE_MIN_NUMEL = 1 << 21
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled():
+    return torch.compile(ggn_diag_eager, dynamic=True, fullgraph=True)
+
+
+def ggn_diag_torch_compile(jac: torch.Tensor, hess_jac: torch.Tensor) -> torch.Tensor:
+    """The eager formula fused by ``torch.compile`` for large J, eager below
+    :data:`COMPILE_MIN_NUMEL` (and whenever autograd must see the result)."""
+    if jac.numel() < COMPILE_MIN_NUMEL or (
+        torch.is_grad_enabled() and (jac.requires_grad or hess_jac.requires_grad)
+    ):
+        return ggn_diag_eager(jac, hess_jac)
+    return _compiled()(jac, hess_jac)
+
+
+register("ggn_diag", "torch_compile", ggn_diag_torch_compile)
 
 
 def ggn_diag(jac: torch.Tensor, hess_jac: torch.Tensor, *, backend: str) -> torch.Tensor:

@@ -3,7 +3,7 @@ Jacobian J (N, C, P) and a parameter variance vector v (P,)."""
 
 import torch
 
-from posteriors_fast.backends import implementation, register
+from posteriors_fast.backends import decline, implementation, register
 
 
 def jsjt_eager(jac: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -17,6 +17,14 @@ register(
     jsjt_eager,
     doc="J diag(σ²) Jᵀ per sample (linearised predictive covariance)",
 )
+
+
+for _family in ("triton", "cpp", "torch_compile"):
+    decline(
+        "jsjt", _family,
+        "not provided: one batched GEMM; torch.compile measured 1.0x eager "
+        "(N=256, C=10, P=4890: 21.2 vs 21.7 ms)",
+    )
 
 
 def jsjt(jac: torch.Tensor, var: torch.Tensor, *, backend: str) -> torch.Tensor:

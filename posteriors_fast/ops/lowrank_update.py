@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from posteriors_fast.backends import implementation, register
+from posteriors_fast.backends import decline, implementation, register
 from posteriors_fast.ops.cholesky import robust_cholesky
 from posteriors_fast.ops.cov_downdate import cov_downdate_
 from posteriors_fast.ops.syrk import syrk_
@@ -125,6 +125,14 @@ register(
     lowrank_update_eager,
     doc="((Σ+Q)⁻¹ + β JᵀJ)⁻¹ and its mean step: Woodbury when R < P, else precision form",
 )
+
+
+for _family in ("triton", "cpp", "torch_compile"):
+    decline(
+        "lowrank_update", _family,
+        "composite: its syrk and cov_downdate steps dispatch on their own; the "
+        "Cholesky and triangular solve are LAPACK/cuSOLVER calls",
+    )
 
 
 def lowrank_update(cov, transition, jac, beta, *, backend: str) -> Update:

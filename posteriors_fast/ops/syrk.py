@@ -24,7 +24,7 @@ import importlib
 import torch
 
 from posteriors_fast import _library
-from posteriors_fast.backends import implementation, register
+from posteriors_fast.backends import decline, implementation, register
 
 #: GEMM tile edge. 1024 measured best of {512, 1024, 2048} at P = 20000, K = 64
 #: and close to best (512) at P = 5000, K = 256.
@@ -128,6 +128,10 @@ def syrk_triton(out, a, alpha, beta, c=None, b=None):
 
 
 register("syrk", "cpp", syrk_cpp, devices=("cpu",))
+decline(
+    "syrk", "torch_compile",
+    "not provided: Inductor emits one extern GEMM per tile, no fusion to gain over the native kernels",
+)
 register("syrk", "triton", syrk_triton, devices=("cuda",))
 
 

@@ -1,0 +1,37 @@
+"""Symmetric rank-k product JᵀJ of a (K, P) float matrix into a (P, P) buffer.
+
+Baseline ``J.T @ J`` (a full GEMM into a new tensor, what a naive Fisher does).
+``eager`` is posteriors_fast's pure-torch tiled op, ``cpp`` the C++ kernel
+(``csrc/cpu/syrk.cpp``) writing the full symmetric result, ``cpp upper`` the
+same kernel writing one triangle only (for consumers such as Cholesky that
+read one triangle). Both write into a preallocated buffer, as the library does.
+"""
+
+import torch
+
+from posteriors_fast import _library
+from posteriors_fast.ops import syrk
+
+PROVIDERS = ("J.T @ J", "eager", "cpp", "cpp upper")
+BASELINE = "J.T @ J"
+
+
+def setup(case, provider, device):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(case.n, case.p, generator=g).to(device)
+    if provider == "J.T @ J":
+        return lambda: a.T @ a
+    out = torch.empty(case.p, case.p, device=device)
+    if provider == "eager":
+        return lambda: syrk.syrk_eager(out, a, 1.0, 0.0)
+    ok, why = _library.load_extension()
+    if not ok or device != "cpu":
+        raise ImportError(why or "the C++ kernels run on the CPU")
+    mirror = provider == "cpp"
+    return lambda: _library.OPS.syrk_(out, a, None, None, 1.0, 0.0, mirror)
+
+
+def flops(case) -> float:
+    """Nominal 2·K·P² for every provider (the full product's count), so the
+    GFLOP/s column compares like with like."""
+    return 2.0 * case.n * case.p * case.p
