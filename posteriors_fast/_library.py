@@ -43,6 +43,10 @@ SCHEMAS = {
     #   α = gamma / (p·ap + damping·p·p); x += α·p; r −= α·(ap + damping·p);
     #   gamma_new = r·r; p ← r + (gamma_new / gamma)·p; returns gamma_new (0-dim).
     "cg_step_": "cg_step_(Tensor(a!) x, Tensor(b!) r, Tensor(c!) p, Tensor ap, Tensor gamma, float damping) -> Tensor",
+    # Fill out (contiguous float32/float64) with standard normal draws that are
+    # a function of (seed, element index) only (Philox4x32-10 + Box-Muller):
+    # the same for any thread count, independent streams for different seeds.
+    "normal_": "normal_(Tensor(a!) out, int seed) -> ()",
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -81,6 +85,11 @@ def _cg_step_fake(x, r, p, ap, gamma, damping):
     for name, t in (("r", r), ("p", p), ("ap", ap)):
         torch._check(t.shape == x.shape, lambda: f"{name} must match x {tuple(x.shape)}")
     return x.new_empty(())
+
+
+@torch.library.register_fake(f"{NAMESPACE}::normal_")
+def _normal_fake(out, seed):
+    return None
 
 
 def _no_autograd(name: str):

@@ -11,6 +11,7 @@ from posteriors_fast.ops import (  # noqa: F401  (imported to register)
     jsjt,
     loss_hessian,
     lowrank_update,
+    normal,
     products,
     syrk,
 )

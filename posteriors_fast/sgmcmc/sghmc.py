@@ -42,7 +42,7 @@ def build(
     Returns:
         ``Transform(init, update)``.
     """
-    resolve(backend)
+    backend = resolve(backend)
     _step.hmc_settings(lr, alpha, beta, sigma, temperature)
     return Transform(
         partial(init, momenta=momenta),
@@ -54,6 +54,7 @@ def build(
             beta=beta,
             sigma=sigma,
             temperature=temperature,
+            backend=backend,
         ),
     )
 
@@ -92,6 +93,7 @@ def update(
     sigma: float = 1.0,
     temperature: float = 1.0,
     inplace: bool = False,
+    backend: str | None = None,
 ) -> SGHMCState:
     """One SGHMC step (see the module docstring).
 
@@ -101,6 +103,8 @@ def update(
         log_posterior: ``log_posterior(params, batch) -> (value, aux)``.
         lr: ε > 0. alpha: α >= 0. beta: β >= 0. sigma: σ > 0. temperature: T >= 0.
         inplace: Overwrite the state's tensors (only after every check passed).
+        backend: ``"eager"`` (the reference's noise draws), ``"compiled"`` or
+            None for the current default (an addition to posteriors 0.0.5).
 
     Returns:
         The new ``SGHMCState``.
@@ -113,7 +117,7 @@ def update(
         new_params = torch._foreach_add(params, momenta, alpha=lr * prec)
         new_momenta = torch._foreach_mul(momenta, 1.0 - lr * prec * alpha)
         torch._foreach_add_(new_momenta, grads, alpha=lr)
-        torch._foreach_add_(new_momenta, _step.noise_like(momenta), alpha=scale)
+        torch._foreach_add_(new_momenta, _step.noise_like(momenta, resolve(backend)), alpha=scale)
     if not inplace:
         return SGHMCState(_step.unflatten(spec, new_params), _step.unflatten(spec, new_momenta), value, aux)
     _step.write_(params + momenta, new_params + new_momenta)

@@ -36,10 +36,13 @@ def build(
     Returns:
         ``Transform(init, update)``.
     """
-    resolve(backend)
+    backend = resolve(backend)
     _validate(lr, beta, temperature)
     return Transform(
-        init, partial(update, log_posterior=log_posterior, lr=lr, beta=beta, temperature=temperature)
+        init,
+        partial(
+            update, log_posterior=log_posterior, lr=lr, beta=beta, temperature=temperature, backend=backend
+        ),
     )
 
 
@@ -80,6 +83,7 @@ def update(
     beta: float = 0.0,
     temperature: float = 1.0,
     inplace: bool = False,
+    backend: str | None = None,
 ) -> SGLDState:
     """One SGLD step (see the module docstring).
 
@@ -91,6 +95,8 @@ def update(
         beta: Gradient-noise estimate β >= 0.
         temperature: T >= 0.
         inplace: Overwrite the state's tensors (only after every check passed).
+        backend: ``"eager"`` (the reference's noise draws), ``"compiled"`` or
+            None for the current default (an addition to posteriors 0.0.5).
 
     Returns:
         The new ``SGLDState``.
@@ -100,7 +106,7 @@ def update(
     params, _ = _step.leaves_of(state.params)
     with torch.no_grad():
         new = torch._foreach_add(params, grads, alpha=lr)
-        torch._foreach_add_(new, _step.noise_like(params), alpha=scale)
+        torch._foreach_add_(new, _step.noise_like(params, resolve(backend)), alpha=scale)
     if not inplace:
         return SGLDState(_step.unflatten(spec, new), value, aux)
     _step.write_(params, new)

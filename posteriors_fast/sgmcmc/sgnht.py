@@ -47,7 +47,7 @@ def build(
     Returns:
         ``Transform(init, update)``.
     """
-    resolve(backend)
+    backend = resolve(backend)
     _step.hmc_settings(lr, alpha, beta, sigma, temperature)
     return Transform(
         partial(init, momenta=momenta, xi=xi or alpha),
@@ -59,6 +59,7 @@ def build(
             beta=beta,
             sigma=sigma,
             temperature=temperature,
+            backend=backend,
         ),
     )
 
@@ -105,6 +106,7 @@ def update(
     sigma: float = 1.0,
     temperature: float = 1.0,
     inplace: bool = False,
+    backend: str | None = None,
 ) -> SGNHTState:
     """One SGNHT step (see the module docstring).
 
@@ -114,6 +116,8 @@ def update(
         log_posterior: ``log_posterior(params, batch) -> (value, aux)``.
         lr: ε > 0. alpha: α >= 0. beta: β >= 0. sigma: σ > 0. temperature: T >= 0.
         inplace: Overwrite the state's tensors (only after every check passed).
+        backend: ``"eager"`` (the reference's noise draws), ``"compiled"`` or
+            None for the current default (an addition to posteriors 0.0.5).
 
     Returns:
         The new ``SGNHTState``.
@@ -129,7 +133,7 @@ def update(
         new_params = torch._foreach_add(params, momenta, alpha=lr * prec)
         new_momenta = torch._foreach_add(momenta, torch._foreach_mul(momenta, -lr * prec * xi))
         torch._foreach_add_(new_momenta, grads, alpha=lr)
-        torch._foreach_add_(new_momenta, _step.noise_like(momenta), alpha=scale)
+        torch._foreach_add_(new_momenta, _step.noise_like(momenta, resolve(backend)), alpha=scale)
     if not bool(torch.isfinite(new_xi).all()):
         raise ValueError("the thermostat xi became NaN or inf; the state was not changed")
     if not inplace:

@@ -1,0 +1,59 @@
+"""``normal``: standard normal noise shaped like a list of tensors (the
+SG-MCMC noise draws).
+
+Eager torch draws leaf by leaf with ``torch.randn_like``, exactly as
+posteriors 0.0.5 does, so seeded chains match the reference bit for bit. The
+C++ family draws all leaves at once from a counter-based generator
+(``posteriors_fast::normal_``, Philox + Box-Muller, parallel and vectorised),
+seeded from torch's default generator so ``torch.manual_seed`` still makes runs
+reproducible; the draws are different numbers from the same distribution.
+torch's CPU ``normal_`` is a serial stream: measured for 10⁶ float32 on 2
+threads, 2.6 ms against 0.85 ms, most of an SGHMC step on a 1M-parameter model.
+"""
+
+from typing import List
+
+import torch
+
+from posteriors_fast import _library
+from posteriors_fast.backends import decline, implementation, register
+
+_SEED_HIGH = 2**62
+
+
+def normal_like_eager(leaves: List[torch.Tensor]) -> List[torch.Tensor]:
+    """``[torch.randn_like(x) for x in leaves]``: the reference's draws."""
+    return [torch.randn_like(x) for x in leaves]
+
+
+def normal_like_cpp(leaves: List[torch.Tensor]) -> List[torch.Tensor]:
+    """All draws in one buffer from the C++ generator; eager for anything it
+    does not take (mixed dtypes, non-float, non-CPU)."""
+    if not leaves:
+        return []
+    dtype = leaves[0].dtype
+    if dtype not in (torch.float32, torch.float64) or any(
+        x.dtype != dtype or x.device.type != "cpu" for x in leaves
+    ):
+        return normal_like_eager(leaves)
+    flat = torch.empty(sum(x.numel() for x in leaves), dtype=dtype)
+    seed = int(torch.randint(_SEED_HIGH, (), dtype=torch.int64))
+    _library.OPS.normal_(flat, seed)
+    return [part.view(x.shape) for part, x in zip(flat.split([x.numel() for x in leaves]), leaves)]
+
+
+register(
+    "normal",
+    "eager",
+    normal_like_eager,
+    doc="standard normal noise like a list of tensors (SG-MCMC)",
+)
+register("normal", "cpp", normal_like_cpp, devices=("cpu",))
+decline("normal", "triton", "not provided: CUDA's torch.randn is already a parallel Philox generator")
+decline("normal", "torch_compile", "not provided: the C++ generator serves the CPU and torch.randn is already parallel on CUDA")
+
+
+def normal_like(leaves: List[torch.Tensor], *, backend: str) -> List[torch.Tensor]:
+    """Dispatching entry point; ``backend`` must already be resolved."""
+    device = leaves[0].device.type if leaves else "cpu"
+    return implementation("normal", backend, device)(leaves)
