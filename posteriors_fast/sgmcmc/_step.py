@@ -15,9 +15,9 @@ from typing import Any, List, Tuple
 
 import torch
 from optree import tree_flatten, tree_unflatten
-from torch.func import grad_and_value
 
 from posteriors_fast import _checks
+from posteriors_fast._autograd import grad_value_aux
 from posteriors_fast._errors import CatchAuxError
 from posteriors_fast.ops.normal import normal_like
 
@@ -53,9 +53,8 @@ def hmc_settings(lr, alpha, beta, sigma, temperature) -> Tuple[float, float]:
 
 def gradient(log_posterior, params, batch) -> Tuple[List[torch.Tensor], Any, torch.Tensor, Any]:
     """``(grad leaves, treespec, log posterior, aux)``, checked for NaN and inf."""
-    with torch.no_grad(), CatchAuxError():
-        grads, (value, aux) = grad_and_value(log_posterior, has_aux=True)(params, batch)
-    value = value.detach()
+    with CatchAuxError():
+        (grads,), value, aux = grad_value_aux(log_posterior, (params,), "log_posterior", (batch,))
     if not bool(torch.isfinite(value).all()):
         raise ValueError("log_posterior returned NaN or inf for this batch; the state was not changed")
     leaves, spec = tree_flatten(grads)

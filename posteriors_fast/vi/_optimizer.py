@@ -7,9 +7,9 @@ from typing import Any, Callable
 
 import torch
 from optree import tree_leaves
-from torch.func import grad_and_value
 
 from posteriors_fast import _checks
+from posteriors_fast._autograd import grad_value_aux
 from posteriors_fast._errors import CatchAuxError
 
 try:
@@ -39,8 +39,8 @@ def step(objective: Callable, first: Any, second: Any, opt_state: Any, optimizer
     before every check has passed.
     """
     torchopt = require_torchopt()
-    with torch.no_grad(), CatchAuxError():
-        grads, (value, aux) = grad_and_value(objective, argnums=(0, 1), has_aux=True)(first, second)
+    with CatchAuxError():
+        grads, value, aux = grad_value_aux(objective, (first, second), "the negative ELBO")
     value = value.detach()
     if not bool(torch.isfinite(value).all()):
         raise ValueError("the negative ELBO is NaN or inf for this batch; the state was not changed")
