@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 import torch
 from optree import tree_leaves
 
+from posteriors_fast._autograd import grad_value_aux
 from posteriors_fast._errors import CatchAuxError
 from posteriors_fast.backends import resolve
 from posteriors_fast.tree_utils import tree_insert_
@@ -88,8 +89,8 @@ def update(
         ValueError: the loss or its gradient is NaN or inf (nothing is changed).
     """
     torchopt = _require_torchopt()
-    with torch.no_grad(), CatchAuxError():
-        grads, (loss, aux) = torch.func.grad_and_value(loss_fn, has_aux=True)(state.params, batch)
+    with CatchAuxError():
+        (grads,), loss, aux = grad_value_aux(loss_fn, (state.params,), "loss_fn", (batch,))
     if not bool(torch.isfinite(loss).all()):
         raise ValueError("loss_fn returned NaN or inf for this batch; the state was not changed")
     if not all(bool(torch.isfinite(g).all()) for g in tree_leaves(grads)):
