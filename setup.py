@@ -57,6 +57,7 @@ def _extension_kwargs() -> dict:
     ext = CppExtension(
         "posteriors_fast._C",
         sources,
+        depends=sorted(glob.glob(os.path.join("csrc", "cpu", "*.h"))),
         # -fopenmp: ATen's at::parallel_for / parallel_reduce are header
         # templates around `#pragma omp parallel`; without the flag they
         # silently run on one thread (measured: the CG step took the same

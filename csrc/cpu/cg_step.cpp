@@ -17,14 +17,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "multiversion.h"
+
 #include <algorithm>
 #include <utility>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PF_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define PF_MULTIVERSION
-#endif
 
 namespace posteriors_fast {
 namespace {
