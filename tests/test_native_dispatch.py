@@ -92,7 +92,9 @@ def test_custom_ops_compose_with_torch_compile_fullgraph_without_recompiling():
         ops.syrk_(out, a, None, cov, 1.0, 1.0, True)
         ops.cov_downdate_(out, w)
         gamma_new = ops.cg_step_(x, r, p, ap, gamma, 0.0)
-        return out * 2, gamma_new + 1
+        noise = torch.empty_like(x)
+        ops.normal_(noise, 7)
+        return out * 2, gamma_new + 1, noise + 1
 
     def inputs(p_size):
         gen = torch.Generator().manual_seed(p_size)
