@@ -30,6 +30,8 @@ def _cases():
     out = []
     for model, n, quick in [("S", 64, True), ("M", 64, True), ("S", 256, False), ("M", 256, False), ("L", 64, False)]:
         out.append(Case("ekf_dense_fisher", "ekf.dense_fisher.update", model, n, quick))
+    for model in ("S", "M"):
+        out.append(Case("ekf_dense_fisher", "ekf.dense_fisher.update inplace", model, 64, False))
     for model, quick in [("S", True), ("M", True), ("L", False)]:
         out.append(Case("ekf_dense_fisher", "ekf.dense_fisher.sample(100)", model, 64, quick))
     for model, n, quick in [("S", 64, True), ("S", 256, False), ("S", 1024, False), ("M", 256, True)]:
