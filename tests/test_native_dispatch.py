@@ -113,3 +113,17 @@ def test_custom_ops_compose_with_torch_compile_fullgraph_without_recompiling():
         torch.testing.assert_close(g, e)
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled(*inputs(37))  # same shapes: no recompilation
+
+
+def test_setup_skips_the_extension_when_asked(tmp_path):
+    """POSTERIORS_FAST_BUILD_EXT=0: setup.py configures a pure-Python build and
+    says so (checked without building anything: `setup.py --name`)."""
+    import os
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, POSTERIORS_FAST_BUILD_EXT="0")
+    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "POSTERIORS_FAST_BUILD_EXT=0: skipping the C++ extension" in out.stderr
