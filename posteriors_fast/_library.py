@@ -12,9 +12,8 @@ live elsewhere and attach to these names:
   defines its own schema from its Python body so that Inductor can trace into
   it, which an opaque CPU kernel under the same name would prevent.
 
-All three ops mutate their first arguments and are not differentiable: they
-serve ``torch.no_grad`` paths (Fisher accumulation, the EKF covariance
-downdate, CG). Calling one on tensors that require grad, with grad mode on,
+None of the ops is differentiable: they serve ``torch.no_grad`` paths (Fisher
+accumulation, the EKF covariance downdate, CG, SG-MCMC noise and steps). Calling one on tensors that require grad, with grad mode on,
 raises a ``RuntimeError`` that says so instead of silently dropping gradients.
 """
 
@@ -47,6 +46,14 @@ SCHEMAS = {
     # a function of (seed, element index) only (Philox4x32-10 + Box-Muller):
     # the same for any thread count, independent streams for different seeds.
     "normal_": "normal_(Tensor(a!) out, int seed) -> ()",
+    # One SGHMC step of every leaf, the noise drawn inside the kernel:
+    # params' = params + step·momenta;
+    # momenta' = keep·momenta + lr·grads + scale·ξ, ξ ~ N(0, I) from the
+    # generator of normal_ (leaf k: stream seed + k·0x9E3779B97F4A7C15).
+    "sghmc_step": (
+        "sghmc_step(Tensor[] params, Tensor[] momenta, Tensor[] grads, float step, float keep, "
+        "float lr, float scale, int seed) -> (Tensor[], Tensor[])"
+    ),
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -92,17 +99,25 @@ def _normal_fake(out, seed):
     return None
 
 
+@torch.library.register_fake(f"{NAMESPACE}::sghmc_step")
+def _sghmc_step_fake(params, momenta, grads, step, keep, lr, scale, seed):
+    torch._check(len(momenta) == len(params) and len(grads) == len(params),
+                 lambda: "params, momenta and grads must have as many leaves")
+    return [torch.empty_like(p) for p in params], [torch.empty_like(m) for m in momenta]
+
+
 def _no_autograd(name: str):
     op = getattr(getattr(torch.ops, NAMESPACE), name).default
 
     def kernel(*args):
+        tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,))]
         if torch.is_grad_enabled() and any(
-            isinstance(t, torch.Tensor) and t.requires_grad for t in args
+            isinstance(t, torch.Tensor) and t.requires_grad for t in tensors
         ):
             raise RuntimeError(
-                f"{NAMESPACE}::{name} is not differentiable (it mutates its inputs and "
-                "serves no-grad paths); call it under torch.no_grad() on detached "
-                "tensors, or use backend='eager' to differentiate through the torch code"
+                f"{NAMESPACE}::{name} is not differentiable (it serves no-grad paths); "
+                "call it under torch.no_grad() on detached tensors, or use "
+                "backend='eager' to differentiate through the torch code"
             )
         with torch._C._AutoDispatchBelowAutograd():
             return op(*args)

@@ -13,5 +13,6 @@ from posteriors_fast.ops import (  # noqa: F401  (imported to register)
     lowrank_update,
     normal,
     products,
+    sghmc_step,
     syrk,
 )

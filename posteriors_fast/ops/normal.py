@@ -21,6 +21,12 @@ from posteriors_fast.backends import decline, implementation, register
 _SEED_HIGH = 2**62
 
 
+def random_seed() -> int:
+    """A seed for the C++ generator drawn from torch's default generator, so
+    that ``torch.manual_seed`` makes the draws reproducible."""
+    return int(torch.randint(_SEED_HIGH, (), dtype=torch.int64))
+
+
 def normal_like_eager(leaves: List[torch.Tensor]) -> List[torch.Tensor]:
     """``[torch.randn_like(x) for x in leaves]``: the reference's draws."""
     return [torch.randn_like(x) for x in leaves]
@@ -37,8 +43,7 @@ def normal_like_cpp(leaves: List[torch.Tensor]) -> List[torch.Tensor]:
     ):
         return normal_like_eager(leaves)
     flat = torch.empty(sum(x.numel() for x in leaves), dtype=dtype)
-    seed = int(torch.randint(_SEED_HIGH, (), dtype=torch.int64))
-    _library.OPS.normal_(flat, seed)
+    _library.OPS.normal_(flat, random_seed())
     return [part.view(x.shape) for part, x in zip(flat.split([x.numel() for x in leaves]), leaves)]
 
 

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import torch
 
 from posteriors_fast.backends import resolve
+from posteriors_fast.ops.sghmc_step import sghmc_step
 from posteriors_fast.sgmcmc import _step
 from posteriors_fast.sgmcmc._momenta import initial_momenta
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
@@ -113,11 +114,9 @@ def update(
     grads, spec, value, aux = _step.gradient(log_posterior, state.params, batch)
     params, _ = _step.leaves_of(state.params)
     momenta, _ = _step.leaves_of(state.momenta)
-    with torch.no_grad():
-        new_params = torch._foreach_add(params, momenta, alpha=lr * prec)
-        new_momenta = torch._foreach_mul(momenta, 1.0 - lr * prec * alpha)
-        torch._foreach_add_(new_momenta, grads, alpha=lr)
-        torch._foreach_add_(new_momenta, _step.noise_like(momenta, resolve(backend)), alpha=scale)
+    new_params, new_momenta = sghmc_step(
+        params, momenta, grads, lr * prec, 1.0 - lr * prec * alpha, lr, scale, backend=resolve(backend)
+    )
     if not inplace:
         return SGHMCState(_step.unflatten(spec, new_params), _step.unflatten(spec, new_momenta), value, aux)
     _step.write_(params + momenta, new_params + new_momenta)
