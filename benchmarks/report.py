@@ -85,21 +85,33 @@ def _plot(rows: List[Dict], env: Dict, path: str) -> None:
     except ImportError:
         logger.warning("plot skipped: matplotlib is not installed (pip install -e .[bench])")
         return
-    labels, values = [], []
+    # One group per case: eager and compiled speedups over the case's baseline
+    # (posteriors 0.0.5, or plain torch for the kernel benches).
+    groups: Dict[str, Dict[str, float]] = {}
     for row in rows:
-        if row["provider"] == "eager" and row["baseline"] == "posteriors" \
-                and isinstance(row["speedup"], float) and not math.isnan(row["speedup"]):
-            labels.append(f"{row['op']} {row['model']}/N={row['N']}")
-            values.append(row["speedup"])
-    if not values:
+        if row["provider"] in ("eager", "compiled", "cpp") and isinstance(row["speedup"], float) \
+                and not math.isnan(row["speedup"]):
+            size = f"{row['model']}/N={row['N']}" if row["model"] != "-" else f"P={row['P']}"
+            label = f"{row['op']} {size} (vs {row['baseline']})"
+            groups.setdefault(label, {})[row["provider"]] = row["speedup"]
+    if not groups:
         return
-    fig, ax = plt.subplots(figsize=(9, 0.35 * len(values) + 1.5))
-    ax.barh(range(len(values)), values, color="tab:blue")
-    ax.set_yticks(range(len(values)), labels, fontsize=8)
+    labels = list(groups)
+    colors = {"eager": "tab:blue", "compiled": "tab:orange", "cpp": "tab:green"}
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(labels) + 1.5))
+    height = 0.4
+    # Kernel benches have no "compiled" row: their C++ bar takes its slot.
+    for k, provider in ((0, "eager"), (1, "compiled"), (1, "cpp")):
+        ys = [i + (k - 0.5) * height for i, label in enumerate(labels) if provider in groups[label]]
+        xs = [groups[label][provider] for label in labels if provider in groups[label]]
+        if xs:
+            ax.barh(ys, xs, height=height, color=colors[provider], label=provider)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.set_xscale("log")
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.invert_yaxis()
-    ax.set_xlabel("speedup of posteriors_fast (eager) over posteriors 0.0.5, same run (log scale)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("same-run speedup over the baseline (log scale)")
     ax.set_title(f"{env['device']} · torch {env['torch']} · {env['threads']} threads · {env['commit'][:8]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
