@@ -1,0 +1,51 @@
+"""The benchmark suite's plumbing on tiny shapes (timings are never asserted):
+every configured case has a bench module, the harness times interleaved
+providers, and the report writes its files."""
+
+import importlib
+import json
+
+import pytest
+
+from benchmarks import harness, report
+from benchmarks.config import CASES, Case
+
+
+def test_every_case_has_a_bench_module_with_setup_and_flops():
+    for case in CASES:
+        module = importlib.import_module(f"benchmarks.bench_{case.bench}")
+        assert callable(module.setup) and module.flops(case) > 0, case
+
+
+def test_harness_and_report_on_a_tiny_kernel_case(tmp_path):
+    case = Case("syrk", "syrk (JᵀJ, P×P)", "-", 8, True, 300)
+    module = importlib.import_module("benchmarks.bench_syrk")
+    timings = harness.measure(case, list(module.PROVIDERS), "cpu", budget_s=0.05, min_reps=3, max_reps=5)
+    assert set(timings) == set(module.PROVIDERS)
+    ok = {p: t for p, t in timings.items() if t.status == "ok"}
+    assert {"J.T @ J", "eager"} <= set(ok)
+    assert all(len(t.samples) >= 3 and t.median > 0 for t in ok.values())
+    base = timings["J.T @ J"].median
+    rows = [
+        {"op": case.op, "model": case.model, "P": case.p, "N": case.n, "provider": p, "status": t.status,
+         "median_ms": t.median * 1e3, "p20_ms": t.quantile(0.2) * 1e3, "p80_ms": t.quantile(0.8) * 1e3,
+         "speedup": base / t.median if t.status == "ok" else float("nan"), "baseline": "J.T @ J",
+         "gflops": float("nan"), "first_call_ms": t.first_s * 1e3, "compile_s": float("nan"), "note": t.note}
+        for p, t in timings.items()
+    ]
+    table = report.markdown(rows)
+    assert table.count("\n") == len(rows) + 1 and "J.T @ J" in table
+    report.write(rows, report.environment("cpu"), str(tmp_path))
+    assert (tmp_path / "results.csv").read_text().count("\n") == len(rows) + 1
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["environment"]["device"] == "cpu" and len(data["results"]) == len(rows)
+
+
+def test_cg_step_bench_restores_its_inputs_between_calls():
+    case = Case("cg_step", "cg step (vector updates)", "-", 0, True, 1000)
+    module = importlib.import_module("benchmarks.bench_cg_step")
+    step, reset = module.setup(case, "eager", "cpu")
+    reset()
+    first = float(step())
+    reset()
+    assert float(step()) == pytest.approx(first)
