@@ -53,6 +53,7 @@ def _cases():
     for model, n, quick in [("S", 256, False), ("M", 256, False)]:
         out.append(Case("laplace", "laplace.diag_ggn.update", model, n, quick))
     out.append(Case("laplace", "laplace.dense_fisher.sample(100)", "M", 64, False))
+    out.append(Case("laplace", "laplace.dense_fisher.sample(100) flat params", "M", 64, False))
     out.append(Case("vi", "vi.diag.update", "S", 64, True))
     # Native kernels against their plain-torch baselines (BASELINE of the module).
     for p, k, quick in [(5000, 256, True), (20000, 64, False)]:
