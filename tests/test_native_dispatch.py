@@ -129,15 +129,15 @@ def test_setup_skips_the_extension_when_asked(tmp_path):
     assert "POSTERIORS_FAST_BUILD_EXT=0: skipping the C++ extension" in out.stderr
 
 
-def test_triton_is_imported_only_where_a_triton_kernel_runs():
-    """On the CPU the compiled backend never imports triton (it is optional
-    and slow to import), even when it is installed."""
+def test_triton_kernels_are_imported_only_where_they_run():
+    """On the CPU the compiled backend never imports the Triton kernel modules
+    (torch itself may import triton when torch._dynamo loads; we do not)."""
     script = (
         "import sys, torch, posteriors_fast as pf\n"
         "x = torch.randn(40)\n"
         "pf.cg(lambda v: 2 * v, x, backend='compiled')\n"
         "pf.empirical_fisher(lambda p: p ** 2, backend='compiled')(torch.ones(3))\n"
-        "print('triton' in sys.modules)\n"
+        "print(any(m.startswith('posteriors_fast.kernels.triton.') for m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
