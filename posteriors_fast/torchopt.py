@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 import torch
 from optree import tree_leaves
 
+from posteriors_fast import _checks
 from posteriors_fast._autograd import grad_value_aux
 from posteriors_fast._errors import CatchAuxError
 from posteriors_fast.backends import resolve
@@ -93,7 +94,7 @@ def update(
         (grads,), loss, aux = grad_value_aux(loss_fn, (state.params,), "loss_fn", (batch,))
     if not bool(torch.isfinite(loss).all()):
         raise ValueError("loss_fn returned NaN or inf for this batch; the state was not changed")
-    if not all(bool(torch.isfinite(g).all()) for g in tree_leaves(grads)):
+    if not _checks.all_finite(tree_leaves(grads)):
         raise ValueError("the gradient of loss_fn contains NaN or inf; the state was not changed")
     updates, opt_state = optimizer.update(grads, state.opt_state, params=state.params, inplace=inplace)
     params = torchopt.apply_updates(state.params, updates, inplace=inplace)

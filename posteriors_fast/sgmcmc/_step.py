@@ -58,26 +58,9 @@ def gradient(log_posterior, params, batch) -> Tuple[List[torch.Tensor], Any, tor
     if not bool(torch.isfinite(value).all()):
         raise ValueError("log_posterior returned NaN or inf for this batch; the state was not changed")
     leaves, spec = tree_flatten(grads)
-    if not _all_finite(leaves):
+    if not _checks.all_finite(leaves):
         raise ValueError("the gradient of log_posterior contains NaN or inf; the state was not changed")
     return leaves, spec, value, aux
-
-
-def _all_finite(leaves: List[torch.Tensor]) -> bool:
-    """Whether every entry of every leaf is finite, with one host sync.
-
-    A finite sum proves every entry finite (NaN or ±inf make it NaN or inf), and
-    summing is one fast vectorised pass per leaf: measured on 1M float32 entries
-    in 4 leaves, 0.1 ms, against 0.7 ms for per-leaf ``isfinite().all()`` and
-    1.4 ms for an inf-norm. Only a non-finite sum (a bad entry, or finite
-    entries so large that their sum overflows) pays for the exact check.
-    """
-    floats = [g for g in leaves if g.is_floating_point() or g.is_complex()]
-    if not floats:
-        return True
-    if bool(torch.isfinite(torch.stack([g.sum() for g in floats])).all()):
-        return True
-    return all(bool(torch.isfinite(g).all()) for g in floats)
 
 
 def noise_like(leaves: List[torch.Tensor], backend: str) -> List[torch.Tensor]:

@@ -44,7 +44,7 @@ def step(objective: Callable, first: Any, second: Any, opt_state: Any, optimizer
     value = value.detach()
     if not bool(torch.isfinite(value).all()):
         raise ValueError("the negative ELBO is NaN or inf for this batch; the state was not changed")
-    if not all(bool(torch.isfinite(g).all()) for g in tree_leaves(grads)):
+    if not _checks.all_finite(tree_leaves(grads)):
         raise ValueError("the gradient of the negative ELBO contains NaN or inf; the state was not changed")
     updates, opt_state = optimizer.update(grads, opt_state, params=[first, second], inplace=inplace)
     first, second = torchopt.apply_updates((first, second), updates, inplace=inplace)
