@@ -1,15 +1,42 @@
-"""Gradient and value of a function of pytrees by one plain autograd pass.
+"""Plain reverse-mode autograd on pytrees: the pieces shared by the
+curvature-vector products (:mod:`posteriors_fast.ops.products`) and the
+per-step gradients of the methods (VI, SG-MCMC, torchopt).
 
-``torch.func.grad_and_value`` gives the same numbers but wraps every tensor in
-functorch layers; for the per-step gradients of the methods (VI, SG-MCMC)
-that costs a fixed few hundred µs. Measured on the S MLP (P = 1045, N = 64):
-a vi.diag step 1.45 ms with ``torch.func``, 1.04 ms with this.
+``torch.func`` transforms give the same numbers but wrap every tensor in
+functorch layers, a fixed few hundred µs per call for small models. Measured
+on the S MLP (P = 1045, N = 64): a vi.diag step 1.45 ms with
+``torch.func.grad_and_value``, 1.04 ms with :func:`grad_value_aux`; ``hvp``
+0.51 ms against 1.82 ms for ``jvp`` of ``grad``.
 """
 
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, List, Tuple
 
 import torch
 from optree import tree_flatten, tree_map, tree_unflatten
+
+
+def detach(tree):
+    """``tree`` with every tensor leaf detached (other leaves as they are)."""
+    return tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def leaves_with_grad(tree) -> Tuple[List[torch.Tensor], Any]:
+    """``(leaves, spec)``: detached copies of ``tree``'s leaves that require grad,
+    so a graph can be recorded without touching the caller's tensors."""
+    leaves, spec = tree_flatten(tree)
+    return [x.detach().requires_grad_(True) for x in leaves], spec
+
+
+def linear_product(outputs, inputs, cotangents) -> List[torch.Tensor]:
+    """Σ_k ∂⟨outputs_k, cotangents_k⟩/∂inputs, skipping outputs without a graph
+    (zero contributions) and giving zeros for inputs that are not reached."""
+    pairs = [(o, c) for o, c in zip(outputs, cotangents) if o is not None and o.requires_grad]
+    grads = (
+        torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs], allow_unused=True)
+        if pairs
+        else [None] * len(inputs)
+    )
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
 
 
 def grad_value_aux(
@@ -29,13 +56,10 @@ def grad_value_aux(
         what: Name of the value for the error message, e.g. "log_posterior".
         static: Further arguments passed as they are (e.g. the batch).
     """
-    leaves, spec = tree_flatten(args)
-    inputs = [x.detach().requires_grad_(True) for x in leaves]
+    leaves, spec = leaves_with_grad(args)
     with torch.enable_grad():
-        value, aux = fn(*tree_unflatten(spec, inputs), *static)
+        value, aux = fn(*tree_unflatten(spec, leaves), *static)
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise ValueError(f"{what} must return a scalar tensor as its first output")
-        grads = torch.autograd.grad(value, inputs, allow_unused=True) if value.requires_grad else [None] * len(inputs)
-    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
-    aux = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, aux, none_is_leaf=True)
-    return tree_unflatten(spec, grads), value.detach(), aux
+        grads = linear_product([value], leaves, [torch.ones_like(value)])
+    return tree_unflatten(spec, grads), value.detach(), detach(aux)

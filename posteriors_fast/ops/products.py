@@ -16,8 +16,9 @@ Callers check :func:`applicable` and fall back to ``torch.func`` otherwise.
 from typing import Any, Callable, Tuple
 
 import torch
-from optree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from optree import tree_leaves, tree_unflatten
 
+from posteriors_fast._autograd import detach, leaves_with_grad, linear_product
 from posteriors_fast._errors import split_aux
 
 
@@ -33,60 +34,38 @@ def applicable(primals: tuple, tangents: tuple) -> bool:
     )
 
 
-def _detach(tree):
-    return tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
-
-
-def _leaves_with_grad(primal):
-    leaves, spec = tree_flatten(primal)
-    leaves = [x.detach().requires_grad_(True) for x in leaves]
-    return leaves, spec
-
-
-def _linear_product(outputs, inputs, cotangents):
-    """Σ_k ∂⟨outputs_k, cotangents_k⟩/∂inputs, skipping outputs without a graph
-    (zero contributions) and giving zeros for inputs that are not reached."""
-    pairs = [(o, c) for o, c in zip(outputs, cotangents) if o is not None and o.requires_grad]
-    grads = (
-        torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs], allow_unused=True)
-        if pairs
-        else [None] * len(inputs)
-    )
-    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
-
-
 def _jvp_by_double_backward(out: torch.Tensor, leaves, tangent_leaves):
     """J v for out = g(leaves) whose graph is recorded: the gradient with respect
     to a dummy cotangent u of ⟨Jᵀu, v⟩ (linear in u, so u = 0 will do)."""
     dummy = torch.zeros_like(out, requires_grad=True)
     pulled = torch.autograd.grad(out, leaves, dummy, create_graph=True, allow_unused=True)
-    return _linear_product(pulled, [dummy], tangent_leaves)[0]
+    return linear_product(pulled, [dummy], tangent_leaves)[0]
 
 
 def hvp(f: Callable, primal: Any, tangent: Any, has_aux: bool) -> Tuple:
     """``(∇f, H v[, aux])`` for scalar ``f`` of one pytree argument."""
-    leaves, spec = _leaves_with_grad(primal)
+    leaves, spec = leaves_with_grad(primal)
     with torch.enable_grad():
         value, aux = split_aux(f(tree_unflatten(spec, leaves)), has_aux)
         grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
-        products = _linear_product(grads, leaves, tree_leaves(tangent))
+        products = linear_product(grads, leaves, tree_leaves(tangent))
     grads = [torch.zeros_like(x) if g is None else g.detach() for g, x in zip(grads, leaves)]
     out = (tree_unflatten(spec, grads), tree_unflatten(spec, products))
-    return out + (_detach(aux),) if has_aux else out
+    return out + (detach(aux),) if has_aux else out
 
 
 def fvp(f: Callable, primal: Any, tangent: Any, has_aux: bool, normalize: bool) -> Tuple:
     """``(f(θ), Jᵀ J v[, aux])`` for tensor-valued ``f`` of one pytree argument."""
-    leaves, spec = _leaves_with_grad(primal)
+    leaves, spec = leaves_with_grad(primal)
     with torch.enable_grad():
         out, aux = split_aux(f(tree_unflatten(spec, leaves)), has_aux)
         jv = _jvp_by_double_backward(out, leaves, tree_leaves(tangent))
-        products = _linear_product([out], leaves, [jv.detach()])
+        products = linear_product([out], leaves, [jv.detach()])
     if normalize:
         n = out.shape[0]
         products = [p / n for p in products]
     result = (out.detach(), tree_unflatten(spec, products))
-    return result + (_detach(aux),) if has_aux else result
+    return result + (detach(aux),) if has_aux else result
 
 
 def ggnvp(
@@ -99,20 +78,20 @@ def ggnvp(
     normalize: bool,
 ) -> Tuple:
     """``((z, ∇_z l), J_fᵀ H_l J_f v[, forward aux][, loss aux])``."""
-    leaves, spec = _leaves_with_grad(primal)
+    leaves, spec = leaves_with_grad(primal)
     with torch.enable_grad():
         z, forward_aux = split_aux(forward(tree_unflatten(spec, leaves)), forward_has_aux)
         jv = _jvp_by_double_backward(z, leaves, tree_leaves(tangent)).detach()
         z_in = z.detach().requires_grad_(True)
         value, loss_aux = split_aux(loss(z_in), loss_has_aux)
         (loss_grad,) = torch.autograd.grad(value, z_in, create_graph=True)
-        (hjv,) = _linear_product([loss_grad], [z_in], [jv])
+        (hjv,) = linear_product([loss_grad], [z_in], [jv])
         if normalize:
             hjv = hjv / z.shape[0]
-        products = _linear_product([z], leaves, [hjv])
+        products = linear_product([z], leaves, [hjv])
     result = ((z.detach(), loss_grad.detach()), tree_unflatten(spec, products))
     if forward_has_aux:
-        result = result + (_detach(forward_aux),)
+        result = result + (detach(forward_aux),)
     if loss_has_aux:
-        result = result + (_detach(loss_aux),)
+        result = result + (detach(loss_aux),)
     return result
