@@ -14,7 +14,8 @@ import torch
 
 from posteriors_fast import _library
 from posteriors_fast.backends import decline, implementation, register
-from posteriors_fast.ops.syrk import native_ok, syrk_eager
+from posteriors_fast.ops._native import accepts
+from posteriors_fast.ops.syrk import syrk_eager
 
 
 def cov_downdate_eager(cov: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -24,7 +25,7 @@ def cov_downdate_eager(cov: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def cov_downdate_cpp(cov: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """C++ kernel (``csrc/cpu/syrk.cpp``); eager for arguments it does not take."""
-    if not native_ok(cov, w):
+    if not accepts(w, out=cov):
         return cov_downdate_eager(cov, w)
     _library.OPS.cov_downdate_(cov, w)
     return cov
@@ -33,7 +34,7 @@ def cov_downdate_cpp(cov: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def cov_downdate_triton(cov: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Triton kernel (``kernels/triton/cov_downdate.py``); imported on first use
     so that triton is only imported where it runs."""
-    if not native_ok(cov, w):
+    if not accepts(w, out=cov):
         return cov_downdate_eager(cov, w)
     importlib.import_module("posteriors_fast.kernels.triton.cov_downdate").cov_downdate_triton(cov, w)
     return cov

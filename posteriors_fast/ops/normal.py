@@ -17,6 +17,7 @@ import torch
 
 from posteriors_fast import _library
 from posteriors_fast.backends import decline, implementation, register
+from posteriors_fast.ops._native import accepts
 
 _SEED_HIGH = 2**62
 
@@ -34,15 +35,10 @@ def normal_like_eager(leaves: List[torch.Tensor]) -> List[torch.Tensor]:
 
 def normal_like_cpp(leaves: List[torch.Tensor]) -> List[torch.Tensor]:
     """All draws in one buffer from the C++ generator; eager for anything it
-    does not take (mixed dtypes, non-float, non-CPU)."""
-    if not leaves:
-        return []
-    dtype = leaves[0].dtype
-    if dtype not in (torch.float32, torch.float64) or any(
-        x.dtype != dtype or x.device.type != "cpu" for x in leaves
-    ):
+    does not take (no leaves, mixed or non-float dtypes)."""
+    if not accepts(*leaves, autograd=False):  # only their shapes are used
         return normal_like_eager(leaves)
-    flat = torch.empty(sum(x.numel() for x in leaves), dtype=dtype)
+    flat = torch.empty(sum(x.numel() for x in leaves), dtype=leaves[0].dtype)
     _library.OPS.normal_(flat, random_seed())
     return [part.view(x.shape) for part, x in zip(flat.split([x.numel() for x in leaves]), leaves)]
 

@@ -16,6 +16,7 @@ import torch
 
 from posteriors_fast import _library
 from posteriors_fast.backends import decline, implementation, register
+from posteriors_fast.ops._native import accepts
 from posteriors_fast.ops.normal import normal_like_eager, random_seed
 
 Leaves = List[torch.Tensor]
@@ -33,11 +34,8 @@ def sghmc_step_eager(params: Leaves, momenta: Leaves, grads: Leaves, step, keep,
 
 def sghmc_step_cpp(params: Leaves, momenta: Leaves, grads: Leaves, step, keep, lr, scale) -> Tuple[Leaves, Leaves]:
     """One fused C++ pass per leaf; eager torch for anything it does not take
-    (mixed or non-float dtypes, non-CPU leaves)."""
-    dtype = params[0].dtype if params else None
-    if not params or dtype not in (torch.float32, torch.float64) or any(
-        t.dtype != dtype or t.device.type != "cpu" for t in params + momenta + grads
-    ):
+    (no leaves, mixed or non-float dtypes or devices)."""
+    if not accepts(*params, *momenta, *grads, autograd=False):  # runs under no_grad
         return sghmc_step_eager(params, momenta, grads, step, keep, lr, scale)
     with torch.no_grad():
         new_params, new_momenta = _library.OPS.sghmc_step(

@@ -25,6 +25,7 @@ import torch
 
 from posteriors_fast import _library
 from posteriors_fast.backends import decline, implementation, register
+from posteriors_fast.ops._native import accepts
 
 #: GEMM tile edge. 1024 measured best of {512, 1024, 2048} at P = 20000, K = 64
 #: and close to best (512) at P = 5000, K = 256.
@@ -96,23 +97,11 @@ register(
 )
 
 
-def native_ok(out: torch.Tensor, *tensors) -> bool:
-    """Whether the native kernels accept these arguments: real float32/float64,
-    a row-major ``out``, and nothing that autograd would need to see."""
-    if out.dtype not in (torch.float32, torch.float64) or out.stride(-1) != 1:
-        return False
-    grad = torch.is_grad_enabled()
-    return all(
-        t is None or (t.dtype == out.dtype and not (grad and t.requires_grad))
-        for t in (out,) + tensors
-    )
-
-
 def syrk_cpp(out, a, alpha, beta, c=None, b=None):
     """C++ kernel (``csrc/cpu/syrk.cpp``): upper tiles in parallel, one
     single-threaded GEMM each, mirrored in cache; eager torch for arguments it
-    does not take (see :func:`native_ok`)."""
-    if not native_ok(out, a, b, c):
+    does not take (see :func:`posteriors_fast.ops._native.accepts`)."""
+    if not accepts(a, b, c, out=out):
         return syrk_eager(out, a, alpha, beta, c, b)
     _library.OPS.syrk_(out, a, b, None if c is out else c, float(alpha), float(beta), True)
     return out
@@ -120,7 +109,7 @@ def syrk_cpp(out, a, alpha, beta, c=None, b=None):
 
 def syrk_triton(out, a, alpha, beta, c=None, b=None):
     """Triton kernel (``kernels/triton/syrk.py``), upper tiles with a mirrored store."""
-    if not native_ok(out, a, b, c):
+    if not accepts(a, b, c, out=out):
         return syrk_eager(out, a, alpha, beta, c, b)
     kernels = importlib.import_module("posteriors_fast.kernels.triton.syrk")
     kernels.syrk_triton(out, a, b, None if c is out else c, float(alpha), float(beta), True)
