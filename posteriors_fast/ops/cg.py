@@ -30,6 +30,12 @@ def vdot_real(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.dot(x, y)
 
 
+def _threshold(b: torch.Tensor, tol: float, atol: float) -> torch.Tensor:
+    """Squared-residual level of convergence, max(tol²·‖b‖², atol²), shape (1,)."""
+    real = b.real if b.is_complex() else b
+    return torch.clamp_min(vdot_real(b, b) * tol**2, atol**2).reshape(1).to(real.dtype)
+
+
 def cg_eager(
     matvec: Callable[[torch.Tensor], torch.Tensor],
     b: torch.Tensor,
@@ -46,10 +52,7 @@ def cg_eager(
         out = matvec(v)
         return out + damping * v if damping != 0 else out
 
-    real = b.real if b.is_complex() else b
-    threshold = torch.clamp_min(vdot_real(b, b) * tol**2, atol**2).reshape(1)
-    threshold = threshold.to(real.dtype)
-
+    threshold = _threshold(b, tol, atol)
     x = x0.clone()
     r = b - apply(x)
     z = r if precond is None else precond(r)
@@ -98,24 +101,24 @@ def _fused_ok(b: torch.Tensor, x0: torch.Tensor, precond) -> bool:
 
 def _cg_fused(step, matvec, b, x0, maxiter, damping, tol, atol, precond):
     """The CG loop of :func:`cg_eager` with the vector work of each iteration
-    done by ``step(x, r, p, ap, gamma, damping) -> gamma_new`` (in place)."""
+    done by ``step(x, r, p, ap, gamma, damping) -> gamma_new`` (in place).
+    The operator is checked once, on its first product: one that records a
+    graph or changes dtype or shape sends the solve to the eager loop."""
     if not _fused_ok(b, x0, precond):
         return cg_eager(matvec, b, x0, maxiter, damping, tol, atol, precond)
-    threshold = torch.clamp_min(torch.dot(b, b) * tol**2, atol**2).reshape(1)
     x = x0.detach().clone().contiguous()
-    r = (b - matvec(x)).contiguous()
+    ax = matvec(x)
+    if ax.requires_grad or ax.dtype != b.dtype or ax.shape != b.shape:
+        return cg_eager(matvec, b, x0, maxiter, damping, tol, atol, precond)
+    threshold = _threshold(b, tol, atol)
+    r = b - ax
     if damping != 0:
         r.sub_(x, alpha=damping)
-    if r.requires_grad:  # the operator carries a graph: keep autograd semantics
-        return cg_eager(matvec, b, x0, maxiter, damping, tol, atol, precond)
     p = r.clone()
     gamma = torch.dot(r, r)
     k = 0
     while k < maxiter and bool(gamma > threshold):
-        ap = matvec(p)
-        if ap.requires_grad or ap.dtype != b.dtype or ap.shape != b.shape:
-            return cg_eager(matvec, b, x0, maxiter, damping, tol, atol, precond)
-        gamma = step(x, r, p, ap.contiguous(), gamma, float(damping))
+        gamma = step(x, r, p, matvec(p).contiguous(), gamma, float(damping))
         k += 1
     return x, {"error": gamma, "converged": gamma <= threshold, "niter": k}
 
