@@ -71,12 +71,10 @@ class Update:
             return cov_downdate_(out.add_(q), self._w, backend=self._backend)
         if out is cov:
             cov_downdate_(cov, self._w, backend=self._backend)
-            if q != 0.0:
-                cov.diagonal().add_(q)
-            return cov
-        if out is None:
-            out = torch.empty_like(cov)  # filled by the fused copy-and-downdate
-        syrk_(out, self._w, -1.0, 1.0, cov, backend=self._backend)
+        else:
+            if out is None:
+                out = torch.empty_like(cov)  # filled by the fused copy-and-downdate
+            syrk_(out, self._w, -1.0, 1.0, cov, backend=self._backend)
         if q != 0.0:
             out.diagonal().add_(q)  # a scalar Q only touches the diagonal
         return out
