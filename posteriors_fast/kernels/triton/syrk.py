@@ -126,30 +126,37 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 
 
-def _check_matrix(name: str, t: torch.Tensor, shape, dtype, device) -> None:
+def check_factor(name: str, t: torch.Tensor, shape_doc: str) -> None:
+    """The low-rank factor (``a`` of syrk, ``w`` of the downdate): a 2-D
+    float32/float64 tensor; ``ValueError`` naming ``name`` otherwise."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a 2-D tensor of shape {shape_doc}, got {got}")
+    if t.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{name} must be float32 or float64, got {t.dtype}")
+
+
+def check_like(name: str, t: torch.Tensor, shape, ref: torch.Tensor, ref_name: str) -> None:
+    """``t`` has ``shape`` and the dtype and device of ``ref``."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.dtype != dtype:
-        raise ValueError(f"{name} must have dtype {dtype} (that of a), got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} must be on device {device} (that of a), got {t.device}")
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name} must have dtype {ref.dtype} (that of {ref_name}), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on device {ref.device} (that of {ref_name}), got {t.device}")
 
 
 def check_syrk_args(out: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor], c: Optional[torch.Tensor]) -> None:
     """Raise ``ValueError`` naming the offending argument."""
-    if not isinstance(a, torch.Tensor) or a.dim() != 2:
-        got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
-        raise ValueError(f"a must be a 2-D tensor of shape (K, P), got {got}")
-    if a.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"a must be float32 or float64, got {a.dtype}")
+    check_factor("a", a, "(K, P)")
     size = a.shape[1]
     if b is not None:
-        _check_matrix("b", b, a.shape, a.dtype, a.device)
-    _check_matrix("out", out, (size, size), a.dtype, a.device)
+        check_like("b", b, a.shape, a, "a")
+    check_like("out", out, (size, size), a, "a")
     if c is not None:
-        _check_matrix("c", c, (size, size), a.dtype, a.device)
+        check_like("c", c, (size, size), a, "a")
 
 
 def launch_syrk(
