@@ -18,14 +18,8 @@ namespace {
 // 2 cores, float32, full result, ms at (P = 5000, K = 256) / (P = 20000, K = 64):
 //   tile 512, copy 32: 50 / 323;  512/64: 47 / 286;  512/128: 45 / 275;
 //   tile 1024, copy 32: 54 / 328;  256/32: 48 / 335;  256/64: 45 / 314.
-#ifndef PF_SYRK_TILE
-#define PF_SYRK_TILE 512
-#endif
-constexpr int64_t kTile = PF_SYRK_TILE;
-#ifndef PF_COPY_BLOCK
-#define PF_COPY_BLOCK 128
-#endif
-constexpr int64_t kCopyBlock = PF_COPY_BLOCK;
+constexpr int64_t kTile = 512;
+constexpr int64_t kCopyBlock = 128;
 
 // Smaller tiles for small P so that every thread gets work. Full result, ms,
 // P = 1045 with K = 64 / 256 / 1024 (J.T @ J: 0.68 / 2.69 / 10.9):
