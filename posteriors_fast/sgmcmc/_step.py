@@ -19,7 +19,6 @@ from optree import tree_flatten, tree_unflatten
 from posteriors_fast import _checks
 from posteriors_fast._autograd import grad_value_aux
 from posteriors_fast._errors import CatchAuxError
-from posteriors_fast.ops.normal import normal_like
 
 
 def number(value, name: str, *, positive: bool = False) -> float:
@@ -61,11 +60,6 @@ def gradient(log_posterior, params, batch) -> Tuple[List[torch.Tensor], Any, tor
     if not _checks.all_finite(leaves):
         raise ValueError("the gradient of log_posterior contains NaN or inf; the state was not changed")
     return leaves, spec, value, aux
-
-
-def noise_like(leaves: List[torch.Tensor], backend: str) -> List[torch.Tensor]:
-    """Standard normal draws shaped like ``leaves`` (see the module docstring)."""
-    return normal_like(leaves, backend=backend)
 
 
 def leaves_of(tree) -> Tuple[List[torch.Tensor], Any]:

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import torch
 
 from posteriors_fast.backends import resolve
+from posteriors_fast.ops.normal import normal_like
 from posteriors_fast.sgmcmc import _step
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 
@@ -106,7 +107,7 @@ def update(
     params, _ = _step.leaves_of(state.params)
     with torch.no_grad():
         new = torch._foreach_add(params, grads, alpha=lr)
-        torch._foreach_add_(new, _step.noise_like(params, resolve(backend)), alpha=scale)
+        torch._foreach_add_(new, normal_like(params, backend=resolve(backend)), alpha=scale)
     if not inplace:
         return SGLDState(_step.unflatten(spec, new), value, aux)
     _step.write_(params, new)

@@ -15,6 +15,7 @@ import torch
 from optree.integrations.torch import tree_ravel
 
 from posteriors_fast.backends import resolve
+from posteriors_fast.ops.normal import normal_like
 from posteriors_fast.sgmcmc import _step
 from posteriors_fast.sgmcmc._momenta import initial_momenta
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
@@ -133,7 +134,7 @@ def update(
         new_params = torch._foreach_add(params, momenta, alpha=lr * prec)
         new_momenta = torch._foreach_add(momenta, torch._foreach_mul(momenta, -lr * prec * xi))
         torch._foreach_add_(new_momenta, grads, alpha=lr)
-        torch._foreach_add_(new_momenta, _step.noise_like(momenta, resolve(backend)), alpha=scale)
+        torch._foreach_add_(new_momenta, normal_like(momenta, backend=resolve(backend)), alpha=scale)
     if not bool(torch.isfinite(new_xi).all()):
         raise ValueError("the thermostat xi became NaN or inf; the state was not changed")
     if not inplace:
