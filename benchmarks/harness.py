@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 from benchmarks.config import REFERENCE_LIMIT_S, Case
+from posteriors_fast.ops._tiered import COMPILE_AFTER
 
 
 @dataclass
@@ -22,6 +23,8 @@ class Timing:
     provider: str
     status: str = "ok"  # ok | unavailable | DNF | error
     first_s: float = float("nan")
+    #: Slowest of the warm-up calls: compiled paths compile during one of them.
+    warm_max_s: float = float("nan")
     samples: List[float] = field(default_factory=list)
     note: str = ""
 
@@ -99,9 +102,15 @@ def measure(
     budget_s: float,
     min_reps: int = 3,
     max_reps: int = 30,
-    warmup: int = 1,
+    warmup: int | None = None,
 ) -> Dict[str, Timing]:
-    """Time every available provider of ``case``, interleaved."""
+    """Time every available provider of ``case``, interleaved.
+
+    ``warmup`` calls follow the first one untimed; by default enough for the
+    library's tiered compile to have compiled (it compiles on the
+    ``COMPILE_AFTER``-th call with the same function and shapes), and one for
+    the reference.
+    """
     module = bench_module(case)
     timings: Dict[str, Timing] = {}
     fns: Dict[str, Callable] = {}
@@ -125,8 +134,8 @@ def measure(
             if provider == "posteriors" and timing.first_s > REFERENCE_LIMIT_S:
                 timing.status, timing.note = "DNF", f"reference took {timing.first_s:.0f} s > {REFERENCE_LIMIT_S:.0f} s"
                 continue
-            for _ in range(warmup):
-                _timed(fn, device)
+            warm = warmup if warmup is not None else 1 if provider == "posteriors" else COMPILE_AFTER
+            timing.warm_max_s = max([timing.first_s] + [_timed(fn, device) for _ in range(warm)])
         except Exception as err:  # a failing provider is reported, not fatal
             timing.status, timing.note = "error", f"{type(err).__name__}: {err}"[:160]
             continue

@@ -107,7 +107,7 @@ def linearized_forward_diag(
     _checks.same_structure(sd_diag, params, "sd_diag", "params")
     forward_vals, aux = forward_func(params, batch)
     with torch.no_grad(), CatchAuxError():
-        jac = separable_output_jacobian(forward_func, params, batch, forward_vals)
+        jac = separable_output_jacobian(forward_func, params, batch, forward_vals, backend=backend)
         if jac is None:
             jac, out, _ = output_jacobian(forward_func, (params, batch), 0, has_aux=True)
             jac = jac.reshape(*out.shape[:2], jac.shape[-1])
@@ -261,7 +261,7 @@ def empirical_fisher(
     def fisher(*args, **kwargs):
         if source is not None and argnums == 0 and len(args) == 2 and not kwargs:
             _checks.batch_leading_dim(args[1])
-            jac, _, aux = sample_jacobian(source, args[0], args[1], has_aux)
+            jac, _, aux = sample_jacobian(source, args[0], args[1], has_aux, backend=backend)
         else:
             fn = partial(f, **kwargs) if kwargs else f
             jac, _, aux = output_jacobian(fn, args, argnums, has_aux)

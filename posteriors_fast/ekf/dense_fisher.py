@@ -199,7 +199,7 @@ def update(
             values = values.reshape(-1)
         else:
             jac, values, aux = sample_jacobian(
-                log_likelihood, state.params, batch, has_aux=True
+                log_likelihood, state.params, batch, has_aux=True, backend=backend
             )
         mean_log_lik = values.mean()
         _require_finite(mean_log_lik, "log_likelihood returned NaN or inf for this batch")

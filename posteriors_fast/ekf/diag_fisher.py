@@ -152,7 +152,7 @@ def update(
         ValueError: bad hyperparameters or batch, or a non-finite
             log-likelihood, gradient or result.
     """
-    resolve(backend)
+    backend = resolve(backend)
     lr = _checks.positive_finite(lr, "lr")
     tau = _non_negative(transition_sd, "transition_sd")
     _checks.float_params(state.params, "state.params")
@@ -167,7 +167,9 @@ def update(
             jac, values, aux = output_jacobian(log_likelihood, (state.params, batch), 0, has_aux=True)
             values = values.reshape(-1)
         else:
-            jac, values, aux = sample_jacobian(log_likelihood, state.params, batch, has_aux=True)
+            jac, values, aux = sample_jacobian(
+                log_likelihood, state.params, batch, has_aux=True, backend=backend
+            )
         mean_log_lik = values.mean().detach()
         if not bool(torch.isfinite(mean_log_lik)):
             raise ValueError("log_likelihood returned NaN or inf for this batch; the state was not changed")

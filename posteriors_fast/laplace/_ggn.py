@@ -13,12 +13,12 @@ from posteriors_fast.ops.jacobian import output_jacobian, separable_output_jacob
 from posteriors_fast.ops.loss_hessian import loss_hessian_times
 
 
-def batch_ggn_factors(params, batch, forward, outer_log_likelihood):
+def batch_ggn_factors(params, batch, forward, outer_log_likelihood, *, backend: str):
     """``(J, H J, aux)``: J (d, P) the Jacobian of z = forward(params, batch)[0]
     (raveled), H the Hessian of z ↦ −outer_log_likelihood(z, batch)."""
     size = tree_ravel(params)[0].numel()
     z, aux = forward(params, batch)
-    jac = separable_output_jacobian(forward, params, batch, z)
+    jac = separable_output_jacobian(forward, params, batch, z, backend=backend)
     if jac is None:
         jac, z, aux = output_jacobian(forward, (params, batch), 0, has_aux=True)
     jac = jac.reshape(-1, size)

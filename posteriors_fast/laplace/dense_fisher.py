@@ -64,7 +64,9 @@ def update(
         if per_sample:
             jac, _, aux = output_jacobian(log_posterior, (state.params, batch), 0, has_aux=True)
         else:
-            jac, _, aux = sample_jacobian(log_posterior, state.params, batch, has_aux=True)
+            jac, _, aux = sample_jacobian(
+                log_posterior, state.params, batch, has_aux=True, backend=backend
+            )
         require_finite(jac, "the per-sample gradients of log_posterior")
         jac = jac.to(state.prec.dtype)
         if inplace:

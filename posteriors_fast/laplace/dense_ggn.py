@@ -60,7 +60,9 @@ def update(
     backend = resolve(backend)
     check_state(state)
     with torch.no_grad(), CatchAuxError():
-        jac, hess_jac, aux = batch_ggn_factors(state.params, batch, forward, outer_log_likelihood)
+        jac, hess_jac, aux = batch_ggn_factors(
+            state.params, batch, forward, outer_log_likelihood, backend=backend
+        )
         term = gram(jac, 1.0, hess_jac, backend=backend)
     require_finite(term, "the GGN of this batch")
     return add_to_prec(state, term, aux, inplace)

@@ -50,13 +50,15 @@ def update(
 ) -> DiagLaplaceState:
     """Add ``Σ_n J_n²`` (elementwise) of this batch to the diagonal precision;
     never forms a P×P matrix."""
-    resolve(backend)
+    backend = resolve(backend)
     if not per_sample:
         _checks.batch_leading_dim(batch, "batch")
     with torch.no_grad(), CatchAuxError():
         if per_sample:
             jac, _, aux = output_jacobian(log_posterior, (state.params, batch), 0, has_aux=True)
         else:
-            jac, _, aux = sample_jacobian(log_posterior, state.params, batch, has_aux=True)
+            jac, _, aux = sample_jacobian(
+                log_posterior, state.params, batch, has_aux=True, backend=backend
+            )
         term = jac.square().sum(0)
     return add_to_prec(state, term, aux, inplace)

@@ -51,6 +51,8 @@ def update(
     """Add the batch's diagonal GGN (loss ``-outer_log_likelihood``)."""
     backend = resolve(backend)
     with torch.no_grad(), CatchAuxError():
-        jac, hess_jac, aux = batch_ggn_factors(state.params, batch, forward, outer_log_likelihood)
+        jac, hess_jac, aux = batch_ggn_factors(
+            state.params, batch, forward, outer_log_likelihood, backend=backend
+        )
         term = ggn_diag(jac, hess_jac, backend=backend)
     return add_to_prec(state, term, aux, inplace)

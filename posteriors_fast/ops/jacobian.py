@@ -14,11 +14,13 @@ Two constructions:
 from typing import Any, Callable, Sequence, Tuple
 
 import torch
-from optree import tree_leaves, tree_map
+from optree import tree_flatten, tree_leaves, tree_map
 from optree.integrations.torch import tree_ravel
 from torch.func import vjp, vmap
 
 from posteriors_fast._errors import split_aux
+from posteriors_fast.backends import decline, implementation, register
+from posteriors_fast.ops._tiered import TieredCompile
 
 #: Samples per vmap chunk are capped so that chunk · P stays below this.
 _CHUNK_ENTRIES = 1 << 24
@@ -33,8 +35,8 @@ def _ravel_output(out) -> torch.Tensor:
     return tree_ravel(out)[0]
 
 
-def sample_jacobian(
-    f: Callable, params: Any, batch: Any, has_aux: bool
+def sample_jacobian_eager(
+    f: Callable, params: Any, batch: Any, has_aux: bool, keep_aux: bool = True
 ) -> Tuple[torch.Tensor, torch.Tensor, Any]:
     """Jacobian of a batch-level function evaluated one sample at a time.
 
@@ -46,20 +48,24 @@ def sample_jacobian(
         params: Pytree of parameters.
         batch: Pytree of tensors with a common leading (sample) dimension N.
         has_aux: Whether ``f`` returns ``(value, aux)``.
+        keep_aux: With has_aux, whether to return aux (False drops it inside
+            the transforms, so it need not be made of tensors).
 
     Returns:
         ``(jac, values, aux)``: ``jac`` (N·k, P) with rows in sample-major order,
         ``values`` (N·k,) the raveled outputs, ``aux`` stacked over samples (None
-        without has_aux); k is the number of output elements per sample.
+        without has_aux or keep_aux); k is the number of output elements per
+        sample.
     """
     flat, unravel = tree_ravel(params)
+    keep_aux = has_aux and keep_aux
 
     def one_sample(flat_params, sample):
         sample = tree_map(lambda x: x.unsqueeze(0), sample)
 
         def of_flat(fp):
             value, aux = split_aux(f(unravel(fp), sample), has_aux)
-            return _ravel_output(value), aux if has_aux else _NO_AUX
+            return _ravel_output(value), aux if keep_aux else _NO_AUX
 
         value, pullback, aux = vjp(of_flat, flat_params, has_aux=True)
         if value.numel() == 1:  # the common case: one reverse pass, no inner vmap
@@ -72,7 +78,69 @@ def sample_jacobian(
     # _CHUNK_ENTRIES gradient entries; the result is still one (N, P) matrix.
     chunk = max(1, _CHUNK_ENTRIES // max(1, flat.numel()))
     jac, values, aux = vmap(one_sample, in_dims=(None, 0), chunk_size=chunk)(flat, batch)
-    return jac.reshape(-1, flat.numel()), values.reshape(-1), aux if has_aux else None
+    return jac.reshape(-1, flat.numel()), values.reshape(-1), aux if keep_aux else None
+
+
+register(
+    "sample_jacobian",
+    "eager",
+    sample_jacobian_eager,
+    doc="(N, P) per-sample Jacobian of a sample-separable function: vmap of one reverse pass",
+)
+
+# The per-sample passes are dozens of tiny kernels whose cost is framework
+# overhead; compiled, vmap-of-vjp becomes a few fused GEMMs. Measured, float32,
+# 2 threads, tanh MLP with cross-entropy, ms eager / compiled: P = 1045, N = 64
+# 0.73 / 0.11; P = 4890, N = 256 1.45 / 0.26 (compile 5-7 s, paid once).
+_tiered_sample_jacobian = TieredCompile(sample_jacobian_eager, "the per-sample Jacobian")
+
+
+def _signature(params: Any, batch: Any, has_aux: bool, keep_aux: bool) -> Tuple:
+    """What fixes the compiled graph apart from the (dynamic) batch size."""
+    p_leaves, p_spec = tree_flatten(params)
+    b_leaves, b_spec = tree_flatten(batch)
+    return (
+        p_spec,
+        tuple((x.shape, x.dtype, x.device) for x in p_leaves),
+        b_spec,
+        tuple(
+            (x.shape[1:], x.dtype, x.device) if isinstance(x, torch.Tensor) else type(x)
+            for x in b_leaves
+        ),
+        has_aux,
+        keep_aux,
+    )
+
+
+def sample_jacobian_torch_compile(
+    f: Callable, params: Any, batch: Any, has_aux: bool, keep_aux: bool = True
+) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+    """:func:`sample_jacobian_eager` compiled once ``f`` is called repeatedly
+    with the same signature (see :mod:`posteriors_fast.ops._tiered`); eager
+    whenever autograd must see through the result."""
+    if torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves(params)
+    ):
+        return sample_jacobian_eager(f, params, batch, has_aux, keep_aux)
+    signature = _signature(params, batch, has_aux, keep_aux)
+    return _tiered_sample_jacobian(f, signature, f, params, batch, has_aux, keep_aux)
+
+
+register("sample_jacobian", "torch_compile", sample_jacobian_torch_compile)
+for _family in ("triton", "cpp"):
+    decline(
+        "sample_jacobian", _family,
+        "the Jacobian runs the user's model: torch.compile traces it, a fixed kernel cannot",
+    )
+
+
+def sample_jacobian(
+    f: Callable, params: Any, batch: Any, has_aux: bool, keep_aux: bool = True, *, backend: str
+) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+    """Dispatching entry point (see :func:`sample_jacobian_eager` for the
+    arguments and result); ``backend`` must already be resolved."""
+    device = next((x.device.type for x in tree_leaves(params) if isinstance(x, torch.Tensor)), "cpu")
+    return implementation("sample_jacobian", backend, device)(f, params, batch, has_aux, keep_aux)
 
 
 def output_jacobian(
@@ -112,7 +180,7 @@ def output_jacobian(
     return jac, output, aux if has_aux else None
 
 
-def separable_output_jacobian(forward_func, params, batch, forward_vals):
+def separable_output_jacobian(forward_func, params, batch, forward_vals, *, backend: str):
     """(N, C, P) Jacobian of ``forward_func(params, batch)[0]`` (whose value
     ``forward_vals`` is given) from one reverse pass per sample, or None when
     the forward is not shown to be sample-separable.
@@ -129,11 +197,10 @@ def separable_output_jacobian(forward_func, params, batch, forward_vals):
     if sizes != {forward_vals.shape[0]}:
         return None
 
-    def values_only(p, b):
-        return forward_func(p, b)[0]
-
     try:
-        jac, per_sample_vals, _ = sample_jacobian(values_only, params, batch, has_aux=False)
+        jac, per_sample_vals, _ = sample_jacobian(
+            forward_func, params, batch, has_aux=True, keep_aux=False, backend=backend
+        )
     except Exception:  # e.g. a batch of one is refused, or control flow under vmap
         return None
     flat, unravel = tree_ravel(params)
@@ -145,7 +212,7 @@ def separable_output_jacobian(forward_func, params, batch, forward_vals):
         want.shape, generator=torch.Generator(device=want.device).manual_seed(0),
         dtype=want.dtype, device=want.device,
     )
-    _, pullback = vjp(lambda fp: values_only(unravel(fp), batch).reshape(-1), flat)
+    _, pullback = vjp(lambda fp: forward_func(unravel(fp), batch)[0].reshape(-1), flat)
     through_batch = pullback(probe)[0]
     through_samples = torch.mv(jac.mT, probe)
     scale = float(through_batch.abs().max().clamp_min(1e-30))
