@@ -160,3 +160,26 @@ def test_compiled_jacobian_matches_eager_and_does_not_recompile(monkeypatch, dty
     with torch._dynamo.config.patch(error_on_recompile=True):
         again = _jac(f, params, batch, keep_aux=keep_aux)
     torch.testing.assert_close(again[0], want[0], rtol=tol, atol=tol)
+
+
+def test_compiled_separable_jacobian_matches_eager_and_still_detects_coupling(monkeypatch):
+    monkeypatch.setattr(_tiered, "COMPILE_AFTER", 1)
+    tiered = _tiered.TieredCompile(jacobian.separable_parts_eager, "the per-sample output Jacobian")
+    monkeypatch.setattr(jacobian, "_tiered_separable", tiered)
+    params, batch = _mlp(torch.float64)
+
+    def coupled(p, b):
+        z = _logits(p, b)
+        return z - z.mean(0), None  # every output depends on the whole batch
+
+    for fwd, separable in ((forward, True), (coupled, False)):
+        z = fwd(params, batch)[0]
+        with torch.no_grad():
+            got = jacobian.separable_output_jacobian(fwd, params, batch, z, backend="compiled")
+            want = jacobian.separable_output_jacobian(fwd, params, batch, z, backend="eager")
+        if separable:
+            assert got is not None and got.shape == (7, 4, 39)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        else:
+            assert got is None and want is None
+    assert tiered._compiled == 2
