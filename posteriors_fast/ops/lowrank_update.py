@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from posteriors_fast._checks import all_finite
 from posteriors_fast.backends import decline, implementation, register
 from posteriors_fast.ops.cholesky import robust_cholesky
 from posteriors_fast.ops.cov_downdate import cov_downdate_
@@ -103,8 +104,9 @@ def lowrank_update_eager(cov, transition, jac, beta, backend) -> Update:
         # and 0.97 -> 0.44 ms at P = 4890 against the left solve on its transpose.
         w = torch.linalg.solve_triangular(chol.mT, cov_jt, upper=True, left=False).mT  # (R, P)
         step = cov_jt.mean(1) - torch.mv(w.mT, torch.mv(w, jac.mean(0)))
-        _require_finite(w, "the Kalman gain")
-        _require_finite(step, "the mean update")
+        if not all_finite([w, step]):  # one sync when all is well
+            _require_finite(w, "the Kalman gain")
+            _require_finite(step, "the mean update")
         return Update(step, cov, transition, w, None, backend)
 
     pred = _add_transition_(cov.clone(), transition)
