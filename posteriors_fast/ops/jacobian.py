@@ -112,26 +112,27 @@ def _signature(params: Any, batch: Any, has_aux: bool, keep_aux: bool) -> Tuple:
     )
 
 
+def _autograd_must_see(params: Any) -> bool:
+    """Whether a result computed from ``params`` must carry an autograd graph
+    (compiled graphs do not differentiate through their own reverse passes)."""
+    return torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves(params)
+    )
+
+
 def sample_jacobian_torch_compile(
     f: Callable, params: Any, batch: Any, has_aux: bool, keep_aux: bool = True
 ) -> Tuple[torch.Tensor, torch.Tensor, Any]:
     """:func:`sample_jacobian_eager` compiled once ``f`` is called repeatedly
     with the same signature (see :mod:`posteriors_fast.ops._tiered`); eager
     whenever autograd must see through the result."""
-    if torch.is_grad_enabled() and any(
-        isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves(params)
-    ):
+    if _autograd_must_see(params):
         return sample_jacobian_eager(f, params, batch, has_aux, keep_aux)
     signature = _signature(params, batch, has_aux, keep_aux)
     return _tiered_sample_jacobian(f, signature, f, params, batch, has_aux, keep_aux)
 
 
 register("sample_jacobian", "torch_compile", sample_jacobian_torch_compile)
-for _family in ("triton", "cpp"):
-    decline(
-        "sample_jacobian", _family,
-        "the Jacobian runs the user's model: torch.compile traces it, a fixed kernel cannot",
-    )
 
 
 def sample_jacobian(
@@ -206,20 +207,19 @@ _tiered_separable = TieredCompile(separable_parts_eager, "the per-sample output 
 def separable_parts_torch_compile(forward_func, params, batch, probe):
     """:func:`separable_parts_eager`, compiled once ``forward_func`` is called
     repeatedly with one signature; eager while autograd must see through."""
-    if torch.is_grad_enabled() and any(
-        isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves(params)
-    ):
+    if _autograd_must_see(params):
         return separable_parts_eager(forward_func, params, batch, probe)
     signature = (_signature(params, batch, True, False), probe.dtype)
     return _tiered_separable(forward_func, signature, forward_func, params, batch, probe)
 
 
 register("separable_jacobian", "torch_compile", separable_parts_torch_compile)
-for _family in ("triton", "cpp"):
-    decline(
-        "separable_jacobian", _family,
-        "the Jacobian runs the user's model: torch.compile traces it, a fixed kernel cannot",
-    )
+for _op in ("sample_jacobian", "separable_jacobian"):
+    for _family in ("triton", "cpp"):
+        decline(
+            _op, _family,
+            "the Jacobian runs the user's model: torch.compile traces it, a fixed kernel cannot",
+        )
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float, floor: float) -> torch.Tensor:
