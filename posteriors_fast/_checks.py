@@ -161,3 +161,11 @@ def all_finite(leaves) -> bool:
     if bool(torch.isfinite(torch.stack([g.sum() for g in floats])).all()):
         return True
     return all(bool(torch.isfinite(g).all()) for g in floats)
+
+
+def first_non_finite(labelled) -> str | None:
+    """The label of the first ``(tensor, label)`` pair whose tensor holds NaN or
+    inf, else None; one host sync when everything is finite."""
+    if all_finite([t.reshape(-1) for t, _ in labelled]):
+        return None
+    return next(label for t, label in labelled if not bool(torch.isfinite(t).all()))

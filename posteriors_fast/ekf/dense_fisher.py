@@ -143,11 +143,6 @@ def _check_state(state: EKFDenseState):
     return flat, unravel
 
 
-def _require_finite(tensor: torch.Tensor, what: str) -> None:
-    if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"{what}; the state was not changed")
-
-
 def update(
     state: EKFDenseState,
     batch: Any,
@@ -202,13 +197,13 @@ def update(
                 log_likelihood, state.params, batch, has_aux=True, backend=backend
             )
         mean_log_lik = values.mean()
-        if not _checks.all_finite([mean_log_lik.reshape(1), jac]):  # one sync when all is well
-            _require_finite(mean_log_lik, "log_likelihood returned NaN or inf for this batch")
-            _require_finite(
-                jac,
-                "the per-sample gradients of log_likelihood contain NaN or inf, so the "
-                "gradient and the Fisher are not finite",
-            )
+        bad = _checks.first_non_finite([
+            (mean_log_lik, "log_likelihood returned NaN or inf for this batch"),
+            (jac, "the per-sample gradients of log_likelihood contain NaN or inf, so the "
+                  "gradient and the Fisher are not finite"),
+        ])
+        if bad is not None:
+            raise ValueError(f"{bad}; the state was not changed")
         rows = jac.shape[0]
         cov = state.cov if state.cov.dtype == flat.dtype else state.cov.to(flat.dtype)
         plan = lowrank_update(cov, transition, jac.to(flat.dtype), lr / rows, backend=backend)

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from posteriors_fast._checks import all_finite
+from posteriors_fast._checks import first_non_finite
 from posteriors_fast.backends import decline, implementation, register
 from posteriors_fast.ops.cholesky import robust_cholesky
 from posteriors_fast.ops.cov_downdate import cov_downdate_
@@ -81,9 +81,11 @@ class Update:
         return out
 
 
-def _require_finite(t: torch.Tensor, what: str) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{what} is not finite (try a smaller lr or float64)")
+def _require_finite(*labelled) -> None:
+    """Raise naming the first of the ``(tensor, what)`` pairs that is not finite."""
+    bad = first_non_finite(labelled)
+    if bad is not None:
+        raise ValueError(f"{bad} is not finite (try a smaller lr or float64)")
 
 
 def lowrank_update_eager(cov, transition, jac, beta, backend) -> Update:
@@ -104,9 +106,7 @@ def lowrank_update_eager(cov, transition, jac, beta, backend) -> Update:
         # and 0.97 -> 0.44 ms at P = 4890 against the left solve on its transpose.
         w = torch.linalg.solve_triangular(chol.mT, cov_jt, upper=True, left=False).mT  # (R, P)
         step = cov_jt.mean(1) - torch.mv(w.mT, torch.mv(w, jac.mean(0)))
-        if not all_finite([w, step]):  # one sync when all is well
-            _require_finite(w, "the Kalman gain")
-            _require_finite(step, "the mean update")
+        _require_finite((w, "the Kalman gain"), (step, "the mean update"))
         return Update(step, cov, transition, w, None, backend)
 
     pred = _add_transition_(cov.clone(), transition)
@@ -117,8 +117,7 @@ def lowrank_update_eager(cov, transition, jac, beta, backend) -> Update:
     )
     new_cov = torch.add(new_cov, new_cov.mT).mul_(0.5)
     step = torch.mv(new_cov, jac.mean(0))
-    _require_finite(new_cov, "the updated covariance")
-    _require_finite(step, "the mean update")
+    _require_finite((new_cov, "the updated covariance"), (step, "the mean update"))
     return Update(step, cov, transition, None, new_cov, backend)
 
 
