@@ -23,6 +23,7 @@ import weakref
 from typing import Callable, Hashable
 
 import torch
+from optree import tree_leaves
 
 logger = logging.getLogger("posteriors_fast")
 
@@ -43,11 +44,21 @@ def _fresh_copy(fn: Callable, index: int) -> Callable:
     return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
+def _autograd_must_see(args) -> bool:
+    """Whether the result must carry an autograd graph back to a tensor of
+    ``args``: the compiled graph does not record one through its own reverse
+    passes, so such calls stay eager."""
+    return torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves(args)
+    )
+
+
 class TieredCompile:
     """``tiered(owner, signature, *args)`` runs ``fn(*args)``: eagerly for the
     first :data:`COMPILE_AFTER` calls with this ``owner`` (the user function,
     held weakly) and ``signature`` (anything hashable that fixes the shapes
-    other than dynamic batch sizes), compiled afterwards.
+    other than dynamic batch sizes), compiled afterwards; always eagerly while
+    autograd must see through the result.
     """
 
     def __init__(self, fn: Callable, name: str) -> None:
@@ -66,6 +77,8 @@ class TieredCompile:
         return torch.compile(_fresh_copy(self._fn, self._compiled), dynamic=None)
 
     def __call__(self, owner: object, signature: Hashable, *args):
+        if _autograd_must_see(args):
+            return self._fn(*args)
         try:
             per_owner = self._entries.get(owner)
             if per_owner is None:

@@ -112,22 +112,11 @@ def _signature(params: Any, batch: Any, has_aux: bool, keep_aux: bool) -> Tuple:
     )
 
 
-def _autograd_must_see(params: Any) -> bool:
-    """Whether a result computed from ``params`` must carry an autograd graph
-    (compiled graphs do not differentiate through their own reverse passes)."""
-    return torch.is_grad_enabled() and any(
-        isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves(params)
-    )
-
-
 def sample_jacobian_torch_compile(
     f: Callable, params: Any, batch: Any, has_aux: bool, keep_aux: bool = True
 ) -> Tuple[torch.Tensor, torch.Tensor, Any]:
     """:func:`sample_jacobian_eager` compiled once ``f`` is called repeatedly
-    with the same signature (see :mod:`posteriors_fast.ops._tiered`); eager
-    whenever autograd must see through the result."""
-    if _autograd_must_see(params):
-        return sample_jacobian_eager(f, params, batch, has_aux, keep_aux)
+    with the same signature (see :mod:`posteriors_fast.ops._tiered`)."""
     signature = _signature(params, batch, has_aux, keep_aux)
     return _tiered_sample_jacobian(f, signature, f, params, batch, has_aux, keep_aux)
 
@@ -206,9 +195,7 @@ _tiered_separable = TieredCompile(separable_parts_eager, "the per-sample output 
 
 def separable_parts_torch_compile(forward_func, params, batch, probe):
     """:func:`separable_parts_eager`, compiled once ``forward_func`` is called
-    repeatedly with one signature; eager while autograd must see through."""
-    if _autograd_must_see(params):
-        return separable_parts_eager(forward_func, params, batch, probe)
+    repeatedly with one signature."""
     signature = (_signature(params, batch, True, False), probe.dtype)
     return _tiered_separable(forward_func, signature, forward_func, params, batch, probe)
 
