@@ -4,7 +4,7 @@
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PF_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#define PF_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define PF_MULTIVERSION
 #endif
