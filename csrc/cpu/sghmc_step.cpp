@@ -76,36 +76,56 @@ void check_leaves(const at::TensorList& params, const at::TensorList& momenta, c
   }
 }
 
+// Updates the leaves ks (all of dtype T) in one parallel region: their noise
+// blocks are numbered one after another (leaf i owns blocks first[i] ..
+// first[i + 1]), so there is one fork/join instead of one per leaf, and a
+// leaf's draws still depend only on its seed and block index.
+template <typename T>
+void update_leaves(const std::vector<size_t>& ks, const std::vector<at::Tensor>& th, const std::vector<at::Tensor>& m,
+                   const std::vector<at::Tensor>& g, std::vector<at::Tensor>& tho, std::vector<at::Tensor>& mo,
+                   const std::vector<uint64_t>& seeds, Coefficients<T> c) {
+  constexpr int64_t size = philox::NormalBlock<T>::kSize;
+  std::vector<int64_t> first(ks.size() + 1, 0);
+  for (size_t i = 0; i < ks.size(); ++i) first[i + 1] = first[i] + (th[ks[i]].numel() + size - 1) / size;
+  at::parallel_for(0, first.back(), 64, [&](int64_t b, int64_t e) {
+    size_t i = std::upper_bound(first.begin(), first.end(), b) - first.begin() - 1;
+    for (; b < e; ++i) {
+      const size_t k = ks[i];
+      const int64_t stop = std::min(e, first[i + 1]);
+      leaf(th[k].const_data_ptr<T>(), m[k].const_data_ptr<T>(), g[k].const_data_ptr<T>(),
+           tho[k].mutable_data_ptr<T>(), mo[k].mutable_data_ptr<T>(), th[k].numel(), seeds[k], c, b - first[i],
+           stop - first[i]);
+      b = stop;
+    }
+  });
+}
+
 }  // namespace
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sghmc_step(
     at::TensorList params, at::TensorList momenta, at::TensorList grads, double step, double keep, double lr,
     double scale, int64_t seed) {
   check_leaves(params, momenta, grads);
-  std::vector<at::Tensor> params_out, momenta_out;
-  params_out.reserve(params.size());
-  momenta_out.reserve(params.size());
-  for (size_t k = 0; k < params.size(); ++k) {
-    const at::Tensor th = params[k].contiguous(), m = momenta[k].contiguous(), g = grads[k].contiguous();
-    at::Tensor tho = at::empty_like(th, at::MemoryFormat::Contiguous);
-    at::Tensor mo = at::empty_like(m, at::MemoryFormat::Contiguous);
-    const int64_t n = th.numel();
-    const uint64_t leaf_seed = static_cast<uint64_t>(seed) + static_cast<uint64_t>(k) * 0x9E3779B97F4A7C15ull;
-    AT_DISPATCH_FLOATING_TYPES(th.scalar_type(), "sghmc_step", [&] {
-      constexpr int64_t size = philox::NormalBlock<scalar_t>::kSize;
-      const Coefficients<scalar_t> c{static_cast<scalar_t>(step), static_cast<scalar_t>(keep),
-                                     static_cast<scalar_t>(lr), static_cast<scalar_t>(scale)};
-      const scalar_t* thd = th.const_data_ptr<scalar_t>();
-      const scalar_t* md = m.const_data_ptr<scalar_t>();
-      const scalar_t* gd = g.const_data_ptr<scalar_t>();
-      scalar_t* thod = tho.mutable_data_ptr<scalar_t>();
-      scalar_t* mod = mo.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, (n + size - 1) / size, 64, [&](int64_t b, int64_t e) {
-        leaf(thd, md, gd, thod, mod, n, leaf_seed, c, b, e);
-      });
-    });
-    params_out.push_back(tho);
-    momenta_out.push_back(mo);
+  const size_t leaves = params.size();
+  std::vector<at::Tensor> th(leaves), m(leaves), g(leaves), params_out(leaves), momenta_out(leaves);
+  std::vector<uint64_t> seeds(leaves);
+  std::vector<size_t> floats, doubles;
+  for (size_t k = 0; k < leaves; ++k) {
+    th[k] = params[k].contiguous();
+    m[k] = momenta[k].contiguous();
+    g[k] = grads[k].contiguous();
+    params_out[k] = at::empty_like(th[k], at::MemoryFormat::Contiguous);
+    momenta_out[k] = at::empty_like(m[k], at::MemoryFormat::Contiguous);
+    seeds[k] = static_cast<uint64_t>(seed) + static_cast<uint64_t>(k) * 0x9E3779B97F4A7C15ull;
+    (th[k].scalar_type() == at::kFloat ? floats : doubles).push_back(k);
+  }
+  if (!floats.empty()) {
+    update_leaves<float>(floats, th, m, g, params_out, momenta_out, seeds,
+                         {static_cast<float>(step), static_cast<float>(keep), static_cast<float>(lr),
+                          static_cast<float>(scale)});
+  }
+  if (!doubles.empty()) {
+    update_leaves<double>(doubles, th, m, g, params_out, momenta_out, seeds, {step, keep, lr, scale});
   }
   return {params_out, momenta_out};
 }

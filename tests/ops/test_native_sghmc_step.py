@@ -77,3 +77,20 @@ def test_dispatch_falls_back_to_the_reference_draws_for_mixed_dtypes():
     torch.manual_seed(0)
     _, slow = ops.sghmc_step(params, params, params, 0.0, 0.0, 0.0, 1.0, backend="eager")
     assert all(torch.equal(x, y) for x, y in zip(fast, slow))
+
+
+@needs_ext
+def test_leaf_k_draws_the_normal_stream_seed_plus_k_phi_with_mixed_dtypes_in_one_call():
+    """All leaves run in one parallel region per dtype; each leaf's noise is
+    still the stream ``normal_`` draws for seed + k·φ, whatever the other
+    leaves are (empty, tiny, another dtype)."""
+    sizes = [(0,), (3,), (1000, 70), (), (257,)]
+    dtypes = [torch.float32, torch.float64, torch.float32, torch.float64, torch.float32]
+    zeros = [torch.zeros(s, dtype=d) for s, d in zip(sizes, dtypes)]
+    seed = 123
+    _, noise = OPS.sghmc_step(zeros, zeros, zeros, 0.0, 0.0, 0.0, 1.0, seed)
+    for k, (z, d) in enumerate(zip(noise, dtypes)):
+        stream = (seed + k * 0x9E3779B97F4A7C15) % 2**64
+        expected = torch.empty(z.numel(), dtype=d)
+        OPS.normal_(expected, stream - 2**64 if stream >= 2**63 else stream)
+        assert z.dtype == d and torch.equal(z.reshape(-1), expected)
