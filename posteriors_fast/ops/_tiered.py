@@ -20,10 +20,10 @@ import logging
 import os
 import types
 import weakref
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable, Optional, Tuple
 
 import torch
-from optree import tree_leaves
+from optree import tree_flatten, tree_leaves
 
 logger = logging.getLogger("posteriors_fast")
 
@@ -44,6 +44,24 @@ def _fresh_copy(fn: Callable, index: int) -> Callable:
     return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
+def shape_signature(params: Any, batch: Any) -> Tuple:
+    """What fixes a compiled graph of ``f(params, batch)`` apart from the batch
+    size, which may vary (``dynamic=None`` makes it symbolic when it does):
+    both tree structures, and each leaf's shape, dtype and device (the
+    batch's without its leading dimension; a non-tensor leaf by its type)."""
+    p_leaves, p_spec = tree_flatten(params)
+    b_leaves, b_spec = tree_flatten(batch)
+    return (
+        p_spec,
+        tuple((x.shape, x.dtype, x.device) for x in p_leaves),
+        b_spec,
+        tuple(
+            (x.shape[1:], x.dtype, x.device) if isinstance(x, torch.Tensor) else type(x)
+            for x in b_leaves
+        ),
+    )
+
+
 def _autograd_must_see(args) -> bool:
     """Whether the result must carry an autograd graph back to a tensor of
     ``args``: the compiled graph does not record one through its own reverse
@@ -59,10 +77,15 @@ class TieredCompile:
     held weakly) and ``signature`` (anything hashable that fixes the shapes
     other than dynamic batch sizes), compiled afterwards; always eagerly while
     autograd must see through the result.
+
+    ``eager``, when given, is what runs on the eager calls instead of ``fn``: a
+    computation with the same result that is faster uncompiled (plain autograd
+    rather than the ``torch.func`` transforms a graph needs, for example).
     """
 
-    def __init__(self, fn: Callable, name: str) -> None:
-        self._fn = fn
+    def __init__(self, fn: Callable, name: str, eager: Optional[Callable] = None) -> None:
+        self._traced = fn
+        self._fn = fn if eager is None else eager
         self._name = name
         self._entries: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._compiled = 0
@@ -74,7 +97,7 @@ class TieredCompile:
         # every size symbolic, which the nested vmap of a multi-output
         # per-sample Jacobian cannot trace in torch 2.13 ("Cannot call sizes()
         # on tensor with symbolic sizes").
-        return torch.compile(_fresh_copy(self._fn, self._compiled), dynamic=None)
+        return torch.compile(_fresh_copy(self._traced, self._compiled), dynamic=None)
 
     def __call__(self, owner: object, signature: Hashable, *args):
         if _autograd_must_see(args):

@@ -14,13 +14,13 @@ Two constructions:
 from typing import Any, Callable, Sequence, Tuple
 
 import torch
-from optree import tree_flatten, tree_leaves, tree_map
+from optree import tree_leaves, tree_map
 from optree.integrations.torch import tree_ravel
 from torch.func import vjp, vmap
 
 from posteriors_fast._errors import split_aux
 from posteriors_fast.backends import decline, implementation, register
-from posteriors_fast.ops._tiered import TieredCompile
+from posteriors_fast.ops._tiered import TieredCompile, shape_signature
 
 #: Samples per vmap chunk are capped so that chunk · P stays below this.
 _CHUNK_ENTRIES = 1 << 24
@@ -96,20 +96,7 @@ _tiered_sample_jacobian = TieredCompile(sample_jacobian_eager, "the per-sample J
 
 
 def _signature(params: Any, batch: Any, has_aux: bool, keep_aux: bool) -> Tuple:
-    """What fixes the compiled graph apart from the (dynamic) batch size."""
-    p_leaves, p_spec = tree_flatten(params)
-    b_leaves, b_spec = tree_flatten(batch)
-    return (
-        p_spec,
-        tuple((x.shape, x.dtype, x.device) for x in p_leaves),
-        b_spec,
-        tuple(
-            (x.shape[1:], x.dtype, x.device) if isinstance(x, torch.Tensor) else type(x)
-            for x in b_leaves
-        ),
-        has_aux,
-        keep_aux,
-    )
+    return shape_signature(params, batch) + (has_aux, keep_aux)
 
 
 def sample_jacobian_torch_compile(

@@ -17,8 +17,8 @@ import torch
 from optree import tree_flatten, tree_unflatten
 
 from posteriors_fast import _checks
-from posteriors_fast._autograd import grad_value_aux
 from posteriors_fast._errors import CatchAuxError
+from posteriors_fast.ops.value_grad import value_grad
 
 
 def number(value, name: str, *, positive: bool = False) -> float:
@@ -50,15 +50,17 @@ def hmc_settings(lr, alpha, beta, sigma, temperature) -> Tuple[float, float]:
     return noise_scale(temperature, lr, alpha, beta, "alpha"), sigma**-2
 
 
-def gradient(log_posterior, params, batch) -> Tuple[List[torch.Tensor], Any, torch.Tensor, Any]:
-    """``(grad leaves, treespec, log posterior, aux)``, checked for NaN and inf."""
+def gradient(log_posterior, params, batch, backend: str) -> Tuple[List[torch.Tensor], Any, torch.Tensor, Any]:
+    """``(grad leaves, treespec, log posterior, aux)``, checked for NaN and inf
+    with one host sync (:mod:`posteriors_fast.ops.value_grad`)."""
     with CatchAuxError():
-        (grads,), value, aux = grad_value_aux(log_posterior, (params,), "log_posterior", (batch,))
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError("log_posterior returned NaN or inf for this batch; the state was not changed")
+        grads, value, aux, witness = value_grad(log_posterior, params, batch, "log_posterior", backend=backend)
     leaves, spec = tree_flatten(grads)
-    if not _checks.all_finite(leaves):
-        raise ValueError("the gradient of log_posterior contains NaN or inf; the state was not changed")
+    if not math.isfinite(witness.item()):
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError("log_posterior returned NaN or inf for this batch; the state was not changed")
+        if not all(bool(torch.isfinite(g).all()) for g in leaves):
+            raise ValueError("the gradient of log_posterior contains NaN or inf; the state was not changed")
     return leaves, spec, value, aux
 
 

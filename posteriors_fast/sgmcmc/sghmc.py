@@ -111,11 +111,12 @@ def update(
         The new ``SGHMCState``.
     """
     scale, prec = _step.hmc_settings(lr, alpha, beta, sigma, temperature)
-    grads, spec, value, aux = _step.gradient(log_posterior, state.params, batch)
+    backend = resolve(backend)
+    grads, spec, value, aux = _step.gradient(log_posterior, state.params, batch, backend)
     params, _ = _step.leaves_of(state.params)
     momenta, _ = _step.leaves_of(state.momenta)
     new_params, new_momenta = sghmc_step(
-        params, momenta, grads, lr * prec, 1.0 - lr * prec * alpha, lr, scale, backend=resolve(backend)
+        params, momenta, grads, lr * prec, 1.0 - lr * prec * alpha, lr, scale, backend=backend
     )
     if not inplace:
         return SGHMCState(_step.unflatten(spec, new_params), _step.unflatten(spec, new_momenta), value, aux)

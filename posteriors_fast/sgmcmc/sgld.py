@@ -103,11 +103,12 @@ def update(
         The new ``SGLDState``.
     """
     scale = _validate(lr, beta, temperature)
-    grads, spec, value, aux = _step.gradient(log_posterior, state.params, batch)
+    backend = resolve(backend)
+    grads, spec, value, aux = _step.gradient(log_posterior, state.params, batch, backend)
     params, _ = _step.leaves_of(state.params)
     with torch.no_grad():
         new = torch._foreach_add(params, grads, alpha=lr)
-        torch._foreach_add_(new, normal_like(params, backend=resolve(backend)), alpha=scale)
+        torch._foreach_add_(new, normal_like(params, backend=backend), alpha=scale)
     if not inplace:
         return SGLDState(_step.unflatten(spec, new), value, aux)
     _step.write_(params, new)

@@ -124,7 +124,8 @@ def update(
         The new ``SGNHTState``.
     """
     scale, prec = _step.hmc_settings(lr, alpha, beta, sigma, temperature)
-    grads, spec, value, aux = _step.gradient(log_posterior, state.params, batch)
+    backend = resolve(backend)
+    grads, spec, value, aux = _step.gradient(log_posterior, state.params, batch, backend)
     params, _ = _step.leaves_of(state.params)
     momenta, _ = _step.leaves_of(state.momenta)
     with torch.no_grad():
@@ -134,7 +135,7 @@ def update(
         new_params = torch._foreach_add(params, momenta, alpha=lr * prec)
         new_momenta = torch._foreach_add(momenta, torch._foreach_mul(momenta, -lr * prec * xi))
         torch._foreach_add_(new_momenta, grads, alpha=lr)
-        torch._foreach_add_(new_momenta, normal_like(momenta, backend=resolve(backend)), alpha=scale)
+        torch._foreach_add_(new_momenta, normal_like(momenta, backend=backend), alpha=scale)
     if not bool(torch.isfinite(new_xi).all()):
         raise ValueError("the thermostat xi became NaN or inf; the state was not changed")
     if not inplace:

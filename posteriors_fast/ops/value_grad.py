@@ -1,0 +1,102 @@
+"""``value_grad``: the gradient of a scalar objective ``fn(params, batch) ->
+(value, aux)`` with respect to ``params``, with its value, its aux and one
+finiteness witness, for the per-step gradients of the samplers.
+
+The witness is ``value + Σ_leaves Σ grad``: finite proves the value and every
+gradient entry finite (NaN and ±inf propagate through a sum), so the caller
+checks everything with one host sync; only a non-finite witness (a bad entry,
+or finite entries whose sum overflows) needs the exact per-tensor check.
+
+Eager runs plain autograd. Compiled, the same computation is traced with
+``torch.func.grad_and_value`` into one graph once the function is called
+repeatedly with one signature (:mod:`posteriors_fast.ops._tiered`): the forward,
+the reverse pass and the witness sums fuse into a few passes over the
+parameters. Measured on the SG-MCMC benchmark (``-0.5·Σθ²`` over 10⁶ float32
+entries in 4 leaves, 2 threads, caches cold after a reference step):
+1.14 ms eager, 0.68 ms compiled.
+"""
+
+from typing import Any, Callable, Tuple
+
+import torch
+from optree import tree_flatten, tree_leaves, tree_unflatten
+
+from posteriors_fast._autograd import grad_value_aux
+from posteriors_fast.backends import decline, implementation, register
+from posteriors_fast.ops._tiered import TieredCompile, shape_signature
+
+
+def _witness(value: torch.Tensor, grads: Any) -> torch.Tensor:
+    sums = [value.reshape(())] + [g.sum().to(value.dtype) for g in tree_leaves(grads)]
+    return torch.stack(sums).sum()
+
+
+def value_grad_eager(fn: Callable, params: Any, batch: Any, what: str) -> Tuple[Any, torch.Tensor, Any, torch.Tensor]:
+    """``(grads, value, aux, witness)`` by reverse-mode autograd.
+
+    Args:
+        fn: ``fn(params, batch) -> (value, aux)`` with a one-element ``value``.
+        params: Pytree of tensors; ``grads`` has its structure.
+        batch: Passed to ``fn`` as it is.
+        what: Name of ``fn`` for error messages, e.g. ``"log_posterior"``.
+
+    Returns:
+        Gradients, the detached value and aux, and the finiteness witness (a
+        0-d tensor, see the module docstring).
+    """
+    (grads,), value, aux = grad_value_aux(fn, (params,), what, (batch,))
+    return grads, value, aux, _witness(value, grads)
+
+
+register(
+    "value_grad",
+    "eager",
+    value_grad_eager,
+    doc="gradient, value and aux of a scalar objective, with one finiteness witness",
+)
+
+_NOT_A_TENSOR = object()
+
+
+def value_grad_traced(fn: Callable, params: Any, batch: Any, what: str) -> Tuple[Any, torch.Tensor, Any, torch.Tensor]:
+    """:func:`value_grad_eager` through ``torch.func.grad_and_value``, which a
+    graph can contain (dynamo does not trace ``torch.autograd.grad``).
+
+    ``torch.func`` passes only tensors out through aux, so aux is split: its
+    tensors go through the transform, everything else (structure, numbers,
+    strings) is kept aside and put back.
+    """
+    kept = []
+
+    def objective(p):
+        value, aux = fn(p, batch)
+        leaves, spec = tree_flatten(aux)
+        kept.append((value.shape, spec, [_NOT_A_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]))
+        return value.reshape(()), [x for x in leaves if isinstance(x, torch.Tensor)]
+
+    grads, (value, tensors) = torch.func.grad_and_value(objective, has_aux=True)(params)
+    shape, spec, leaves = kept[0]
+    tensors = iter(tensors)
+    aux = tree_unflatten(spec, [next(tensors) if x is _NOT_A_TENSOR else x for x in leaves])
+    return grads, value.reshape(shape), aux, _witness(value, grads)
+
+
+_tiered = TieredCompile(value_grad_traced, "the gradient of the log posterior", eager=value_grad_eager)
+
+
+def value_grad_torch_compile(fn: Callable, params: Any, batch: Any, what: str):
+    """Eager autograd for the first calls of ``fn`` with one signature, then
+    :func:`value_grad_traced` compiled."""
+    return _tiered(fn, (shape_signature(params, batch), what), fn, params, batch, what)
+
+
+register("value_grad", "torch_compile", value_grad_torch_compile)
+for _family in ("triton", "cpp"):
+    decline("value_grad", _family, "the gradient runs the user's function: torch.compile traces it, a fixed kernel cannot")
+
+
+def value_grad(fn: Callable, params: Any, batch: Any, what: str, *, backend: str):
+    """Dispatching entry point (see :func:`value_grad_eager`); ``backend``
+    must already be resolved."""
+    device = next((x.device.type for x in tree_leaves(params) if isinstance(x, torch.Tensor)), "cpu")
+    return implementation("value_grad", backend, device)(fn, params, batch, what)
