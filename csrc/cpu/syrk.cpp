@@ -101,32 +101,45 @@ void syrk_(at::Tensor out, const at::Tensor& a, const std::optional<at::Tensor>&
   const at::Tensor c = c_opt.has_value() ? *c_opt : out;
   const int64_t ld = out.stride(0);
   const int64_t tile_edge = tile_for(p);
-  const int64_t nt = (p + tile_edge - 1) / tile_edge;
 
-  // Upper tiles, largest first: handed out dynamically (an atomic counter) so
-  // that the ragged last row and column and the half-used diagonal tiles do
-  // not leave a thread idle, which contiguous static chunks did.
-  std::vector<std::pair<int64_t, int64_t>> tiles;
-  for (int64_t i = 0; i < nt; ++i)
-    for (int64_t j = i; j < nt; ++j) tiles.emplace_back(i, j);
-  auto cost = [&](const std::pair<int64_t, int64_t>& t) {
-    const int64_t rows = std::min(tile_edge, p - t.first * tile_edge);
-    const int64_t cols = std::min(tile_edge, p - t.second * tile_edge);
-    return (t.first == t.second ? rows * cols / 2 : rows * cols);
+  // Work items: the strictly upper tiles, and each diagonal tile split into
+  // two half-size diagonal blocks and the rectangle between them, so a GEMM
+  // computes the mirrored half of only a quarter of a diagonal tile (P = 1045,
+  // K = 64: 19% of the FLOPs were thrown away with whole diagonal tiles).
+  // Largest first, handed out dynamically (an atomic counter) so that the
+  // ragged last row and column do not leave a thread idle, which contiguous
+  // static chunks did.
+  struct Task {
+    int64_t r0, rows, c0, cols;
+    bool diagonal;
   };
-  std::stable_sort(tiles.begin(), tiles.end(), [&](const auto& u, const auto& v) { return cost(u) > cost(v); });
+  std::vector<Task> tasks;
+  const int64_t half = tile_edge / 2;
+  for (int64_t i0 = 0; i0 < p; i0 += tile_edge) {
+    const int64_t rows = std::min(tile_edge, p - i0);
+    const int64_t top = std::min(half, rows), rest = rows - top;
+    tasks.push_back({i0, top, i0, top, true});
+    if (rest > 0) {
+      tasks.push_back({i0 + top, rest, i0 + top, rest, true});
+      tasks.push_back({i0, top, i0 + top, rest, false});
+    }
+    for (int64_t j0 = i0 + tile_edge; j0 < p; j0 += tile_edge) {
+      tasks.push_back({i0, rows, j0, std::min(tile_edge, p - j0), false});
+    }
+  }
+  std::stable_sort(tasks.begin(), tasks.end(),
+                   [](const Task& u, const Task& v) { return u.rows * u.cols > v.rows * v.cols; });
   std::atomic<int64_t> next{0};
-  const int64_t ntiles = static_cast<int64_t>(tiles.size());
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), ntiles);
+  const int64_t ntasks = static_cast<int64_t>(tasks.size());
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), ntasks);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t t = next++; t < ntiles; t = next++) {
-      const int64_t i0 = tiles[t].first * tile_edge, j0 = tiles[t].second * tile_edge;
-      const int64_t rows = std::min(tile_edge, p - i0), cols = std::min(tile_edge, p - j0);
-      const at::Tensor a_i = a.narrow(1, i0, rows).t();
-      const at::Tensor b_j = b.narrow(1, j0, cols);
-      const at::Tensor c_tile = c.narrow(0, i0, rows).narrow(1, j0, cols);
-      if (i0 != j0) {
-        at::Tensor tile = out.narrow(0, i0, rows).narrow(1, j0, cols);
+    for (int64_t t = next++; t < ntasks; t = next++) {
+      const Task& task = tasks[t];
+      const at::Tensor a_i = a.narrow(1, task.r0, task.rows).t();
+      const at::Tensor b_j = b.narrow(1, task.c0, task.cols);
+      const at::Tensor c_tile = c.narrow(0, task.r0, task.rows).narrow(1, task.c0, task.cols);
+      if (!task.diagonal) {
+        at::Tensor tile = out.narrow(0, task.r0, task.rows).narrow(1, task.c0, task.cols);
         if (c.is_same(out)) {
           tile.addmm_(a_i, b_j, beta, alpha);
         } else {
@@ -134,13 +147,13 @@ void syrk_(at::Tensor out, const at::Tensor& a, const std::optional<at::Tensor>&
         }
         if (mirror) {
           AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "syrk_mirror", [&] {
-            mirror_tile<scalar_t>(out.mutable_data_ptr<scalar_t>(), ld, i0, j0, rows, cols);
+            mirror_tile<scalar_t>(out.mutable_data_ptr<scalar_t>(), ld, task.r0, task.c0, task.rows, task.cols);
           });
         }
       } else {
         const at::Tensor value = at::addmm(c_tile, a_i, b_j, beta, alpha).contiguous();
         AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "syrk_diag", [&] {
-          write_diagonal_tile<scalar_t>(out.mutable_data_ptr<scalar_t>(), ld, i0, value, mirror);
+          write_diagonal_tile<scalar_t>(out.mutable_data_ptr<scalar_t>(), ld, task.r0, value, mirror);
         });
       }
     }
