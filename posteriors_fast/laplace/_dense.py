@@ -4,7 +4,7 @@ precision update and ``sample`` (factor once, one triangular solve for all draws
 from typing import Any, NamedTuple
 
 import torch
-from optree import tree_map
+from optree import tree_leaves, tree_map
 from optree.integrations.torch import tree_ravel
 from torch.func import vmap
 
@@ -45,13 +45,16 @@ def init(params: TensorTree, init_prec: torch.Tensor | float = 0.0) -> DenseLapl
 def check_state(state) -> None:
     if not all(hasattr(state, f) for f in ("params", "prec", "_replace")):
         raise TypeError(f"state must be a DenseLaplaceState, got {type(state).__name__}")
-    size = tree_ravel(state.params)[0].numel()
+    leaves = tree_leaves(state.params)
+    if not all(isinstance(x, torch.Tensor) for x in leaves):
+        raise TypeError("state.params must be a pytree of tensors")
+    size = sum(x.numel() for x in leaves)  # as raveled, without copying every leaf
     if not isinstance(state.prec, torch.Tensor) or state.prec.shape != (size, size):
         raise ValueError(f"state.prec must be ({size}, {size}) for the parameters of state.params")
 
 
 def require_finite(tensor: torch.Tensor, what: str) -> None:
-    if not bool(torch.isfinite(tensor).all()):
+    if not _checks.all_finite([tensor]):
         raise ValueError(f"{what} contains NaN or inf; the state was not changed")
 
 
