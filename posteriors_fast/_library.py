@@ -56,8 +56,19 @@ SCHEMAS = {
     ),
 }
 
+#: Allocation helpers: not numerical kernels, so exempt from the no-autograd
+#: guard below (an allocation neither reads nor differentiates its inputs).
+ALLOC_SCHEMAS = {
+    # An uninitialised contiguous tensor of `size` with like's dtype (CPU) whose
+    # memory is reused by a later request of the same byte size once it is
+    # freed (csrc/cpu/buffer_pool.cpp), so it is not faulted in afresh.
+    "pooled_empty": "pooled_empty(int[] size, Tensor like) -> Tensor",
+    # Bytes idle in that pool; release=True first frees them.
+    "pool_idle_bytes": "pool_idle_bytes(bool release) -> int",
+}
+
 _lib = torch.library.Library(NAMESPACE, "DEF")
-for _schema in SCHEMAS.values():
+for _schema in (*SCHEMAS.values(), *ALLOC_SCHEMAS.values()):
     _lib.define(_schema)
 
 #: ``torch.ops.posteriors_fast``: call the ops as ``OPS.syrk_(...)``.
@@ -104,6 +115,11 @@ def _sghmc_step_fake(params, momenta, grads, step, keep, lr, scale, seed):
     torch._check(len(momenta) == len(params) and len(grads) == len(params),
                  lambda: "params, momenta and grads must have as many leaves")
     return [torch.empty_like(p) for p in params], [torch.empty_like(m) for m in momenta]
+
+
+@torch.library.register_fake(f"{NAMESPACE}::pooled_empty")
+def _pooled_empty_fake(size, like):
+    return like.new_empty(size)
 
 
 def _no_autograd(name: str):

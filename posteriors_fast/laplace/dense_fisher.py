@@ -11,6 +11,7 @@ from posteriors_fast import _checks
 from posteriors_fast._errors import CatchAuxError
 from posteriors_fast.backends import resolve
 from posteriors_fast.laplace._dense import DenseLaplaceState, check_state, init, require_finite, sample
+from posteriors_fast.ops.buffers import new_matrix
 from posteriors_fast.ops.jacobian import output_jacobian, sample_jacobian
 from posteriors_fast.ops.syrk import syrk_
 from posteriors_fast.types import LogProbFn, Transform
@@ -72,5 +73,5 @@ def update(
         if inplace:
             syrk_(state.prec, jac, 1.0, 1.0, backend=backend)
             return state._replace(aux=aux)
-        new = syrk_(torch.empty_like(state.prec), jac, 1.0, 1.0, state.prec, backend=backend)
+        new = syrk_(new_matrix(state.prec.shape, state.prec, backend=backend), jac, 1.0, 1.0, state.prec, backend=backend)
     return DenseLaplaceState(state.params, new, aux)

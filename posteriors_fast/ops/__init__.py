@@ -3,6 +3,7 @@ faster families, each registered with :mod:`posteriors_fast.backends` when the
 module is imported (importing this package registers them all)."""
 
 from posteriors_fast.ops import (  # noqa: F401  (imported to register)
+    buffers,
     cg,
     cholesky,
     cov_downdate,
@@ -15,4 +16,5 @@ from posteriors_fast.ops import (  # noqa: F401  (imported to register)
     products,
     sghmc_step,
     syrk,
+    value_grad,
 )

@@ -27,6 +27,7 @@ import torch
 
 from posteriors_fast._checks import first_non_finite
 from posteriors_fast.backends import decline, implementation, register
+from posteriors_fast.ops.buffers import new_matrix
 from posteriors_fast.ops.cholesky import robust_cholesky
 from posteriors_fast.ops.cov_downdate import cov_downdate_
 from posteriors_fast.ops.syrk import syrk_
@@ -66,7 +67,7 @@ class Update:
         if isinstance(q, torch.Tensor):
             # Σ + Q first (its upper triangle is what the downdate reads).
             if out is None:
-                out = cov.clone()
+                out = new_matrix(cov.shape, cov, backend=self._backend).copy_(cov)
             elif out is not cov:
                 out.copy_(cov)
             return cov_downdate_(out.add_(q), self._w, backend=self._backend)
@@ -74,7 +75,7 @@ class Update:
             cov_downdate_(cov, self._w, backend=self._backend)
         else:
             if out is None:
-                out = torch.empty_like(cov)  # filled by the fused copy-and-downdate
+                out = new_matrix(cov.shape, cov, backend=self._backend)  # filled by the fused copy-and-downdate
             syrk_(out, self._w, -1.0, 1.0, cov, backend=self._backend)
         if q != 0.0:
             out.diagonal().add_(q)  # a scalar Q only touches the diagonal

@@ -26,6 +26,7 @@ import torch
 from posteriors_fast import _library
 from posteriors_fast.backends import decline, implementation, register
 from posteriors_fast.ops._native import accepts
+from posteriors_fast.ops.buffers import new_matrix
 
 #: GEMM tile edge. 1024 measured best of {512, 1024, 2048} at P = 20000, K = 64
 #: and close to best (512) at P = 5000, K = 256.
@@ -143,5 +144,5 @@ def gram(
 ) -> torch.Tensor:
     """``scale · aᵀb`` (``b`` defaults to ``a``; ``aᵀb`` must be symmetric) as a
     new exactly symmetric (P, P) tensor."""
-    out = torch.empty(a.shape[1], a.shape[1], dtype=a.dtype, device=a.device)
+    out = new_matrix((a.shape[1], a.shape[1]), a, backend=backend)
     return syrk_(out, a, scale, 0.0, None, b, backend=backend)
