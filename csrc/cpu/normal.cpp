@@ -17,9 +17,9 @@
 namespace posteriors_fast {
 namespace {
 
-template <typename T>
+template <typename T, typename Engine>
 inline __attribute__((always_inline)) void fill_impl(T* out, int64_t n, uint64_t seed, int64_t b, int64_t e) {
-  using Block = philox::NormalBlock<T>;
+  using Block = philox::NormalBlock<T, Engine>;
   alignas(64) T z[Block::kSize];
   for (int64_t blk = b; blk < e; ++blk) {
     Block::fill(static_cast<uint64_t>(blk), seed, z);
@@ -28,8 +28,28 @@ inline __attribute__((always_inline)) void fill_impl(T* out, int64_t n, uint64_t
   }
 }
 
-PF_MULTIVERSION void fill(float* out, int64_t n, uint64_t seed, int64_t b, int64_t e) { fill_impl(out, n, seed, b, e); }
-PF_MULTIVERSION void fill(double* out, int64_t n, uint64_t seed, int64_t b, int64_t e) { fill_impl(out, n, seed, b, e); }
+PF_MULTIVERSION void fill_portable(float* out, int64_t n, uint64_t seed, int64_t b, int64_t e) {
+  fill_impl<float, philox::Portable>(out, n, seed, b, e);
+}
+PF_MULTIVERSION void fill_portable(double* out, int64_t n, uint64_t seed, int64_t b, int64_t e) {
+  fill_impl<double, philox::Portable>(out, n, seed, b, e);
+}
+#if PF_HAVE_V4_KERNELS
+PF_TARGET_V4 void fill_v4(float* out, int64_t n, uint64_t seed, int64_t b, int64_t e) {
+  fill_impl<float, philox::Avx512>(out, n, seed, b, e);
+}
+PF_TARGET_V4 void fill_v4(double* out, int64_t n, uint64_t seed, int64_t b, int64_t e) {
+  fill_impl<double, philox::Avx512>(out, n, seed, b, e);
+}
+#endif
+
+template <typename T>
+void fill(T* out, int64_t n, uint64_t seed, int64_t b, int64_t e) {
+#if PF_HAVE_V4_KERNELS
+  if (cpu_has_v4()) return fill_v4(out, n, seed, b, e);
+#endif
+  fill_portable(out, n, seed, b, e);
+}
 
 }  // namespace
 

@@ -12,6 +12,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "multiversion.h"
+
 #if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__) && defined(PF_HAVE_LIBMVEC)
 extern "C" {
 __attribute__((simd("notinbranch"))) float logf(float) noexcept;
@@ -26,34 +28,92 @@ namespace philox {
 
 constexpr int64_t kLanes = 64;  // Philox counters per block (4 words each)
 
+// Two engines compute the same words (bit for bit, checked by the tests):
 // words[w * kLanes + l] = word w of Philox4x32-10(counter first + l, seed).
-inline __attribute__((always_inline)) void block(uint64_t first, uint64_t seed, uint32_t* words) {
-  const uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
+//
+// Portable: plain C++ the compiler vectorises. Avx512: the same rounds in
+// AVX-512 intrinsics, on 16 counters per register with even/odd 32×32→64-bit
+// multiplies, blends and three-way XORs; gcc's vectorisation of the portable
+// loop widens every lane to 64 bits instead. Measured, one core, words for
+// 10⁶ float32 draws: portable 0.54 ms, Avx512 0.30 ms.
+struct Portable {
+  static inline __attribute__((always_inline)) void block(uint64_t first, uint64_t seed, uint32_t* words) {
+    const uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
 #pragma omp simd
-  for (int64_t l = 0; l < kLanes; ++l) {
-    const uint64_t ctr = first + static_cast<uint64_t>(l);
-    uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32), c2 = 0, c3 = 0;
-    uint32_t k0 = key0, k1 = key1;
-    for (int round = 0; round < 10; ++round) {
-      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
-      const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
-      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
-      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
-      c1 = static_cast<uint32_t>(p1);
-      c3 = static_cast<uint32_t>(p0);
-      c0 = n0;
-      c2 = n2;
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const uint64_t ctr = first + static_cast<uint64_t>(l);
+      uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32), c2 = 0, c3 = 0;
+      uint32_t k0 = key0, k1 = key1;
+      for (int round = 0; round < 10; ++round) {
+        const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+        const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+        const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+        const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+        c1 = static_cast<uint32_t>(p1);
+        c3 = static_cast<uint32_t>(p0);
+        c0 = n0;
+        c2 = n2;
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+      }
+      words[l] = c0;
+      words[kLanes + l] = c1;
+      words[2 * kLanes + l] = c2;
+      words[3 * kLanes + l] = c3;
     }
-    words[l] = c0;
-    words[kLanes + l] = c1;
-    words[2 * kLanes + l] = c2;
-    words[3 * kLanes + l] = c3;
   }
-}
+};
 
-template <typename T>
+#if PF_HAVE_V4_KERNELS
+// gcc 12's own intrinsics headers trip -Wmaybe-uninitialized (their shift
+// intrinsics start from _mm512_undefined_epi32); nothing here is uninitialised.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+struct Avx512 {
+  // Only call after cpu_has_v4() (multiversion.h) said yes.
+  PF_TARGET_V4 static void block(uint64_t first, uint64_t seed, uint32_t* words) {
+    const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+    const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __mmask16 odd = 0xAAAA;
+    for (int64_t l0 = 0; l0 < kLanes; l0 += 16) {
+      const uint64_t base = first + static_cast<uint64_t>(l0);
+      const __m512i base_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base)));
+      const __m512i base_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32)));
+      __m512i c0 = _mm512_add_epi32(base_lo, lane);
+      // The high word of counter base + l: one more where the low word wrapped.
+      __m512i c1 = _mm512_mask_add_epi32(base_hi, _mm512_cmplt_epu32_mask(c0, base_lo), base_hi, _mm512_set1_epi32(1));
+      __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+      uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+      for (int round = 0; round < 10; ++round) {
+        // 64-bit products of the even lanes, then of the odd lanes shifted down.
+        const __m512i even0 = _mm512_mul_epu32(c0, m0), odd0 = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), m0);
+        const __m512i even1 = _mm512_mul_epu32(c2, m1), odd1 = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), m1);
+        const __m512i hi0 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(even0, 32), odd0);
+        const __m512i lo0 = _mm512_mask_blend_epi32(odd, even0, _mm512_slli_epi64(odd0, 32));
+        const __m512i hi1 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(even1, 32), odd1);
+        const __m512i lo1 = _mm512_mask_blend_epi32(odd, even1, _mm512_slli_epi64(odd1, 32));
+        // 0x96: a ^ b ^ c
+        const __m512i n0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);
+        const __m512i n2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
+        c1 = lo1;
+        c3 = lo0;
+        c0 = n0;
+        c2 = n2;
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+      }
+      _mm512_store_si512(words + l0, c0);
+      _mm512_store_si512(words + kLanes + l0, c1);
+      _mm512_store_si512(words + 2 * kLanes + l0, c2);
+      _mm512_store_si512(words + 3 * kLanes + l0, c3);
+    }
+  }
+};
+#pragma GCC diagnostic pop
+#endif
+
+template <typename T, typename Engine = Portable>
 struct NormalBlock;
 
 // ln(x) for x in (0, 1] by exponent extraction and the atanh series of the
@@ -90,13 +150,13 @@ inline __attribute__((always_inline)) void sincos_poly(float theta, float* s_out
 // so the polynomial sin/cos need no range reduction. Measured for 10⁶ draws
 // on 2 threads: libmvec logf/sinf 0.75 ms, these polynomials 0.64 ms; the rest
 // is Philox itself (0.53 ms per 10⁶ draws on one AVX-512 core, 1.7 ms on AVX2).
-template <>
-struct NormalBlock<float> {
+template <typename Engine>
+struct NormalBlock<float, Engine> {
   static constexpr int64_t kSize = 4 * kLanes;
   // z[0 .. kSize) = draws kSize·index .. kSize·(index + 1) of the stream `seed`.
   static inline __attribute__((always_inline)) void fill(uint64_t index, uint64_t seed, float* z) {
     alignas(64) uint32_t words[4 * kLanes];
-    block(index * kLanes, seed, words);
+    Engine::block(index * kLanes, seed, words);
 #pragma omp simd
     for (int64_t i = 0; i < 2 * kLanes; ++i) {
       const float u1 = (static_cast<float>(words[i] >> 8) + 0.5f) * 5.9604644775390625e-08f;
@@ -111,12 +171,12 @@ struct NormalBlock<float> {
 };
 
 // float64: each counter gives 2 uniforms of 53 bits = 1 pair = 2 draws.
-template <>
-struct NormalBlock<double> {
+template <typename Engine>
+struct NormalBlock<double, Engine> {
   static constexpr int64_t kSize = 2 * kLanes;
   static inline __attribute__((always_inline)) void fill(uint64_t index, uint64_t seed, double* z) {
     alignas(64) uint32_t words[4 * kLanes];
-    block(index * kLanes, seed, words);
+    Engine::block(index * kLanes, seed, words);
 #pragma omp simd
     for (int64_t i = 0; i < kLanes; ++i) {
       const uint64_t a = (static_cast<uint64_t>(words[i]) << 21) ^ (words[kLanes + i] >> 11);

@@ -24,11 +24,11 @@ struct Coefficients {
   T step, keep, lr, scale;
 };
 
-template <typename T>
+template <typename T, typename Engine>
 inline __attribute__((always_inline)) void leaf_impl(const T* theta, const T* m, const T* g, T* theta_out, T* m_out,
                                                      int64_t n, uint64_t seed, Coefficients<T> c, int64_t b,
                                                      int64_t e) {
-  using Block = philox::NormalBlock<T>;
+  using Block = philox::NormalBlock<T, Engine>;
   alignas(64) T z[Block::kSize];
   for (int64_t blk = b; blk < e; ++blk) {
     Block::fill(static_cast<uint64_t>(blk), seed, z);
@@ -48,13 +48,32 @@ inline __attribute__((always_inline)) void leaf_impl(const T* theta, const T* m,
   }
 }
 
-PF_MULTIVERSION void leaf(const float* th, const float* m, const float* g, float* tho, float* mo, int64_t n,
-                          uint64_t seed, Coefficients<float> c, int64_t b, int64_t e) {
-  leaf_impl(th, m, g, tho, mo, n, seed, c, b, e);
+PF_MULTIVERSION void leaf_portable(const float* th, const float* m, const float* g, float* tho, float* mo, int64_t n,
+                                   uint64_t seed, Coefficients<float> c, int64_t b, int64_t e) {
+  leaf_impl<float, philox::Portable>(th, m, g, tho, mo, n, seed, c, b, e);
 }
-PF_MULTIVERSION void leaf(const double* th, const double* m, const double* g, double* tho, double* mo, int64_t n,
+PF_MULTIVERSION void leaf_portable(const double* th, const double* m, const double* g, double* tho, double* mo,
+                                   int64_t n, uint64_t seed, Coefficients<double> c, int64_t b, int64_t e) {
+  leaf_impl<double, philox::Portable>(th, m, g, tho, mo, n, seed, c, b, e);
+}
+#if PF_HAVE_V4_KERNELS
+PF_TARGET_V4 void leaf_v4(const float* th, const float* m, const float* g, float* tho, float* mo, int64_t n,
+                          uint64_t seed, Coefficients<float> c, int64_t b, int64_t e) {
+  leaf_impl<float, philox::Avx512>(th, m, g, tho, mo, n, seed, c, b, e);
+}
+PF_TARGET_V4 void leaf_v4(const double* th, const double* m, const double* g, double* tho, double* mo, int64_t n,
                           uint64_t seed, Coefficients<double> c, int64_t b, int64_t e) {
-  leaf_impl(th, m, g, tho, mo, n, seed, c, b, e);
+  leaf_impl<double, philox::Avx512>(th, m, g, tho, mo, n, seed, c, b, e);
+}
+#endif
+
+template <typename T>
+void leaf(const T* th, const T* m, const T* g, T* tho, T* mo, int64_t n, uint64_t seed, Coefficients<T> c, int64_t b,
+          int64_t e) {
+#if PF_HAVE_V4_KERNELS
+  if (cpu_has_v4()) return leaf_v4(th, m, g, tho, mo, n, seed, c, b, e);
+#endif
+  leaf_portable(th, m, g, tho, mo, n, seed, c, b, e);
 }
 
 void check_leaves(const at::TensorList& params, const at::TensorList& momenta, const at::TensorList& grads) {
