@@ -25,8 +25,10 @@ def new_matrix_eager(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
 
 
 def new_matrix_cpp(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    """A pooled block (contiguous, ``like``'s dtype) on the CPU."""
-    return _library.OPS.pooled_empty(list(shape), like)
+    """A pooled block (contiguous, ``like``'s dtype) on the CPU. ``like`` only
+    gives the dtype: detached, so a fresh buffer never joins an autograd graph
+    (an in-place differentiable write into it still records its own node)."""
+    return _library.OPS.pooled_empty(list(shape), like.detach())
 
 
 register("new_matrix", "eager", new_matrix_eager, doc="uninitialised output matrix of an update (torch.empty)")

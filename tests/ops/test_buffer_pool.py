@@ -115,3 +115,10 @@ def test_consecutive_updates_never_share_a_live_precision():
     for state in states[1:]:
         want = eager.update(want, batch)
         torch.testing.assert_close(state.prec, want.prec, rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+def test_like_that_requires_grad_gives_a_plain_buffer():
+    like = torch.zeros(3, requires_grad=True)
+    out = buffers.new_matrix(BIG, like, backend="compiled")
+    assert not out.requires_grad and out.grad_fn is None
