@@ -146,19 +146,27 @@ def same_structure(tree: Any, reference: Any, name: str, reference_name: str) ->
             )
 
 
+def finite_witness(tensors) -> torch.Tensor:
+    """The sum of every entry of ``tensors`` (real floating point), as one 0-d
+    tensor. Finite proves every entry finite (NaN or ±inf make the sum NaN or
+    inf); not finite means a bad entry or finite entries so large that their
+    sum overflows, which only an exact check can tell apart. Summing is one
+    fast vectorised pass per tensor, and it fuses into a compiled graph."""
+    sums = [t.sum() for t in tensors]
+    return torch.stack(sums).sum() if sums else torch.zeros(())
+
+
 def all_finite(leaves) -> bool:
     """Whether every entry of every leaf is finite, with one host sync.
 
-    A finite sum proves every entry finite (NaN or ±inf make it NaN or inf), and
-    summing is one fast vectorised pass per leaf: measured on 1M float32 entries
-    in 4 leaves, 0.1 ms, against 0.7 ms for per-leaf ``isfinite().all()`` and
-    1.4 ms for an inf-norm. Only a non-finite sum (a bad entry, or finite
-    entries so large that their sum overflows) pays for the exact check.
+    Uses :func:`finite_witness`: measured on 1M float32 entries in 4 leaves,
+    0.1 ms, against 0.7 ms for per-leaf ``isfinite().all()`` and 1.4 ms for an
+    inf-norm. Only a non-finite witness pays for the exact check.
     """
     floats = [g for g in leaves if g.is_floating_point() or g.is_complex()]
     if not floats:
         return True
-    if bool(torch.isfinite(torch.stack([g.sum() for g in floats])).all()):
+    if bool(torch.isfinite(finite_witness(floats))):
         return True
     return all(bool(torch.isfinite(g).all()) for g in floats)
 

@@ -2,10 +2,10 @@
 (value, aux)`` with respect to ``params``, with its value, its aux and one
 finiteness witness, for the per-step gradients of the samplers.
 
-The witness is ``value + Σ_leaves Σ grad``: finite proves the value and every
-gradient entry finite (NaN and ±inf propagate through a sum), so the caller
-checks everything with one host sync; only a non-finite witness (a bad entry,
-or finite entries whose sum overflows) needs the exact per-tensor check.
+The witness is ``value + Σ_leaves Σ grad`` (:func:`posteriors_fast._checks.finite_witness`):
+finite proves the value and every gradient entry finite, so the caller checks
+everything with one host sync; only a non-finite witness needs the exact
+per-tensor check.
 
 Eager runs plain autograd. Compiled, the same computation is traced with
 ``torch.func.grad_and_value`` into one graph once the function is called
@@ -22,13 +22,13 @@ import torch
 from optree import tree_flatten, tree_leaves, tree_unflatten
 
 from posteriors_fast._autograd import grad_value_aux
+from posteriors_fast._checks import finite_witness
 from posteriors_fast.backends import decline, implementation, register
 from posteriors_fast.ops._tiered import TieredCompile, shape_signature
 
 
 def _witness(value: torch.Tensor, grads: Any) -> torch.Tensor:
-    sums = [value.reshape(())] + [g.sum().to(value.dtype) for g in tree_leaves(grads)]
-    return torch.stack(sums).sum()
+    return finite_witness([value.reshape(())] + tree_leaves(grads))  # stack promotes mixed dtypes
 
 
 def value_grad_eager(fn: Callable, params: Any, batch: Any, what: str) -> Tuple[Any, torch.Tensor, Any, torch.Tensor]:
