@@ -148,8 +148,9 @@ inline __attribute__((always_inline)) void sincos_poly(float theta, float* s_out
 // float32: each counter gives 4 words = 2 Box-Muller pairs = 4 draws
 // (24-bit uniforms in (0, 1)). The angle is 2π(u2 − ½), uniform on (−π, π),
 // so the polynomial sin/cos need no range reduction. Measured for 10⁶ draws
-// on 2 threads: libmvec logf/sinf 0.75 ms, these polynomials 0.64 ms; the rest
-// is Philox itself (0.53 ms per 10⁶ draws on one AVX-512 core, 1.7 ms on AVX2).
+// on 2 threads, with the portable engine: libmvec logf/sinf 0.75 ms, these
+// polynomials 0.64 ms, most of it Philox (0.53 ms per 10⁶ draws on one
+// AVX-512 core); with the Avx512 engine 0.25 ms in all.
 template <typename Engine>
 struct NormalBlock<float, Engine> {
   static constexpr int64_t kSize = 4 * kLanes;
