@@ -59,11 +59,20 @@ def require_finite(tensor: torch.Tensor, what: str) -> None:
 
 
 def add_to_prec(state, term: torch.Tensor, aux, inplace: bool):
-    """``prec + term`` (``term`` already checked finite), written in place or new."""
+    """``prec + term`` (``term`` already checked finite), written in place or new.
+
+    ``term`` must be the caller's own new tensor: the new precision is written
+    into it when it has the precision's dtype and device (no further P×P
+    allocation; with ``"compiled"`` it may come from the block pool), and
+    ``term + prec`` equals ``prec + term`` exactly."""
     if inplace:
         with torch.no_grad():
             state.prec.add_(term.to(state.prec.dtype))
         return state._replace(aux=aux)
+    tracked = torch.is_grad_enabled() and (state.prec.requires_grad or term.requires_grad)
+    same = term.dtype == state.prec.dtype and term.device == state.prec.device and term.shape == state.prec.shape
+    if same and not tracked:
+        return type(state)(state.params, term.add_(state.prec), aux)
     return type(state)(state.params, state.prec + term, aux)
 
 
