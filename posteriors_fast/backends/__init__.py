@@ -29,6 +29,7 @@ from posteriors_fast.backends.selection import (
 from posteriors_fast.backends.families import BackendUnavailableError
 from posteriors_fast.backends.registry import (
     decline,
+    device_type_of,
     explain,
     implementation,
     register,
@@ -47,6 +48,7 @@ __all__ = [
     "report",
     "explain",
     "decline",
+    "device_type_of",
     "BackendUnavailableError",
     "FAMILY_BACKENDS",
 ]

@@ -16,9 +16,10 @@ when the backend name was validated).
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import torch
+from optree import tree_leaves
 
 from posteriors_fast.backends.families import AVAILABILITY
 from posteriors_fast.backends.selection import BACKENDS, _validate
@@ -120,6 +121,12 @@ def _choose(op: str, backend: str, device_type: str) -> Tuple[Callable, str, str
         missing = [f"{'/'.join(f for f in families)}: {reasons.pop()}"]
     reason = "fell back to eager torch (" + "; ".join(missing) + ")"
     return eager.fn, "eager", reason
+
+
+def device_type_of(tree: Any) -> str:
+    """The device type (``"cpu"``, ``"cuda"``) of the first tensor leaf of
+    ``tree``, the device an op dispatches on; ``"cpu"`` without tensors."""
+    return next((x.device.type for x in tree_leaves(tree) if isinstance(x, torch.Tensor)), "cpu")
 
 
 def implementation(op: str, backend: str, device_type: str) -> Callable:

@@ -19,7 +19,7 @@ from optree.integrations.torch import tree_ravel
 from torch.func import vjp, vmap
 
 from posteriors_fast._errors import split_aux
-from posteriors_fast.backends import decline, implementation, register
+from posteriors_fast.backends import decline, device_type_of, implementation, register
 from posteriors_fast.ops._tiered import TieredCompile, shape_signature
 
 #: Samples per vmap chunk are capped so that chunk · P stays below this.
@@ -116,8 +116,7 @@ def sample_jacobian(
 ) -> Tuple[torch.Tensor, torch.Tensor, Any]:
     """Dispatching entry point (see :func:`sample_jacobian_eager` for the
     arguments and result); ``backend`` must already be resolved."""
-    device = next((x.device.type for x in tree_leaves(params) if isinstance(x, torch.Tensor)), "cpu")
-    return implementation("sample_jacobian", backend, device)(f, params, batch, has_aux, keep_aux)
+    return implementation("sample_jacobian", backend, device_type_of(params))(f, params, batch, has_aux, keep_aux)
 
 
 def output_jacobian(

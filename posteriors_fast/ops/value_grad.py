@@ -23,7 +23,7 @@ from optree import tree_flatten, tree_leaves, tree_unflatten
 
 from posteriors_fast._autograd import grad_value_aux
 from posteriors_fast._checks import finite_witness
-from posteriors_fast.backends import decline, implementation, register
+from posteriors_fast.backends import decline, device_type_of, implementation, register
 from posteriors_fast.ops._tiered import TieredCompile, shape_signature
 
 
@@ -98,5 +98,4 @@ for _family in ("triton", "cpp"):
 def value_grad(fn: Callable, params: Any, batch: Any, what: str, *, backend: str):
     """Dispatching entry point (see :func:`value_grad_eager`); ``backend``
     must already be resolved."""
-    device = next((x.device.type for x in tree_leaves(params) if isinstance(x, torch.Tensor)), "cpu")
-    return implementation("value_grad", backend, device)(fn, params, batch, what)
+    return implementation("value_grad", backend, device_type_of(params))(fn, params, batch, what)
