@@ -147,13 +147,12 @@ def same_structure(tree: Any, reference: Any, name: str, reference_name: str) ->
 
 
 def finite_witness(tensors) -> torch.Tensor:
-    """The sum of every entry of ``tensors`` (real floating point), as one 0-d
-    tensor. Finite proves every entry finite (NaN or ±inf make the sum NaN or
+    """The sum of every entry of ``tensors`` (a non-empty list of floating-point
+    tensors), as one 0-d tensor. Finite proves every entry finite (NaN or ±inf make the sum NaN or
     inf); not finite means a bad entry or finite entries so large that their
     sum overflows, which only an exact check can tell apart. Summing is one
     fast vectorised pass per tensor, and it fuses into a compiled graph."""
-    sums = [t.sum() for t in tensors]
-    return torch.stack(sums).sum() if sums else torch.zeros(())
+    return torch.stack([t.sum() for t in tensors]).sum()
 
 
 def all_finite(leaves) -> bool:

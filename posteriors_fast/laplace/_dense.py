@@ -70,8 +70,7 @@ def add_to_prec(state, term: torch.Tensor, aux, inplace: bool):
             state.prec.add_(term.to(state.prec.dtype))
         return state._replace(aux=aux)
     tracked = torch.is_grad_enabled() and (state.prec.requires_grad or term.requires_grad)
-    same = term.dtype == state.prec.dtype and term.device == state.prec.device and term.shape == state.prec.shape
-    if same and not tracked:
+    if term.dtype == state.prec.dtype and term.device == state.prec.device and not tracked:
         return type(state)(state.params, term.add_(state.prec), aux)
     return type(state)(state.params, state.prec + term, aux)
 
