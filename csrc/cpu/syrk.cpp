@@ -7,6 +7,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "syrk_avx512.h"
+
 #include <algorithm>
 #include <atomic>
 #include <vector>
@@ -99,6 +101,13 @@ void syrk_(at::Tensor out, const at::Tensor& a, const std::optional<at::Tensor>&
   const at::Tensor b = b_opt.has_value() ? *b_opt : a;
   // C == out (in place) unless a separate C is given; with beta == 0 C is never read.
   const at::Tensor c = c_opt.has_value() ? *c_opt : out;
+#if PF_HAVE_V4_KERNELS
+  if (cpu_has_v4() && (c.stride(1) == 1 || beta == 0.0)) {
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "syrk_v4",
+                               [&] { syrk_v4::run<scalar_t>(out, a, b, c, alpha, beta, mirror); });
+    return;
+  }
+#endif
   const int64_t ld = out.stride(0);
   const int64_t tile_edge = tile_for(p);
 

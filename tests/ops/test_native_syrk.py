@@ -1,5 +1,11 @@
-"""posteriors_fast::syrk_ and ::cov_downdate_: the C++ CPU kernels against a
-float64 oracle, opcheck, declared non-differentiability, and dispatch."""
+"""posteriors_fast::syrk_ and ::cov_downdate_: the C++ CPU kernels (the
+AVX-512 micro-kernel and the portable ATen-GEMM tiles) against a float64
+oracle, opcheck, declared non-differentiability, and dispatch."""
+
+import os
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -9,7 +15,9 @@ from posteriors_fast.ops import cov_downdate, syrk
 from tests.ops._native import close, needs_ext
 
 OPS = _library.OPS
-SHAPES = [(1, 1), (1, 37), (5, 513), (64, 1100), (3, 1025)]  # P around the 512 tile
+# P around the tiles (240 for the AVX-512 kernel, 256/512 for the portable
+# one) and K around the AVX-512 kernel's 128-deep chunks.
+SHAPES = [(1, 1), (1, 37), (5, 513), (64, 1100), (3, 1025), (129, 241), (300, 481)]
 
 
 def _sym(p, dtype, gen):
@@ -63,6 +71,41 @@ def test_cov_downdate_matches_oracle_and_is_symmetric(dtype, r, p):
     OPS.cov_downdate_(cov, w)
     close(cov, expected, dtype)
     assert torch.equal(cov, cov.T)
+
+
+@needs_ext
+def test_portable_path_matches_the_oracle():
+    """The ATen-GEMM tiles that CPUs without AVX-512 run, forced in a child
+    process (POSTERIORS_FAST_PORTABLE_KERNELS=1), on the shapes and variants
+    above. (On such a CPU both paths are the portable one.)"""
+    code = (
+        "import sys, torch; from posteriors_fast import _library; _library.load_extension(); "
+        "cases = torch.load(sys.argv[1]); out = []\n"
+        "for o, a, b, c, alpha, beta, mirror in cases:\n"
+        "    _library.OPS.syrk_(o, a, b, c, alpha, beta, mirror); out.append(o)\n"
+        "torch.save(out, sys.argv[2])"
+    )
+    gen = torch.Generator().manual_seed(7)
+    cases, expected = [], []
+    for dtype in (torch.float32, torch.float64):
+        for k, p in [(5, 513), (64, 300), (129, 241)]:
+            a = torch.randn(k, p, dtype=dtype, generator=gen)
+            c = _sym(p, dtype, gen)
+            b = (_sym(k, torch.float64, gen).to(dtype)) @ a
+            cases.append((c.clone(), a, None, None, -0.7, 1.0, True))
+            expected.append(c.double() - 0.7 * a.double().T @ a.double())
+            cases.append((torch.full((p, p), float("nan"), dtype=dtype), a, b, c, 0.5, 2.0, True))
+            expected.append(2.0 * c.double() + 0.5 * a.double().T @ b.double())
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs, outputs = os.path.join(tmp, "in.pt"), os.path.join(tmp, "out.pt")
+        torch.save(cases, inputs)
+        env = dict(os.environ, POSTERIORS_FAST_PORTABLE_KERNELS="1")
+        subprocess.run([sys.executable, "-c", code, inputs, outputs], env=env, check=True)
+        results = torch.load(outputs)
+    for result, want, case in zip(results, expected, cases):
+        upper = torch.ones(want.shape, dtype=torch.bool).triu()
+        close(result[upper], want[upper], case[1].dtype)
+        assert torch.equal(result, result.T)
 
 
 @needs_ext

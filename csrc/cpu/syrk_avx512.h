@@ -1,0 +1,321 @@
+// The AVX-512 body of posteriors_fast::syrk_ (x86-64-v4 CPUs; syrk.cpp picks it
+// at run time with cpu_has_v4(), else the ATen-GEMM tiles).
+//
+// out ← beta·C + alpha·AᵀB on the upper triangle, for A and B of shape (K, P);
+// optionally mirrored onto the lower triangle. Own micro-kernel rather than
+// one ATen GEMM per tile because MKL runs its AVX2 kernels on AMD CPUs: on
+// this Zen 5 machine one core reaches 135 GFMA/s with AVX-512 FMAs but MKL's
+// sgemm 53 GFMA/s, and with (K, tile) panels as small as here its packing and
+// call overhead cost another third (P = 1045, K = 64: 0.55 ms in 25 ATen GEMMs).
+//
+// Structure (the usual GEMM blocking, after BLIS):
+//   task   = one upper tile (kTile × kTile) of the result, handed out to the
+//            threads dynamically, largest first;
+//   K      = chunks of kKc, each packing A's rows of the tile into MR-row
+//            panels and B's columns into NR-column panels, zero-padded;
+//   micro  = MR × NR block of AᵀB in 24 zmm accumulators (MR rows broadcast,
+//            NR = 3 vectors of columns), written straight into `out` with
+//            beta·C fused on the first chunk (C is not read when beta == 0);
+//   mirror = after the tile's last chunk, its transposed copy onto the lower
+//            triangle in 8 × 8 (float) / 4 × 4 (double) register transposes
+//            while the tile is still in L2.
+#pragma once
+
+#include "multiversion.h"
+
+#if PF_HAVE_V4_KERNELS
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+namespace posteriors_fast {
+namespace syrk_v4 {
+
+constexpr int64_t kMr = 8;      // rows of a micro-tile (broadcast operands)
+constexpr int64_t kNv = 3;      // vectors of columns in a micro-tile
+constexpr int64_t kKc = 128;    // K chunk: panels of kTile × kKc stay in L2
+constexpr int64_t kTile = 240;  // multiple of kMr and of both NRs (48, 24)
+
+template <typename T>
+struct Simd;
+
+template <>
+struct Simd<float> {
+  using reg = __m512;
+  using mask = __mmask16;
+  static constexpr int64_t L = 16;
+  PF_TARGET_V4 static inline reg zero() { return _mm512_setzero_ps(); }
+  PF_TARGET_V4 static inline reg load(const float* p) { return _mm512_load_ps(p); }
+  PF_TARGET_V4 static inline reg set1(float x) { return _mm512_set1_ps(x); }
+  PF_TARGET_V4 static inline reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  PF_TARGET_V4 static inline reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  PF_TARGET_V4 static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  PF_TARGET_V4 static inline reg loadm(mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  PF_TARGET_V4 static inline void storem(float* p, mask m, reg x) { _mm512_mask_storeu_ps(p, m, x); }
+};
+
+template <>
+struct Simd<double> {
+  using reg = __m512d;
+  using mask = __mmask8;
+  static constexpr int64_t L = 8;
+  PF_TARGET_V4 static inline reg zero() { return _mm512_setzero_pd(); }
+  PF_TARGET_V4 static inline reg load(const double* p) { return _mm512_load_pd(p); }
+  PF_TARGET_V4 static inline reg set1(double x) { return _mm512_set1_pd(x); }
+  PF_TARGET_V4 static inline reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
+  PF_TARGET_V4 static inline reg mul(reg a, reg b) { return _mm512_mul_pd(a, b); }
+  PF_TARGET_V4 static inline reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
+  PF_TARGET_V4 static inline reg loadm(mask m, const double* p) { return _mm512_maskz_loadu_pd(m, p); }
+  PF_TARGET_V4 static inline void storem(double* p, mask m, reg x) { _mm512_mask_storeu_pd(p, m, x); }
+};
+
+// Operand as (K, P) with arbitrary strides.
+template <typename T>
+struct Matrix {
+  const T* data;
+  int64_t s0, s1;
+};
+
+// dst[(idx / W) * kc * W + k * W + idx % W] = m[k0 + k][i0 + idx] for idx < n,
+// zero up to the next multiple of W: panels of W consecutive indices, k-major.
+template <typename T, int64_t W>
+PF_TARGET_V4 void pack(T* dst, const Matrix<T>& m, int64_t k0, int64_t kc, int64_t i0, int64_t n) {
+  const int64_t panels = (n + W - 1) / W;
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t base = p * W, width = std::min<int64_t>(W, n - base);
+    T* out = dst + p * kc * W;
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* src = m.data + (k0 + k) * m.s0 + (i0 + base) * m.s1;
+      T* row = out + k * W;
+      if (m.s1 == 1 && width == W) {
+        std::memcpy(row, src, W * sizeof(T));  // constant size: vector moves
+        continue;
+      }
+      if (m.s1 == 1) {
+        for (int64_t w = 0; w < width; ++w) row[w] = src[w];
+      } else {
+        for (int64_t w = 0; w < width; ++w) row[w] = src[w * m.s1];
+      }
+      for (int64_t w = width; w < W; ++w) row[w] = T(0);
+    }
+  }
+}
+
+// Lanes [lo, hi) of a vector set, as a mask.
+template <typename T>
+inline typename Simd<T>::mask lanes(int64_t lo, int64_t hi) {
+  lo = std::max<int64_t>(lo, 0);
+  hi = std::min<int64_t>(hi, Simd<T>::L);
+  if (hi <= lo) return 0;
+  const uint32_t upto = hi >= 32 ? ~0u : ((1u << hi) - 1u);
+  return static_cast<typename Simd<T>::mask>(upto & ~((1u << lo) - 1u));
+}
+
+// The MR × NR block of AᵀB at panel rows `ap` and panel columns `bp`, then
+// out[i][j] = beta·C[i][j] + alpha·acc (first chunk) or out[i][j] += alpha·acc,
+// for i < row_end, j < col_end and, on a diagonal tile, j >= i.
+template <typename T>
+PF_TARGET_V4 void micro_tile(const T* ap, const T* bp, int64_t kc, T* out, int64_t ld, const T* c, int64_t ldc,
+                             int64_t i0, int64_t j0, int64_t row_end, int64_t col_end, bool diagonal, bool first,
+                             T alpha, T beta) {
+  using S = Simd<T>;
+  constexpr int64_t L = S::L, NR = kNv * L;
+  const bool read_c = first && beta != T(0);
+  // The C rows and output rows of this block arrive while the FMAs run (C
+  // is a P × P matrix, in L3 or memory, read once).
+  constexpr int64_t kLine = 64 / sizeof(T);
+#pragma GCC unroll 8
+  for (int r = 0; r < kMr; ++r) {
+    const int64_t i = std::min(i0 + r, row_end - 1);
+#pragma GCC unroll 3
+    for (int64_t x = 0; x < NR; x += kLine) {
+      if (read_c) __builtin_prefetch(c + i * ldc + j0 + x, 0, 3);
+      __builtin_prefetch(out + i * ld + j0 + x, 1, 3);
+    }
+  }
+  typename S::reg acc[kMr][kNv];
+#pragma GCC unroll 8
+  for (int r = 0; r < kMr; ++r) {
+#pragma GCC unroll 3
+    for (int v = 0; v < kNv; ++v) acc[r][v] = S::zero();
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const T* brow = bp + k * NR;
+    const T* arow = ap + k * kMr;
+    const typename S::reg b0 = S::load(brow), b1 = S::load(brow + L), b2 = S::load(brow + 2 * L);
+#pragma GCC unroll 8
+    for (int r = 0; r < kMr; ++r) {
+      const typename S::reg a = S::set1(arow[r]);
+      acc[r][0] = S::fmadd(a, b0, acc[r][0]);
+      acc[r][1] = S::fmadd(a, b1, acc[r][1]);
+      acc[r][2] = S::fmadd(a, b2, acc[r][2]);
+    }
+  }
+  const typename S::reg va = S::set1(alpha), vb = S::set1(beta);
+  // Interior blocks (the vast majority) take full vectors; edge blocks and
+  // blocks that cross the diagonal are masked lane by lane.
+  const bool whole = i0 + kMr <= row_end && j0 + NR <= col_end && (!diagonal || j0 >= i0 + kMr - 1);
+  const typename S::mask all = static_cast<typename S::mask>(~0u);
+#pragma GCC unroll 8
+  for (int r = 0; r < kMr; ++r) {
+    const int64_t i = i0 + r;
+    if (i >= row_end) break;
+    T* orow = out + i * ld;
+    const T* crow = c + i * ldc;
+#pragma GCC unroll 3
+    for (int v = 0; v < kNv; ++v) {
+      const int64_t j = j0 + v * L;
+      const typename S::mask m = whole ? all : lanes<T>(diagonal ? i - j : 0, col_end - j);
+      if (m == 0) continue;
+      typename S::reg x = S::mul(va, acc[r][v]);
+      if (read_c) {
+        x = S::fmadd(vb, S::loadm(m, crow + j), x);
+      } else if (!first) {
+        x = S::add(x, S::loadm(m, orow + j));
+      }
+      S::storem(orow + j, m, x);
+    }
+  }
+}
+
+
+// 8 × 8 float / 4 × 4 double register transposes: dst[c][r] = src[r][c].
+PF_TARGET_V4 inline void transpose_block(const float* src, float* dst, int64_t ld) {
+  __m256 r[8], t[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld);
+#pragma GCC unroll 4
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+PF_TARGET_V4 inline void transpose_block(const double* src, double* dst, int64_t ld) {
+  const __m256d r0 = _mm256_loadu_pd(src), r1 = _mm256_loadu_pd(src + ld);
+  const __m256d r2 = _mm256_loadu_pd(src + 2 * ld), r3 = _mm256_loadu_pd(src + 3 * ld);
+  const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
+  const __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
+  _mm256_storeu_pd(dst, _mm256_permute2f128_pd(t0, t2, 0x20));
+  _mm256_storeu_pd(dst + ld, _mm256_permute2f128_pd(t1, t3, 0x20));
+  _mm256_storeu_pd(dst + 2 * ld, _mm256_permute2f128_pd(t0, t2, 0x31));
+  _mm256_storeu_pd(dst + 3 * ld, _mm256_permute2f128_pd(t1, t3, 0x31));
+}
+
+// out[c][r] = out[r][c] over the tile rows [r0, r0 + rows) × columns
+// [c0, c0 + cols) of the upper triangle; a diagonal tile (r0 == c0) copies
+// only its part above the diagonal.
+template <typename T>
+PF_TARGET_V4 void mirror_tile(T* out, int64_t ld, int64_t r0, int64_t rows, int64_t c0, int64_t cols, bool diagonal) {
+  constexpr int64_t B = 32 / sizeof(T);
+  // Destination-row-major order: each lower row segment is written start to
+  // end while the source tile is read from L2.
+  for (int64_t cb = 0; cb < cols; cb += B) {
+    const int64_t rb_end = diagonal ? std::min(rows, cb + B) : rows;
+    for (int64_t rb = 0; rb < rb_end; rb += B) {
+      if (rb + B <= rows && cb + B <= cols && !(diagonal && cb == rb)) {
+        transpose_block(out + (r0 + rb) * ld + c0 + cb, out + (c0 + cb) * ld + r0 + rb, ld);
+        continue;
+      }
+      const int64_t re = std::min(rows, rb + B), ce = std::min(cols, cb + B);
+      for (int64_t r = rb; r < re; ++r) {
+        for (int64_t c = diagonal ? std::max(cb, r + 1) : cb; c < ce; ++c) {
+          out[(c0 + c) * ld + r0 + r] = out[(r0 + r) * ld + c0 + c];
+        }
+      }
+    }
+  }
+}
+
+struct AlignedFree {
+  void operator()(void* p) const { std::free(p); }
+};
+
+template <typename T>
+std::unique_ptr<T, AlignedFree> aligned_buffer(int64_t count) {
+  const size_t bytes = ((static_cast<size_t>(count) * sizeof(T) + 63) / 64) * 64;
+  return std::unique_ptr<T, AlignedFree>(static_cast<T*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64))));
+}
+
+// The whole update. `c` is row-major (stride(1) == 1) or is `out` itself.
+template <typename T>
+void run(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                      double alpha_, double beta_, bool mirror) {
+  constexpr int64_t NR = kNv * Simd<T>::L;
+  const int64_t k_total = a.size(0), p = a.size(1);
+  const Matrix<T> am{a.const_data_ptr<T>(), a.stride(0), a.stride(1)};
+  const Matrix<T> bm{b.const_data_ptr<T>(), b.stride(0), b.stride(1)};
+  T* o = out.mutable_data_ptr<T>();
+  const int64_t ld = out.stride(0);
+  const bool in_place = c.is_same(out);
+  const T* cp = in_place ? o : c.const_data_ptr<T>();
+  const int64_t ldc = in_place ? ld : c.stride(0);
+  const T alpha = static_cast<T>(alpha_), beta = static_cast<T>(beta_);
+
+  struct Task {
+    int64_t r0, rows, c0, cols;
+  };
+  std::vector<Task> tasks;
+  for (int64_t r0 = 0; r0 < p; r0 += kTile) {
+    for (int64_t c0 = r0; c0 < p; c0 += kTile) {
+      tasks.push_back({r0, std::min(kTile, p - r0), c0, std::min(kTile, p - c0)});
+    }
+  }
+  // Largest first (a diagonal tile is half the work), handed out dynamically.
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& u, const Task& v) {
+    return u.rows * u.cols / (u.r0 == u.c0 ? 2 : 1) > v.rows * v.cols / (v.r0 == v.c0 ? 2 : 1);
+  });
+  const int64_t ntasks = static_cast<int64_t>(tasks.size());
+  const int64_t kc_max = std::min(kKc, std::max<int64_t>(k_total, 1));
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), ntasks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto ap = aligned_buffer<T>(kTile * kc_max);
+    auto bp = aligned_buffer<T>(((kTile + NR - 1) / NR) * NR * kc_max);
+    for (int64_t t = next++; t < ntasks; t = next++) {
+      const Task& task = tasks[t];
+      const bool diagonal = task.r0 == task.c0;
+      const int64_t row_end = task.r0 + task.rows, col_end = task.c0 + task.cols;
+      // At least one chunk: with K == 0 the result is beta·C.
+      for (int64_t k0 = 0; k0 == 0 || k0 < k_total; k0 += kKc) {
+        const int64_t kc = std::min(kKc, k_total - k0);
+        pack<T, kMr>(ap.get(), am, k0, kc, task.r0, task.rows);
+        pack<T, NR>(bp.get(), bm, k0, kc, task.c0, task.cols);
+        for (int64_t j0 = task.c0; j0 < col_end; j0 += NR) {
+          const T* bpanel = bp.get() + (j0 - task.c0) * kc;
+          for (int64_t i0 = task.r0; i0 < row_end; i0 += kMr) {
+            if (diagonal && i0 > j0 + NR - 1) break;  // the rest lies below the diagonal
+            micro_tile<T>(ap.get() + (i0 - task.r0) * kc, bpanel, kc, o, ld, cp, ldc, i0, j0, row_end, col_end,
+                          diagonal, k0 == 0, alpha, beta);
+          }
+        }
+      }
+      if (mirror) mirror_tile<T>(o, ld, task.r0, task.rows, task.c0, task.cols, diagonal);
+    }
+  });
+}
+
+}  // namespace syrk_v4
+}  // namespace posteriors_fast
+
+#endif  // PF_HAVE_V4_KERNELS
