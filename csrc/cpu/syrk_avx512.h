@@ -301,11 +301,15 @@ void run(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const 
         const int64_t kc = std::min(kKc, k_total - k0);
         pack<T, kMr>(ap.get(), am, k0, kc, task.r0, task.rows);
         pack<T, NR>(bp.get(), bm, k0, kc, task.c0, task.cols);
-        for (int64_t j0 = task.c0; j0 < col_end; j0 += NR) {
-          const T* bpanel = bp.get() + (j0 - task.c0) * kc;
-          for (int64_t i0 = task.r0; i0 < row_end; i0 += kMr) {
-            if (diagonal && i0 > j0 + NR - 1) break;  // the rest lies below the diagonal
-            micro_tile<T>(ap.get() + (i0 - task.r0) * kc, bpanel, kc, o, ld, cp, ldc, i0, j0, row_end, col_end,
+        // Row blocks outer: C and the output are then read and written a
+        // whole tile row (a contiguous run) at a time, which the hardware
+        // prefetchers follow; the B panels (kTile × kc) stay in L2.
+        for (int64_t i0 = task.r0; i0 < row_end; i0 += kMr) {
+          const T* apanel = ap.get() + (i0 - task.r0) * kc;
+          // On a diagonal tile, start at the first block reaching j >= i0.
+          const int64_t j_first = diagonal ? task.c0 + ((i0 - task.c0) / NR) * NR : task.c0;
+          for (int64_t j0 = j_first; j0 < col_end; j0 += NR) {
+            micro_tile<T>(apanel, bp.get() + (j0 - task.c0) * kc, kc, o, ld, cp, ldc, i0, j0, row_end, col_end,
                           diagonal, k0 == 0, alpha, beta);
           }
         }
