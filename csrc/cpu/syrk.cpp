@@ -1,8 +1,10 @@
 // posteriors_fast::syrk_ and posteriors_fast::cov_downdate_ on the CPU.
 //
-// out ← beta·C + alpha·AᵀB on the upper triangle, computed tile by tile with one
-// ATen GEMM per upper tile (about half the FLOPs of a full AᵀB), optionally
-// mirrored onto the lower triangle. Schemas and semantics: posteriors_fast/_library.py.
+// out ← beta·C + alpha·AᵀB on the upper triangle, optionally mirrored onto
+// the lower triangle (about half the FLOPs of a full AᵀB). On x86-64-v4 CPUs
+// the packed AVX-512 micro-kernel of syrk_avx512.h; elsewhere (or for a C
+// that is not row-major) one ATen GEMM per upper tile, below. Schemas and
+// semantics: posteriors_fast/_library.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
