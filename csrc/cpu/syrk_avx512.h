@@ -129,12 +129,15 @@ PF_TARGET_V4 void micro_tile(const T* ap, const T* bp, int64_t kc, T* out, int64
   using S = Simd<T>;
   constexpr int64_t L = S::L, NR = kNv * L;
   const bool read_c = first && beta != T(0);
-  // The C rows and output rows of this block arrive while the FMAs run (C
-  // is a P × P matrix, in L3 or memory, read once).
+  // The C rows and output rows of the next row block (the same columns, a
+  // tile row of micro-tiles later) arrive while these FMAs run: C and the
+  // output are P × P, in L3 or memory. Measured at P = 1045, K = 64 right
+  // after a reference step (caches cold): 0.38-0.41 ms against 0.38-0.51 ms
+  // when each block fetched its own rows.
   constexpr int64_t kLine = 64 / sizeof(T);
 #pragma GCC unroll 8
   for (int r = 0; r < kMr; ++r) {
-    const int64_t i = std::min(i0 + r, row_end - 1);
+    const int64_t i = std::min(i0 + kMr + r, row_end - 1);
 #pragma GCC unroll 3
     for (int64_t x = 0; x < NR; x += kLine) {
       if (read_c) __builtin_prefetch(c + i * ldc + j0 + x, 0, 3);
