@@ -152,6 +152,8 @@ def finite_witness(tensors) -> torch.Tensor:
     inf); not finite means a bad entry or finite entries so large that their
     sum overflows, which only an exact check can tell apart. Summing is one
     fast vectorised pass per tensor, and it fuses into a compiled graph."""
+    if len(tensors) == 1:  # one op, not three: the common single-matrix check
+        return tensors[0].sum()
     return torch.stack([t.sum() for t in tensors]).sum()
 
 
