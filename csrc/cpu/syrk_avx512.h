@@ -257,7 +257,9 @@ struct AlignedFree {
 template <typename T>
 std::unique_ptr<T, AlignedFree> aligned_buffer(int64_t count) {
   const size_t bytes = ((static_cast<size_t>(count) * sizeof(T) + 63) / 64) * 64;
-  return std::unique_ptr<T, AlignedFree>(static_cast<T*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64))));
+  T* p = static_cast<T*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64)));
+  TORCH_CHECK(p != nullptr, "posteriors_fast::syrk_: out of memory for a ", bytes, "-byte packing buffer");
+  return std::unique_ptr<T, AlignedFree>(p);
 }
 
 // The whole update. `c` is row-major (stride(1) == 1) or is `out` itself.

@@ -74,6 +74,18 @@ def test_cov_downdate_matches_oracle_and_is_symmetric(dtype, r, p):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_empty_k_gives_beta_c(dtype):
+    c = _sym(50, dtype, torch.Generator().manual_seed(3))
+    out = torch.full((50, 50), float("nan"), dtype=dtype)
+    OPS.syrk_(out, torch.zeros(0, 50, dtype=dtype), None, c, 1.0, 2.0, True)
+    upper = torch.ones(50, 50, dtype=torch.bool).triu()
+    assert torch.equal(out[upper], 2 * c[upper]) and torch.equal(out, out.T)
+    OPS.syrk_(out, torch.zeros(0, 50, dtype=dtype), None, None, 1.0, 0.0, True)
+    assert torch.equal(out, torch.zeros(50, 50, dtype=dtype))
+
+
+@needs_ext
 def test_portable_path_matches_the_oracle():
     """The ATen-GEMM tiles that CPUs without AVX-512 run, forced in a child
     process (POSTERIORS_FAST_PORTABLE_KERNELS=1), on the shapes and variants
