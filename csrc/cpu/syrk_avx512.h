@@ -4,7 +4,7 @@
 // out ← beta·C + alpha·AᵀB on the upper triangle, for A and B of shape (K, P);
 // optionally mirrored onto the lower triangle. Own micro-kernel rather than
 // one ATen GEMM per tile because MKL runs its AVX2 kernels on AMD CPUs: on
-// this Zen 5 machine one core reaches 135 GFMA/s with AVX-512 FMAs but MKL's
+// this AMD EPYC machine one core reaches 135 GFMA/s with AVX-512 FMAs but MKL's
 // sgemm 53 GFMA/s, and with (K, tile) panels as small as here its packing and
 // call overhead cost another third (P = 1045, K = 64: 0.55 ms in 25 ATen GEMMs).
 //
@@ -264,8 +264,8 @@ std::unique_ptr<T, AlignedFree> aligned_buffer(int64_t count) {
 
 // The whole update. `c` is row-major (stride(1) == 1) or is `out` itself.
 template <typename T>
-void run(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
-                      double alpha_, double beta_, bool mirror) {
+void run(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double alpha_,
+         double beta_, bool mirror) {
   constexpr int64_t NR = kNv * Simd<T>::L;
   const int64_t k_total = a.size(0), p = a.size(1);
   const Matrix<T> am{a.const_data_ptr<T>(), a.stride(0), a.stride(1)};
