@@ -2,14 +2,14 @@
 //
 // out ← beta·C + alpha·AᵀB on the upper triangle, optionally mirrored onto
 // the lower triangle (about half the FLOPs of a full AᵀB). On x86-64-v4 CPUs
-// the packed AVX-512 micro-kernel of syrk_avx512.h; elsewhere (or for a C
+// the packed AVX-512 micro-kernel of gemm_avx512.h; elsewhere (or for a C
 // that is not row-major) one ATen GEMM per upper tile, below. Schemas and
 // semantics: posteriors_fast/_library.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "syrk_avx512.h"
+#include "gemm_avx512.h"
 
 #include <algorithm>
 #include <atomic>
@@ -105,8 +105,8 @@ void syrk_(at::Tensor out, const at::Tensor& a, const std::optional<at::Tensor>&
   const at::Tensor c = c_opt.has_value() ? *c_opt : out;
 #if PF_HAVE_V4_KERNELS
   if (cpu_has_v4() && (c.stride(1) == 1 || beta == 0.0)) {
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "syrk_v4",
-                               [&] { syrk_v4::run<scalar_t>(out, a, b, c, alpha, beta, mirror); });
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "syrk_avx512",
+                               [&] { gemm_v4::syrk_run<scalar_t>(out, a, b, c, alpha, beta, mirror); });
     return;
   }
 #endif

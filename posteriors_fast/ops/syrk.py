@@ -19,7 +19,7 @@ P, K       ``AᵀA``     ``addmm_``      tiles (1024)
 result must be symmetric.
 
 That is the eager path. The C++ op (``"compiled"`` on the CPU) runs its own
-AVX-512 micro-kernel where the CPU has it (``csrc/cpu/syrk_avx512.h``): MKL
+AVX-512 micro-kernel where the CPU has it (``csrc/cpu/gemm_avx512.h``): MKL
 uses its AVX2 kernels on AMD CPUs, and on this one the micro-kernel's
 ``prec + JᵀJ`` into a new matrix took 0.26 ms against 0.55 ms for the same
 tiles through ATen at P = 1045, K = 64, and 7.9 against 18 ms at P = 4890.

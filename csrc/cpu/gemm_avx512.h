@@ -1,24 +1,24 @@
-// The AVX-512 body of posteriors_fast::syrk_ (x86-64-v4 CPUs; syrk.cpp picks it
-// at run time with cpu_has_v4(), else the ATen-GEMM tiles).
+// AVX-512 GEMM building blocks (x86-64-v4 CPUs) and the body of
+// posteriors_fast::syrk_; symm_jt.cpp builds its product from the same parts.
+// The ops pick these at run time with cpu_has_v4(), else ATen GEMMs.
 //
-// out ← beta·C + alpha·AᵀB on the upper triangle, for A and B of shape (K, P);
-// optionally mirrored onto the lower triangle. Own micro-kernel rather than
-// one ATen GEMM per tile because MKL runs its AVX2 kernels on AMD CPUs: on
-// this AMD EPYC machine one core reaches 135 GFMA/s with AVX-512 FMAs but MKL's
-// sgemm 53 GFMA/s, and with (K, tile) panels as small as here its packing and
-// call overhead cost another third (P = 1045, K = 64: 0.55 ms in 25 ATen GEMMs).
+// Own micro-kernel rather than ATen GEMMs because MKL runs its AVX2 kernels on
+// AMD CPUs: on this AMD EPYC machine one core reaches 135 GFMA/s with AVX-512
+// FMAs but MKL's sgemm 53 GFMA/s, and with (K, tile) panels as small as here
+// its packing and call overhead cost another third (syrk at P = 1045, K = 64:
+// 0.55 ms in 25 ATen GEMMs, 0.25 ms here).
 //
 // Structure (the usual GEMM blocking, after BLIS):
-//   task   = one upper tile (kTile × kTile) of the result, handed out to the
-//            threads dynamically, largest first;
+//   task   = one tile of the result, handed out to the threads dynamically,
+//            largest first;
 //   K      = chunks of kKc, each packing A's rows of the tile into MR-row
 //            panels and B's columns into NR-column panels, zero-padded;
 //   micro  = MR × NR block of AᵀB in 24 zmm accumulators (MR rows broadcast,
-//            NR = 3 vectors of columns), written straight into `out` with
+//            NR = NV vectors of columns), written straight into `out` with
 //            beta·C fused on the first chunk (C is not read when beta == 0);
-//   mirror = after the tile's last chunk, its transposed copy onto the lower
-//            triangle in 8 × 8 (float) / 4 × 4 (double) register transposes
-//            while the tile is still in L2.
+//   mirror = (syrk) after the tile's last chunk, its transposed copy onto the
+//            lower triangle in 8 × 8 (float) / 4 × 4 (double) register
+//            transposes while the tile is still in L2.
 #pragma once
 
 #include "multiversion.h"
@@ -37,10 +37,10 @@
 #include <vector>
 
 namespace posteriors_fast {
-namespace syrk_v4 {
+namespace gemm_v4 {
 
-constexpr int64_t kMr = 8;      // rows of a micro-tile (broadcast operands)
-constexpr int64_t kNv = 3;      // vectors of columns in a micro-tile
+constexpr int64_t kMr = 8;      // syrk: rows of a micro-tile (broadcast operands)
+constexpr int64_t kNv = 3;      // syrk: vectors of columns in a micro-tile
 constexpr int64_t kKc = 128;    // K chunk: panels of kTile × kKc stay in L2
 constexpr int64_t kTile = 240;  // multiple of kMr and of both NRs (48, 24)
 
@@ -122,12 +122,12 @@ inline typename Simd<T>::mask lanes(int64_t lo, int64_t hi) {
 // The MR × NR block of AᵀB at panel rows `ap` and panel columns `bp`, then
 // out[i][j] = beta·C[i][j] + alpha·acc (first chunk) or out[i][j] += alpha·acc,
 // for i < row_end, j < col_end and, on a diagonal tile, j >= i.
-template <typename T>
+template <typename T, int MR, int NV>
 PF_TARGET_V4 void micro_tile(const T* ap, const T* bp, int64_t kc, T* out, int64_t ld, const T* c, int64_t ldc,
                              int64_t i0, int64_t j0, int64_t row_end, int64_t col_end, bool diagonal, bool first,
                              T alpha, T beta) {
   using S = Simd<T>;
-  constexpr int64_t L = S::L, NR = kNv * L;
+  constexpr int64_t L = S::L, NR = NV * L;
   const bool read_c = first && beta != T(0);
   // The C rows and output rows of the next row block (the same columns, a
   // tile row of micro-tiles later) arrive while these FMAs run: C and the
@@ -136,45 +136,46 @@ PF_TARGET_V4 void micro_tile(const T* ap, const T* bp, int64_t kc, T* out, int64
   // when each block fetched its own rows.
   constexpr int64_t kLine = 64 / sizeof(T);
 #pragma GCC unroll 8
-  for (int r = 0; r < kMr; ++r) {
-    const int64_t i = std::min(i0 + kMr + r, row_end - 1);
-#pragma GCC unroll 3
+  for (int r = 0; r < MR; ++r) {
+    const int64_t i = std::min(i0 + MR + r, row_end - 1);
+#pragma GCC unroll 4
     for (int64_t x = 0; x < NR; x += kLine) {
       if (read_c) __builtin_prefetch(c + i * ldc + j0 + x, 0, 3);
       __builtin_prefetch(out + i * ld + j0 + x, 1, 3);
     }
   }
-  typename S::reg acc[kMr][kNv];
+  typename S::reg acc[MR][NV];
 #pragma GCC unroll 8
-  for (int r = 0; r < kMr; ++r) {
-#pragma GCC unroll 3
-    for (int v = 0; v < kNv; ++v) acc[r][v] = S::zero();
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = S::zero();
   }
   for (int64_t k = 0; k < kc; ++k) {
     const T* brow = bp + k * NR;
-    const T* arow = ap + k * kMr;
-    const typename S::reg b0 = S::load(brow), b1 = S::load(brow + L), b2 = S::load(brow + 2 * L);
+    const T* arow = ap + k * MR;
+    typename S::reg bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = S::load(brow + v * L);
 #pragma GCC unroll 8
-    for (int r = 0; r < kMr; ++r) {
+    for (int r = 0; r < MR; ++r) {
       const typename S::reg a = S::set1(arow[r]);
-      acc[r][0] = S::fmadd(a, b0, acc[r][0]);
-      acc[r][1] = S::fmadd(a, b1, acc[r][1]);
-      acc[r][2] = S::fmadd(a, b2, acc[r][2]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = S::fmadd(a, bv[v], acc[r][v]);
     }
   }
   const typename S::reg va = S::set1(alpha), vb = S::set1(beta);
   // Interior blocks (the vast majority) take full vectors; edge blocks and
   // blocks that cross the diagonal are masked lane by lane.
-  const bool whole = i0 + kMr <= row_end && j0 + NR <= col_end && (!diagonal || j0 >= i0 + kMr - 1);
+  const bool whole = i0 + MR <= row_end && j0 + NR <= col_end && (!diagonal || j0 >= i0 + MR - 1);
   const typename S::mask all = static_cast<typename S::mask>(~0u);
 #pragma GCC unroll 8
-  for (int r = 0; r < kMr; ++r) {
+  for (int r = 0; r < MR; ++r) {
     const int64_t i = i0 + r;
     if (i >= row_end) break;
     T* orow = out + i * ld;
     const T* crow = c + i * ldc;
-#pragma GCC unroll 3
-    for (int v = 0; v < kNv; ++v) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
       const int64_t j = j0 + v * L;
       const typename S::mask m = whole ? all : lanes<T>(diagonal ? i - j : 0, col_end - j);
       if (m == 0) continue;
@@ -258,13 +259,13 @@ template <typename T>
 std::unique_ptr<T, AlignedFree> aligned_buffer(int64_t count) {
   const size_t bytes = ((static_cast<size_t>(count) * sizeof(T) + 63) / 64) * 64;
   T* p = static_cast<T*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64)));
-  TORCH_CHECK(p != nullptr, "posteriors_fast::syrk_: out of memory for a ", bytes, "-byte packing buffer");
+  TORCH_CHECK(p != nullptr, "posteriors_fast: out of memory for a ", bytes, "-byte packing buffer");
   return std::unique_ptr<T, AlignedFree>(p);
 }
 
-// The whole update. `c` is row-major (stride(1) == 1) or is `out` itself.
+// syrk_: the whole update. `c` is row-major (stride(1) == 1) or is `out` itself.
 template <typename T>
-void run(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double alpha_,
+void syrk_run(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double alpha_,
          double beta_, bool mirror) {
   constexpr int64_t NR = kNv * Simd<T>::L;
   const int64_t k_total = a.size(0), p = a.size(1);
@@ -314,7 +315,7 @@ void run(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const 
           // On a diagonal tile, start at the first block reaching j >= i0.
           const int64_t j_first = diagonal ? task.c0 + ((i0 - task.c0) / NR) * NR : task.c0;
           for (int64_t j0 = j_first; j0 < col_end; j0 += NR) {
-            micro_tile<T>(apanel, bp.get() + (j0 - task.c0) * kc, kc, o, ld, cp, ldc, i0, j0, row_end, col_end,
+            micro_tile<T, kMr, kNv>(apanel, bp.get() + (j0 - task.c0) * kc, kc, o, ld, cp, ldc, i0, j0, row_end, col_end,
                           diagonal, k0 == 0, alpha, beta);
           }
         }
@@ -324,7 +325,7 @@ void run(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const 
   });
 }
 
-}  // namespace syrk_v4
+}  // namespace gemm_v4
 }  // namespace posteriors_fast
 
 #endif  // PF_HAVE_V4_KERNELS
