@@ -34,6 +34,9 @@ SCHEMAS = {
     # mirror=True copies the upper triangle onto the lower one; otherwise the
     # strictly lower triangle of out is left untouched.
     "syrk_": "syrk_(Tensor(a!) out, Tensor a, Tensor? b, Tensor? c, float alpha, float beta, bool mirror) -> ()",
+    # S·Jᵀ, shape (P, R), for S (P, P) symmetric and J (R, P): the Σ·Jᵀ of the
+    # Woodbury EKF step. Implementations may read S by rows or by columns.
+    "symm_jt": "symm_jt(Tensor s, Tensor j) -> Tensor",
     # cov ← cov − WᵀW, W of shape (R, P): the Woodbury EKF covariance downdate.
     # Reads cov's upper triangle and writes an exactly symmetric result.
     "cov_downdate_": "cov_downdate_(Tensor(a!) cov, Tensor w) -> ()",
@@ -89,6 +92,13 @@ def _syrk_fake(out, a, b, c, alpha, beta, mirror):
     if c is not None:
         _square(c, "c", a.shape[1])
     return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::symm_jt")
+def _symm_jt_fake(s, j):
+    torch._check(j.dim() == 2, lambda: f"j must be 2-D (R, P), got {tuple(j.shape)}")
+    _square(s, "s", j.shape[1])
+    return s.new_empty((j.shape[1], j.shape[0]))
 
 
 @torch.library.register_fake(f"{NAMESPACE}::cov_downdate_")

@@ -192,10 +192,10 @@ PF_TARGET_V4 void micro_tile(const T* ap, const T* bp, int64_t kc, T* out, int64
 
 
 // 8 × 8 float / 4 × 4 double register transposes: dst[c][r] = src[r][c].
-PF_TARGET_V4 inline void transpose_block(const float* src, float* dst, int64_t ld) {
+PF_TARGET_V4 inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
   __m256 r[8], t[8];
 #pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld);
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
 #pragma GCC unroll 4
   for (int i = 0; i < 8; i += 2) {
     t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
@@ -210,20 +210,20 @@ PF_TARGET_V4 inline void transpose_block(const float* src, float* dst, int64_t l
   }
 #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) {
-    _mm256_storeu_ps(dst + i * ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    _mm256_storeu_ps(dst + (i + 4) * ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
   }
 }
 
-PF_TARGET_V4 inline void transpose_block(const double* src, double* dst, int64_t ld) {
-  const __m256d r0 = _mm256_loadu_pd(src), r1 = _mm256_loadu_pd(src + ld);
-  const __m256d r2 = _mm256_loadu_pd(src + 2 * ld), r3 = _mm256_loadu_pd(src + 3 * ld);
+PF_TARGET_V4 inline void transpose_block(const double* src, int64_t lds, double* dst, int64_t ldd) {
+  const __m256d r0 = _mm256_loadu_pd(src), r1 = _mm256_loadu_pd(src + lds);
+  const __m256d r2 = _mm256_loadu_pd(src + 2 * lds), r3 = _mm256_loadu_pd(src + 3 * lds);
   const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
   const __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
   _mm256_storeu_pd(dst, _mm256_permute2f128_pd(t0, t2, 0x20));
-  _mm256_storeu_pd(dst + ld, _mm256_permute2f128_pd(t1, t3, 0x20));
-  _mm256_storeu_pd(dst + 2 * ld, _mm256_permute2f128_pd(t0, t2, 0x31));
-  _mm256_storeu_pd(dst + 3 * ld, _mm256_permute2f128_pd(t1, t3, 0x31));
+  _mm256_storeu_pd(dst + ldd, _mm256_permute2f128_pd(t1, t3, 0x20));
+  _mm256_storeu_pd(dst + 2 * ldd, _mm256_permute2f128_pd(t0, t2, 0x31));
+  _mm256_storeu_pd(dst + 3 * ldd, _mm256_permute2f128_pd(t1, t3, 0x31));
 }
 
 // out[c][r] = out[r][c] over the tile rows [r0, r0 + rows) × columns
@@ -238,13 +238,39 @@ PF_TARGET_V4 void mirror_tile(T* out, int64_t ld, int64_t r0, int64_t rows, int6
     const int64_t rb_end = diagonal ? std::min(rows, cb + B) : rows;
     for (int64_t rb = 0; rb < rb_end; rb += B) {
       if (rb + B <= rows && cb + B <= cols && !(diagonal && cb == rb)) {
-        transpose_block(out + (r0 + rb) * ld + c0 + cb, out + (c0 + cb) * ld + r0 + rb, ld);
+        transpose_block(out + (r0 + rb) * ld + c0 + cb, ld, out + (c0 + cb) * ld + r0 + rb, ld);
         continue;
       }
       const int64_t re = std::min(rows, rb + B), ce = std::min(cols, cb + B);
       for (int64_t r = rb; r < re; ++r) {
         for (int64_t c = diagonal ? std::max(cb, r + 1) : cb; c < ce; ++c) {
           out[(c0 + c) * ld + r0 + r] = out[(r0 + r) * ld + c0 + c];
+        }
+      }
+    }
+  }
+}
+
+// dst[(j / W) * p * W + k * W + j % W] = m[j][k] for j < r, k < p (m row-major
+// with leading dimension ldm), zero up to the next multiple of W: the panels
+// pack<T, W> makes of mᵀ, built with register transposes instead of strided
+// loads (P = 1045, R = 64: the strided loop took about a tenth of symm_jt).
+template <typename T, int64_t W>
+PF_TARGET_V4 void pack_transposed(T* dst, const T* m, int64_t ldm, int64_t r, int64_t p) {
+  constexpr int64_t B = 32 / sizeof(T);
+  static_assert(W % B == 0, "panel width must be a multiple of the transpose block");
+  const int64_t panels = (r + W - 1) / W;
+  for (int64_t q = 0; q < panels; ++q) {
+    T* panel = dst + q * p * W;
+    for (int64_t jb = 0; jb < W; jb += B) {
+      const int64_t j0 = q * W + jb;
+      for (int64_t k0 = 0; k0 < p; k0 += B) {
+        if (j0 + B <= r && k0 + B <= p) {
+          transpose_block(m + j0 * ldm + k0, ldm, panel + k0 * W + jb, W);
+          continue;
+        }
+        for (int64_t k = k0; k < std::min(p, k0 + B); ++k) {
+          for (int64_t j = j0; j < j0 + B; ++j) panel[k * W + (j - q * W)] = j < r ? m[j * ldm + k] : T(0);
         }
       }
     }

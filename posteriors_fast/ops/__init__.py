@@ -15,6 +15,7 @@ from posteriors_fast.ops import (  # noqa: F401  (imported to register)
     normal,
     products,
     sghmc_step,
+    symm_jt,
     syrk,
     value_grad,
 )

@@ -30,6 +30,7 @@ from posteriors_fast.backends import decline, implementation, register
 from posteriors_fast.ops.buffers import new_matrix
 from posteriors_fast.ops.cholesky import robust_cholesky
 from posteriors_fast.ops.cov_downdate import cov_downdate_
+from posteriors_fast.ops.symm_jt import symm_jt
 from posteriors_fast.ops.syrk import syrk_
 
 _HINT = "Use a larger init_cov or transition_cov, a smaller lr, or float64 parameters."
@@ -94,7 +95,7 @@ def lowrank_update_eager(cov, transition, jac, beta, backend) -> Update:
     tensor; ``cov`` is read, never written."""
     rows, size = jac.shape
     if rows < size:
-        cov_jt = torch.mm(cov, jac.mT)  # (P, R)
+        cov_jt = symm_jt(cov, jac, backend=backend)  # (P, R); Σ is symmetric
         if isinstance(transition, torch.Tensor):
             cov_jt.addmm_(transition, jac.mT)
         elif transition != 0.0:

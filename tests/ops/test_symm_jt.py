@@ -1,0 +1,116 @@
+"""symm_jt (S·Jᵀ for a symmetric S): each backend and the C++ kernel (its
+AVX-512 path and, in a child process, the portable ATen GEMM) against a
+float64 oracle; opcheck, no-autograd guard, bad input, dispatch."""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from posteriors_fast import _library
+from posteriors_fast.ops import symm_jt
+from tests.ops._native import close, needs_ext
+
+OPS = _library.OPS
+# P around the 96-row tasks and 128-deep chunks; R around the 64-wide
+# (float32) / 32-wide (float64) column panels.
+SHAPES = [(1, 1), (37, 5), (97, 65), (241, 64), (300, 129), (1100, 64)]
+
+
+def _inputs(p, r, dtype, seed, j_layout="rows"):
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.randn(p, p, dtype=torch.float64, generator=gen)
+    s = (m + m.T).to(dtype)
+    if j_layout == "rows":
+        j = torch.randn(r, p, dtype=dtype, generator=gen)
+    else:  # (R, P) view of a (P, R) tensor: column-major
+        j = torch.randn(p, r, dtype=dtype, generator=gen).T
+    return s, j
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("p,r", SHAPES)
+@pytest.mark.parametrize("j_layout", ["rows", "columns"])
+def test_kernel_matches_float64_oracle(dtype, p, r, j_layout):
+    s, j = _inputs(p, r, dtype, p * 100 + r, j_layout)
+    out = OPS.symm_jt(s, j)
+    assert out.shape == (p, r) and out.dtype == dtype and out.is_contiguous()
+    close(out, s.double() @ j.double().T, dtype)
+
+
+@needs_ext
+def test_s_that_is_not_row_major_takes_the_aten_path():
+    s, j = _inputs(50, 7, torch.float32, 1)
+    s_t = s.T.contiguous().T  # same values (symmetric), column-major storage
+    close(OPS.symm_jt(s_t, j), s.double() @ j.double().T, torch.float32)
+
+
+@needs_ext
+def test_empty_shapes():
+    assert OPS.symm_jt(torch.zeros(4, 4), torch.zeros(0, 4)).shape == (4, 0)
+    assert OPS.symm_jt(torch.zeros(0, 0), torch.zeros(3, 0)).shape == (0, 3)
+
+
+@needs_ext
+def test_portable_path_matches_the_oracle():
+    """The ATen GEMM that CPUs without AVX-512 run, forced in a child process
+    (POSTERIORS_FAST_PORTABLE_KERNELS=1)."""
+    cases = [_inputs(p, r, dtype, 7) for dtype in (torch.float32, torch.float64) for p, r in [(97, 65), (300, 129)]]
+    code = (
+        "import sys, torch; from posteriors_fast import _library; _library.load_extension(); "
+        "cases = torch.load(sys.argv[1]); "
+        "torch.save([_library.OPS.symm_jt(s, j) for s, j in cases], sys.argv[2])"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs, outputs = os.path.join(tmp, "in.pt"), os.path.join(tmp, "out.pt")
+        torch.save(cases, inputs)
+        env = dict(os.environ, POSTERIORS_FAST_PORTABLE_KERNELS="1")
+        subprocess.run([sys.executable, "-c", code, inputs, outputs], env=env, check=True)
+        results = torch.load(outputs)
+    for (s, j), result in zip(cases, results):
+        close(result, s.double() @ j.double().T, s.dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (lambda: (torch.zeros(3, 3), torch.zeros(3)), "j must be 2-D"),
+        (lambda: (torch.zeros(3, 4), torch.zeros(2, 3)), r"s must be \(3, 3\)"),
+        (lambda: (torch.zeros(3, 3, dtype=torch.float64), torch.zeros(2, 3)), "j dtype"),
+        (lambda: (torch.zeros(3, 3, dtype=torch.int64), torch.zeros(2, 3, dtype=torch.int64)), "float32 or float64"),
+    ],
+    ids=["j_1d", "s_shape", "dtype_mismatch", "int"],
+)
+def test_bad_input_names_the_argument(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        OPS.symm_jt(*args())
+
+
+@needs_ext
+def test_opcheck_and_no_autograd():
+    s, j = _inputs(20, 6, torch.float32, 2)
+    torch.library.opcheck(OPS.symm_jt.default, (s, j))
+    with pytest.raises(RuntimeError, match="posteriors_fast::symm_jt is not differentiable"):
+        OPS.symm_jt(s, j.requires_grad_())
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_dispatch_matches_oracle(backend, dtype):
+    s, j = _inputs(130, 64, dtype, 3)
+    close(symm_jt.symm_jt(s, j, backend=backend), s.double() @ j.double().T, dtype)
+
+
+def test_dispatch_falls_back_for_arguments_the_kernel_does_not_take():
+    s, j = _inputs(9, 2, torch.float32, 4)
+    j = j.requires_grad_()
+    y = symm_jt.symm_jt(s, j, backend="compiled")  # autograd: eager torch, differentiable
+    y.sum().backward()
+    assert j.grad is not None
+    s_c, j_c = s.to(torch.complex64), j.detach().to(torch.complex64)
+    torch.testing.assert_close(symm_jt.symm_jt(s_c, j_c, backend="compiled"), s_c @ j_c.mT)
