@@ -119,13 +119,14 @@ inline typename Simd<T>::mask lanes(int64_t lo, int64_t hi) {
   return static_cast<typename Simd<T>::mask>(upto & ~((1u << lo) - 1u));
 }
 
-// The MR × NR block of AᵀB at panel rows `ap` and panel columns `bp`, then
+// The MR × NR block of AᵀB from the A rows at `ap` (row k of the block at
+// ap + k·a_step: MR for pack<T, MR> panels) and the B panel `bp`, then
 // out[i][j] = beta·C[i][j] + alpha·acc (first chunk) or out[i][j] += alpha·acc,
 // for i < row_end, j < col_end and, on a diagonal tile, j >= i.
 template <typename T, int MR, int NV>
-PF_TARGET_V4 void micro_tile(const T* ap, const T* bp, int64_t kc, T* out, int64_t ld, const T* c, int64_t ldc,
-                             int64_t i0, int64_t j0, int64_t row_end, int64_t col_end, bool diagonal, bool first,
-                             T alpha, T beta) {
+PF_TARGET_V4 void micro_tile(const T* ap, int64_t a_step, const T* bp, int64_t kc, T* out, int64_t ld, const T* c,
+                             int64_t ldc, int64_t i0, int64_t j0, int64_t row_end, int64_t col_end, bool diagonal,
+                             bool first, T alpha, T beta) {
   using S = Simd<T>;
   constexpr int64_t L = S::L, NR = NV * L;
   const bool read_c = first && beta != T(0);
@@ -152,7 +153,7 @@ PF_TARGET_V4 void micro_tile(const T* ap, const T* bp, int64_t kc, T* out, int64
   }
   for (int64_t k = 0; k < kc; ++k) {
     const T* brow = bp + k * NR;
-    const T* arow = ap + k * MR;
+    const T* arow = ap + k * a_step;
     typename S::reg bv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) bv[v] = S::load(brow + v * L);
@@ -341,7 +342,7 @@ void syrk_run(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, c
           // On a diagonal tile, start at the first block reaching j >= i0.
           const int64_t j_first = diagonal ? task.c0 + ((i0 - task.c0) / NR) * NR : task.c0;
           for (int64_t j0 = j_first; j0 < col_end; j0 += NR) {
-            micro_tile<T, kMr, kNv>(apanel, bp.get() + (j0 - task.c0) * kc, kc, o, ld, cp, ldc, i0, j0, row_end, col_end,
+            micro_tile<T, kMr, kNv>(apanel, kMr, bp.get() + (j0 - task.c0) * kc, kc, o, ld, cp, ldc, i0, j0, row_end, col_end,
                           diagonal, k0 == 0, alpha, beta);
           }
         }

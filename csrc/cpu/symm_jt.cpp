@@ -6,8 +6,8 @@
 // broadcast operand of gemm_avx512.h's micro-kernel as stored (no transpose)
 // and Jᵀ, packed once, the vector operand. Each task is a band of kRows
 // output rows, all R columns; its S panel is packed chunk by chunk, so S is
-// read once. Measured at P = 4890, R = 64, float32, 2 threads: 8.7 ms against
-// 17.6 ms for torch.mm (MKL's AVX2 kernels on this AMD CPU). Elsewhere, or
+// read once. Measured at P = 4890, R = 64, float32, 2 threads: 11-12 ms against
+// 18 ms for torch.mm (MKL's AVX2 kernels on this AMD CPU). Elsewhere, or
 // for an S that is not row-major, one ATen GEMM.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -59,12 +59,17 @@ void symm_jt_run(at::Tensor& out, const at::Tensor& s, const at::Tensor& j) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), ntasks);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    // The S tile as kc rows of kRows entries (row k of it: S[k0 + k][r0, r0 +
+    // kRows)), copied whole rows at a time; rows past P stay zero.
     auto sp = v4::aligned_buffer<T>(kRows * kc_max);
+    std::fill(sp.get(), sp.get() + kRows * kc_max, T(0));
     for (int64_t t = next++; t < ntasks; t = next++) {
       const int64_t r0 = t * kRows, rows = std::min(kRows, p - r0), row_end = r0 + rows;
       for (int64_t k0 = 0; k0 < p; k0 += v4::kKc) {
         const int64_t kc = std::min(v4::kKc, p - k0);
-        v4::pack<T, kMr>(sp.get(), sm, k0, kc, r0, rows);
+        for (int64_t k = 0; k < kc; ++k) {
+          std::memcpy(sp.get() + k * kRows, sm.data + (k0 + k) * sm.s0 + r0, rows * sizeof(T));
+        }
         // The next chunk's S tile (kKc rows, each a short run of `rows`
         // entries) is prefetched into L2 a slice per row block while this one
         // computes: read in tile order from memory it is latency-bound
@@ -84,7 +89,7 @@ void symm_jt_run(at::Tensor& out, const at::Tensor& s, const at::Tensor& j) {
           for (int64_t q = 0; q < panels; ++q) {
             // beta = 0: the first chunk writes, later ones accumulate; `out`
             // stands in for the unread C.
-            v4::micro_tile<T, kMr, kNv>(sp.get() + (i0 - r0) * kc, jp.get() + q * NR * p + k0 * NR, kc, o, ld, o, ld,
+            v4::micro_tile<T, kMr, kNv>(sp.get() + (i0 - r0), kRows, jp.get() + q * NR * p + k0 * NR, kc, o, ld, o, ld,
                                         i0, q * NR, row_end, r, false, k0 == 0, T(1), T(0));
           }
         }
