@@ -324,6 +324,7 @@ void syrk_run(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, c
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), ntasks);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     auto ap = aligned_buffer<T>(kTile * kc_max);
+    std::fill(ap.get(), ap.get() + kTile * kc_max, T(0));  // rows past P are read, never written out
     auto bp = aligned_buffer<T>(((kTile + NR - 1) / NR) * NR * kc_max);
     for (int64_t t = next++; t < ntasks; t = next++) {
       const Task& task = tasks[t];
@@ -332,17 +333,27 @@ void syrk_run(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, c
       // At least one chunk: with K == 0 the result is beta·C.
       for (int64_t k0 = 0; k0 == 0 || k0 < k_total; k0 += kKc) {
         const int64_t kc = std::min(kKc, k_total - k0);
-        pack<T, kMr>(ap.get(), am, k0, kc, task.r0, task.rows);
+        // A's tile rows: with unit column stride copied as whole runs and read
+        // with a row step of kTile, otherwise packed into MR-wide panels.
+        const bool rows_copied = am.s1 == 1;
+        if (rows_copied) {
+          for (int64_t k = 0; k < kc; ++k) {
+            std::memcpy(ap.get() + k * kTile, am.data + (k0 + k) * am.s0 + task.r0, task.rows * sizeof(T));
+          }
+        } else {
+          pack<T, kMr>(ap.get(), am, k0, kc, task.r0, task.rows);
+        }
         pack<T, NR>(bp.get(), bm, k0, kc, task.c0, task.cols);
         // Row blocks outer: C and the output are then read and written a
         // whole tile row (a contiguous run) at a time, which the hardware
         // prefetchers follow; the B panels (kTile × kc) stay in L2.
         for (int64_t i0 = task.r0; i0 < row_end; i0 += kMr) {
-          const T* apanel = ap.get() + (i0 - task.r0) * kc;
+          const T* apanel = ap.get() + (i0 - task.r0) * (rows_copied ? 1 : kc);
+          const int64_t a_step = rows_copied ? kTile : kMr;
           // On a diagonal tile, start at the first block reaching j >= i0.
           const int64_t j_first = diagonal ? task.c0 + ((i0 - task.c0) / NR) * NR : task.c0;
           for (int64_t j0 = j_first; j0 < col_end; j0 += NR) {
-            micro_tile<T, kMr, kNv>(apanel, kMr, bp.get() + (j0 - task.c0) * kc, kc, o, ld, cp, ldc, i0, j0, row_end, col_end,
+            micro_tile<T, kMr, kNv>(apanel, a_step, bp.get() + (j0 - task.c0) * kc, kc, o, ld, cp, ldc, i0, j0, row_end, col_end,
                           diagonal, k0 == 0, alpha, beta);
           }
         }
