@@ -237,6 +237,17 @@ PF_TARGET_V4 void mirror_tile(T* out, int64_t ld, int64_t r0, int64_t rows, int6
   // end while the source tile is read from L2.
   for (int64_t cb = 0; cb < cols; cb += B) {
     const int64_t rb_end = diagonal ? std::min(rows, cb + B) : rows;
+    {
+      // The next block's destination rows (lower triangle: not in cache
+      // after other work) are fetched for writing while this block is
+      // copied. Right after a reference step, P = 1045, K = 64: 0.36-0.39 ms
+      // against 0.40-0.43 ms on 2 threads, 0.68-0.70 against 0.73-0.81 on one.
+      const int64_t next_end = diagonal ? std::min(rows, cb + 2 * B) : rows;
+      for (int64_t c = cb + B; c < std::min(cols, cb + 2 * B); ++c) {
+        T* dst = out + (c0 + c) * ld + r0;
+        for (int64_t x = 0; x < next_end; x += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(dst + x, 1, 3);
+      }
+    }
     for (int64_t rb = 0; rb < rb_end; rb += B) {
       if (rb + B <= rows && cb + B <= cols && !(diagonal && cb == rb)) {
         transpose_block(out + (r0 + rb) * ld + c0 + cb, ld, out + (c0 + cb) * ld + r0 + rb, ld);
