@@ -2,17 +2,12 @@
 AVX-512 micro-kernel and the portable ATen-GEMM tiles) against a float64
 oracle, opcheck, declared non-differentiability, and dispatch."""
 
-import os
-import subprocess
-import sys
-import tempfile
-
 import pytest
 import torch
 
 from posteriors_fast import _library
 from posteriors_fast.ops import cov_downdate, syrk
-from tests.ops._native import close, needs_ext
+from tests.ops._native import close, needs_ext, run_portable
 
 OPS = _library.OPS
 # P around the tiles (240 for the AVX-512 kernel, 256/512 for the portable
@@ -90,13 +85,6 @@ def test_portable_path_matches_the_oracle():
     """The ATen-GEMM tiles that CPUs without AVX-512 run, forced in a child
     process (POSTERIORS_FAST_PORTABLE_KERNELS=1), on the shapes and variants
     above. (On such a CPU both paths are the portable one.)"""
-    code = (
-        "import sys, torch; from posteriors_fast import _library; _library.load_extension(); "
-        "cases = torch.load(sys.argv[1]); out = []\n"
-        "for o, a, b, c, alpha, beta, mirror in cases:\n"
-        "    _library.OPS.syrk_(o, a, b, c, alpha, beta, mirror); out.append(o)\n"
-        "torch.save(out, sys.argv[2])"
-    )
     gen = torch.Generator().manual_seed(7)
     cases, expected = [], []
     for dtype in (torch.float32, torch.float64):
@@ -108,12 +96,8 @@ def test_portable_path_matches_the_oracle():
             expected.append(c.double() - 0.7 * a.double().T @ a.double())
             cases.append((torch.full((p, p), float("nan"), dtype=dtype), a, b, c, 0.5, 2.0, True))
             expected.append(2.0 * c.double() + 0.5 * a.double().T @ b.double())
-    with tempfile.TemporaryDirectory() as tmp:
-        inputs, outputs = os.path.join(tmp, "in.pt"), os.path.join(tmp, "out.pt")
-        torch.save(cases, inputs)
-        env = dict(os.environ, POSTERIORS_FAST_PORTABLE_KERNELS="1")
-        subprocess.run([sys.executable, "-c", code, inputs, outputs], env=env, check=True)
-        results = torch.load(outputs)
+    body = "out = []\nfor o, a, b, c, alpha, beta, mirror in cases:\n    OPS.syrk_(o, a, b, c, alpha, beta, mirror); out.append(o)"
+    results = run_portable(body, cases)
     for result, want, case in zip(results, expected, cases):
         upper = torch.ones(want.shape, dtype=torch.bool).triu()
         close(result[upper], want[upper], case[1].dtype)

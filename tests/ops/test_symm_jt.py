@@ -2,17 +2,12 @@
 AVX-512 path and, in a child process, the portable ATen GEMM) against a
 float64 oracle; opcheck, no-autograd guard, bad input, dispatch."""
 
-import os
-import subprocess
-import sys
-import tempfile
-
 import pytest
 import torch
 
 from posteriors_fast import _library
 from posteriors_fast.ops import symm_jt
-from tests.ops._native import close, needs_ext
+from tests.ops._native import close, needs_ext, run_portable
 
 OPS = _library.OPS
 # P around the 96-row tasks and 128-deep chunks; R around the 64-wide
@@ -60,17 +55,7 @@ def test_portable_path_matches_the_oracle():
     """The ATen GEMM that CPUs without AVX-512 run, forced in a child process
     (POSTERIORS_FAST_PORTABLE_KERNELS=1)."""
     cases = [_inputs(p, r, dtype, 7) for dtype in (torch.float32, torch.float64) for p, r in [(97, 65), (300, 129)]]
-    code = (
-        "import sys, torch; from posteriors_fast import _library; _library.load_extension(); "
-        "cases = torch.load(sys.argv[1]); "
-        "torch.save([_library.OPS.symm_jt(s, j) for s, j in cases], sys.argv[2])"
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        inputs, outputs = os.path.join(tmp, "in.pt"), os.path.join(tmp, "out.pt")
-        torch.save(cases, inputs)
-        env = dict(os.environ, POSTERIORS_FAST_PORTABLE_KERNELS="1")
-        subprocess.run([sys.executable, "-c", code, inputs, outputs], env=env, check=True)
-        results = torch.load(outputs)
+    results = run_portable("out = [OPS.symm_jt(s, j) for s, j in cases]", cases)
     for (s, j), result in zip(cases, results):
         close(result, s.double() @ j.double().T, s.dtype)
 
