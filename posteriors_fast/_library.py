@@ -136,9 +136,12 @@ def _no_autograd(name: str):
     op = getattr(getattr(torch.ops, NAMESPACE), name).default
 
     def kernel(*args):
-        tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,))]
+        # Grad mode first: the library calls these under no_grad, where no
+        # argument needs scanning.
         if torch.is_grad_enabled() and any(
-            isinstance(t, torch.Tensor) and t.requires_grad for t in tensors
+            isinstance(t, torch.Tensor) and t.requires_grad
+            for a in args
+            for t in (a if isinstance(a, (list, tuple)) else (a,))
         ):
             raise RuntimeError(
                 f"{NAMESPACE}::{name} is not differentiable (it serves no-grad paths); "
