@@ -11,8 +11,9 @@
 // Structure (the usual GEMM blocking, after BLIS):
 //   task   = one tile of the result, handed out to the threads dynamically,
 //            largest first;
-//   K      = chunks of kKc, each packing A's rows of the tile into MR-row
-//            panels and B's columns into NR-column panels, zero-padded;
+//   K      = chunks of kKc: each copies A's part of the tile as whole row
+//            runs (MR-row panels when A's columns are strided) and packs B's
+//            part into NR-column panels, zero-padded;
 //   micro  = MR × NR block of AᵀB in 24 zmm accumulators (MR rows broadcast,
 //            NR = NV vectors of columns), written straight into `out` with
 //            beta·C fused on the first chunk (C is not read when beta == 0);
