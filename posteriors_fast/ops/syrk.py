@@ -105,9 +105,10 @@ register(
 
 
 def syrk_cpp(out, a, alpha, beta, c=None, b=None):
-    """C++ kernel (``csrc/cpu/syrk.cpp``): upper tiles in parallel, one
-    single-threaded GEMM each, mirrored in cache; eager torch for arguments it
-    does not take (see :func:`posteriors_fast.ops._native.accepts`)."""
+    """C++ kernel (``csrc/cpu/syrk.cpp``): upper tiles in parallel, each in
+    the AVX-512 micro-kernel (one single-threaded ATen GEMM per tile on other
+    CPUs) and mirrored in cache; eager torch for arguments it does not take
+    (see :func:`posteriors_fast.ops._native.accepts`)."""
     if not accepts(a, b, c, out=out):
         return syrk_eager(out, a, alpha, beta, c, b)
     _library.OPS.syrk_(out, a, b, None if c is out else c, float(alpha), float(beta), True)
