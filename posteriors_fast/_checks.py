@@ -172,9 +172,13 @@ def all_finite(leaves) -> bool:
     return all(bool(torch.isfinite(g).all()) for g in floats)
 
 
-def first_non_finite(labelled) -> str | None:
-    """The label of the first ``(tensor, label)`` pair whose tensor holds NaN or
-    inf, else None; one host sync when everything is finite."""
-    if all_finite([t.reshape(-1) for t, _ in labelled]):
+def first_non_finite(labelled, witness: torch.Tensor | None = None) -> str | None:
+    """The label of the first ``(tensor, label)`` pair (floating-point tensors)
+    whose tensor holds NaN or inf, else None; one host sync when everything is
+    finite. ``witness``, when given, is their :func:`finite_witness` already
+    computed (inside a compiled graph, say)."""
+    if witness is None:
+        witness = finite_witness([t for t, _ in labelled])
+    if bool(torch.isfinite(witness)):
         return None
-    return next(label for t, label in labelled if not bool(torch.isfinite(t).all()))
+    return next((label for t, label in labelled if not bool(torch.isfinite(t).all())), None)

@@ -56,11 +56,13 @@ def gradient(log_posterior, params, batch, backend: str) -> Tuple[List[torch.Ten
     with CatchAuxError():
         grads, value, aux, witness = value_grad(log_posterior, params, batch, "log_posterior", backend=backend)
     leaves, spec = tree_flatten(grads)
-    if not math.isfinite(witness.item()):
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError("log_posterior returned NaN or inf for this batch; the state was not changed")
-        if not all(bool(torch.isfinite(g).all()) for g in leaves):
-            raise ValueError("the gradient of log_posterior contains NaN or inf; the state was not changed")
+    bad = _checks.first_non_finite(
+        [(value, "log_posterior returned NaN or inf for this batch")]
+        + [(g, "the gradient of log_posterior contains NaN or inf") for g in leaves],
+        witness,
+    )
+    if bad is not None:
+        raise ValueError(f"{bad}; the state was not changed")
     return leaves, spec, value, aux
 
 
