@@ -11,9 +11,9 @@
 // Structure (the usual GEMM blocking, after BLIS):
 //   task   = one tile of the result, handed out to the threads dynamically,
 //            largest first;
-//   K      = chunks of kKc: each copies A's part of the tile as whole row
-//            runs (MR-row panels when A's columns are strided) and packs B's
-//            part into NR-column panels, zero-padded;
+//   K      = chunks of kKc: each copies A's part of the tile as row runs
+//            (copy_rows) and packs B's part into NR-column panels,
+//            zero-padded (pack);
 //   micro  = MR × NR block of AᵀB in 24 zmm accumulators (MR rows broadcast,
 //            NR = NV vectors of columns), written straight into `out` with
 //            beta·C fused on the first chunk (C is not read when beta == 0);
@@ -27,10 +27,10 @@
 #if PF_HAVE_V4_KERNELS
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+
+#include "tasks.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -110,6 +110,21 @@ PF_TARGET_V4 void pack(T* dst, const Matrix<T>& m, int64_t k0, int64_t kc, int64
   }
 }
 
+// dst[k * step + idx] = m[k0 + k][i0 + idx] for k < kc, idx < n: a tile's
+// rows, each one run (one memcpy when m's columns are contiguous), which
+// micro_tile reads with a_step = step.
+template <typename T>
+void copy_rows(T* dst, int64_t step, const Matrix<T>& m, int64_t k0, int64_t kc, int64_t i0, int64_t n) {
+  for (int64_t k = 0; k < kc; ++k) {
+    const T* src = m.data + (k0 + k) * m.s0 + i0 * m.s1;
+    if (m.s1 == 1) {
+      std::memcpy(dst + k * step, src, n * sizeof(T));
+    } else {
+      for (int64_t idx = 0; idx < n; ++idx) dst[k * step + idx] = src[idx * m.s1];
+    }
+  }
+}
+
 // Lanes [lo, hi) of a vector set, as a mask.
 template <typename T>
 inline typename Simd<T>::mask lanes(int64_t lo, int64_t hi) {
@@ -121,7 +136,7 @@ inline typename Simd<T>::mask lanes(int64_t lo, int64_t hi) {
 }
 
 // The MR × NR block of AᵀB from the A rows at `ap` (row k of the block at
-// ap + k·a_step: MR for pack<T, MR> panels) and the B panel `bp`, then
+// ap + k·a_step, as copy_rows lays them out) and the B panel `bp`, then
 // out[i][j] = beta·C[i][j] + alpha·acc (first chunk) or out[i][j] += alpha·acc,
 // for i < row_end, j < col_end and, on a diagonal tile, j >= i.
 template <typename T, int MR, int NV>
@@ -332,41 +347,30 @@ void syrk_run(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, c
   });
   const int64_t ntasks = static_cast<int64_t>(tasks.size());
   const int64_t kc_max = std::min(kKc, std::max<int64_t>(k_total, 1));
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), ntasks);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  run_tasks(ntasks, [&](const auto& claim) {
+    // Entries past a tile's rows are read by its last row block but never
+    // written out; zeroed once so they start finite.
     auto ap = aligned_buffer<T>(kTile * kc_max);
-    std::fill(ap.get(), ap.get() + kTile * kc_max, T(0));  // rows past P are read, never written out
+    std::fill(ap.get(), ap.get() + kTile * kc_max, T(0));
     auto bp = aligned_buffer<T>(((kTile + NR - 1) / NR) * NR * kc_max);
-    for (int64_t t = next++; t < ntasks; t = next++) {
+    for (int64_t t = claim(); t < ntasks; t = claim()) {
       const Task& task = tasks[t];
       const bool diagonal = task.r0 == task.c0;
       const int64_t row_end = task.r0 + task.rows, col_end = task.c0 + task.cols;
       // At least one chunk: with K == 0 the result is beta·C.
       for (int64_t k0 = 0; k0 == 0 || k0 < k_total; k0 += kKc) {
         const int64_t kc = std::min(kKc, k_total - k0);
-        // A's tile rows: with unit column stride copied as whole runs and read
-        // with a row step of kTile, otherwise packed into MR-wide panels.
-        const bool rows_copied = am.s1 == 1;
-        if (rows_copied) {
-          for (int64_t k = 0; k < kc; ++k) {
-            std::memcpy(ap.get() + k * kTile, am.data + (k0 + k) * am.s0 + task.r0, task.rows * sizeof(T));
-          }
-        } else {
-          pack<T, kMr>(ap.get(), am, k0, kc, task.r0, task.rows);
-        }
+        copy_rows(ap.get(), kTile, am, k0, kc, task.r0, task.rows);
         pack<T, NR>(bp.get(), bm, k0, kc, task.c0, task.cols);
         // Row blocks outer: C and the output are then read and written a
         // whole tile row (a contiguous run) at a time, which the hardware
         // prefetchers follow; the B panels (kTile × kc) stay in L2.
         for (int64_t i0 = task.r0; i0 < row_end; i0 += kMr) {
-          const T* apanel = ap.get() + (i0 - task.r0) * (rows_copied ? 1 : kc);
-          const int64_t a_step = rows_copied ? kTile : kMr;
           // On a diagonal tile, start at the first block reaching j >= i0.
           const int64_t j_first = diagonal ? task.c0 + ((i0 - task.c0) / NR) * NR : task.c0;
           for (int64_t j0 = j_first; j0 < col_end; j0 += NR) {
-            micro_tile<T, kMr, kNv>(apanel, a_step, bp.get() + (j0 - task.c0) * kc, kc, o, ld, cp, ldc, i0, j0, row_end, col_end,
-                          diagonal, k0 == 0, alpha, beta);
+            micro_tile<T, kMr, kNv>(ap.get() + (i0 - task.r0), kTile, bp.get() + (j0 - task.c0) * kc, kc, o, ld, cp,
+                                    ldc, i0, j0, row_end, col_end, diagonal, k0 == 0, alpha, beta);
           }
         }
       }

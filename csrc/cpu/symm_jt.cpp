@@ -10,10 +10,10 @@
 // 18 ms for torch.mm (MKL's AVX2 kernels on this AMD CPU). Elsewhere, or
 // for an S that is not row-major, one ATen GEMM.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "gemm_avx512.h"
+#include "tasks.h"
 
 namespace posteriors_fast {
 namespace {
@@ -56,20 +56,16 @@ void symm_jt_run(at::Tensor& out, const at::Tensor& s, const at::Tensor& j) {
   const int64_t ld = out.stride(0);
   const int64_t ntasks = (p + kRows - 1) / kRows;
   const int64_t kc_max = std::min(v4::kKc, std::max<int64_t>(p, 1));
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), ntasks);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    // The S tile as kc rows of kRows entries (row k of it: S[k0 + k][r0, r0 +
-    // kRows)), copied whole rows at a time; rows past P stay zero.
+  run_tasks(ntasks, [&](const auto& claim) {
+    // The S tile as kc rows of kRows entries (row k: S[k0 + k][r0, r0 + rows));
+    // entries past the band's rows are read, never written out: zeroed once.
     auto sp = v4::aligned_buffer<T>(kRows * kc_max);
     std::fill(sp.get(), sp.get() + kRows * kc_max, T(0));
-    for (int64_t t = next++; t < ntasks; t = next++) {
+    for (int64_t t = claim(); t < ntasks; t = claim()) {
       const int64_t r0 = t * kRows, rows = std::min(kRows, p - r0), row_end = r0 + rows;
       for (int64_t k0 = 0; k0 < p; k0 += v4::kKc) {
         const int64_t kc = std::min(v4::kKc, p - k0);
-        for (int64_t k = 0; k < kc; ++k) {
-          std::memcpy(sp.get() + k * kRows, sm.data + (k0 + k) * sm.s0 + r0, rows * sizeof(T));
-        }
+        v4::copy_rows(sp.get(), kRows, sm, k0, kc, r0, rows);
         // The next chunk's S tile (kKc rows, each a short run of `rows`
         // entries) is prefetched into L2 a slice per row block while this one
         // computes: read in tile order from memory it is latency-bound

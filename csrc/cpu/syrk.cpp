@@ -6,13 +6,12 @@
 // that is not row-major) one ATen GEMM per upper tile, below. Schemas and
 // semantics: posteriors_fast/_library.py.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "gemm_avx512.h"
+#include "tasks.h"
 
 #include <algorithm>
-#include <atomic>
 #include <vector>
 
 namespace posteriors_fast {
@@ -140,11 +139,9 @@ void syrk_(at::Tensor out, const at::Tensor& a, const std::optional<at::Tensor>&
   }
   std::stable_sort(tasks.begin(), tasks.end(),
                    [](const Task& u, const Task& v) { return u.rows * u.cols > v.rows * v.cols; });
-  std::atomic<int64_t> next{0};
   const int64_t ntasks = static_cast<int64_t>(tasks.size());
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), ntasks);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t t = next++; t < ntasks; t = next++) {
+  run_tasks(ntasks, [&](const auto& claim) {
+    for (int64_t t = claim(); t < ntasks; t = claim()) {
       const Task& task = tasks[t];
       const at::Tensor a_i = a.narrow(1, task.r0, task.rows).t();
       const at::Tensor b_j = b.narrow(1, task.c0, task.cols);
