@@ -17,7 +17,7 @@ import torch
 
 from benchmarks import report
 from benchmarks.config import CASES, MODELS, PROVIDERS
-from benchmarks.harness import bench_module, measure
+from benchmarks.harness import BURST, bench_module, measure
 from benchmarks.workloads import num_params
 
 
@@ -29,6 +29,8 @@ def _args(argv):
     parser.add_argument("--only", default=None, help="run only cases whose bench or op contains this text")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--burst", type=int, default=BURST,
+                        help="consecutive calls per provider and round (1: strict per-call alternation)")
     return parser.parse_args(argv)
 
 
@@ -64,9 +66,11 @@ def main(argv=None) -> int:
             case_providers.append("copy")
         baseline = getattr(module, "BASELINE", "posteriors")
         timings = measure(case, case_providers, device, budget_s=budget, min_reps=3 if args.quick else 5,
-                          max_reps=getattr(module, "MAX_REPS", 30))
+                          max_reps=getattr(module, "MAX_REPS", 30), burst=args.burst)
         reference = timings.get(baseline)
-        ref_median = reference.median if reference is not None and reference.status == "ok" else float("nan")
+        ref_ok = reference is not None and reference.status == "ok"
+        ref_median = reference.median if ref_ok else float("nan")
+        ref_switch = reference.switch_median if ref_ok else float("nan")
         flops = module.flops(case)
         moved = module.bytes_moved(case) if hasattr(module, "bytes_moved") else None
         summary = []
@@ -79,6 +83,9 @@ def main(argv=None) -> int:
                 "median_ms": median * 1e3, "p20_ms": timing.quantile(0.2) * 1e3,
                 "p80_ms": timing.quantile(0.8) * 1e3,
                 "speedup": speedup,
+                "after_switch_ms": timing.switch_median * 1e3,
+                "after_switch_speedup": ref_switch / timing.switch_median
+                if timing.status == "ok" else float("nan"),
                 "gflops": flops / median / 1e9 if timing.status == "ok" and median > 0 else float("nan"),
                 "first_call_ms": timing.first_s * 1e3,
                 "compile_s": max(0.0, timing.warm_max_s - median)
@@ -87,7 +94,10 @@ def main(argv=None) -> int:
                 f"{_moved(module, case, provider) / median / 1e9:.1f} GB/s of nominal traffic",
             })
             if timing.status == "ok":
-                summary.append(f"{provider} {median * 1e3:.3f} ms" + (f" ({speedup:.2f}x)" if not math.isnan(speedup) and provider != baseline else ""))
+                switch = rows[-1]["after_switch_speedup"]
+                summary.append(f"{provider} {median * 1e3:.3f} ms" + (
+                    f" ({speedup:.2f}x; after switch {switch:.2f}x)"
+                    if not math.isnan(speedup) and provider != baseline else ""))
             else:
                 summary.append(f"{provider} {timing.status}")
         print(", ".join(summary), flush=True)

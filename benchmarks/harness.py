@@ -1,8 +1,16 @@
-"""Timing: warm-up, providers interleaved round-robin, medians and p20/p80.
+"""Timing: warm-up, providers interleaved round-robin in short bursts, medians
+and p20/p80.
 
 The machines are shared and noisy, so providers of one case are timed in
-alternation (a burst of load hits all of them), the first call (which includes
+alternation (a spell of load hits all of them), the first call (which includes
 compilation) is reported separately, and only same-run ratios are meaningful.
+
+Each provider runs a short burst of consecutive calls per round. The calls
+after the first measure the steady state of a loop (the way ``update`` and
+``step`` are used, and what ``timeit`` or ``torch.utils.benchmark`` measure);
+the first call of each burst runs right after another provider's call, with
+caches full of that provider's data, and is reported apart ("after switch").
+With one call per burst every call is of that kind.
 """
 
 import importlib
@@ -25,12 +33,19 @@ class Timing:
     first_s: float = float("nan")
     #: Slowest of the warm-up calls: compiled paths compile during one of them.
     warm_max_s: float = float("nan")
+    #: Steady-state calls: every call of a burst but its first.
     samples: List[float] = field(default_factory=list)
+    #: First call of each burst, right after another provider's calls.
+    switch_samples: List[float] = field(default_factory=list)
     note: str = ""
 
     @property
     def median(self) -> float:
         return statistics.median(self.samples) if self.samples else float("nan")
+
+    @property
+    def switch_median(self) -> float:
+        return statistics.median(self.switch_samples) if self.switch_samples else float("nan")
 
     def quantile(self, q: float) -> float:
         if len(self.samples) < 2:
@@ -95,6 +110,21 @@ def probe_reference(case: Case, device: str, limit: float = REFERENCE_LIMIT_S) -
     return "ok", ""
 
 
+#: Consecutive calls per provider and round (``--burst``).
+BURST = 4
+#: Cases whose slowest provider takes longer than this per call run bursts of
+#: two: their cost is not in cache effects, and the rounds stay affordable.
+LONG_CALL_S = 0.05
+
+
+def burst_size(requested: int, warm_s: List[float]) -> int:
+    """Calls per burst: ``requested`` (1 keeps pure per-call alternation),
+    capped at 2 when the slowest provider's warm call exceeds LONG_CALL_S."""
+    if requested <= 1:
+        return 1
+    return min(requested, 2) if warm_s and max(warm_s) > LONG_CALL_S else requested
+
+
 def measure(
     case: Case,
     providers,
@@ -103,17 +133,21 @@ def measure(
     min_reps: int = 3,
     max_reps: int = 30,
     warmup: int | None = None,
+    burst: int = BURST,
 ) -> Dict[str, Timing]:
-    """Time every available provider of ``case``, interleaved.
+    """Time every available provider of ``case``, interleaved round-robin, a
+    burst of consecutive calls per provider and round (see the module
+    docstring; ``burst=1``: one call each).
 
     ``warmup`` calls follow the first one untimed; by default enough for the
     library's tiered compile to have compiled (it compiles on the
     ``COMPILE_AFTER``-th call with the same function and shapes), and one for
-    the reference.
+    the reference. ``min_reps`` and ``max_reps`` count rounds.
     """
     module = bench_module(case)
     timings: Dict[str, Timing] = {}
     fns: Dict[str, Callable] = {}
+    last_warm: Dict[str, float] = {}
     for provider in providers:
         timing = timings[provider] = Timing(provider)
         if provider == "posteriors" and getattr(module, "probe_reference", lambda c: False)(case):
@@ -135,24 +169,29 @@ def measure(
                 timing.status, timing.note = "DNF", f"reference took {timing.first_s:.0f} s > {REFERENCE_LIMIT_S:.0f} s"
                 continue
             warm = warmup if warmup is not None else 1 if provider == "posteriors" else COMPILE_AFTER
-            timing.warm_max_s = max([timing.first_s] + [_timed(fn, device) for _ in range(warm)])
+            warm_calls = [_timed(fn, device) for _ in range(warm)]
+            timing.warm_max_s = max([timing.first_s] + warm_calls)
+            last_warm[provider] = warm_calls[-1] if warm_calls else timing.first_s
         except Exception as err:  # a failing provider is reported, not fatal
             timing.status, timing.note = "error", f"{type(err).__name__}: {err}"[:160]
             continue
         fns[provider] = fn
 
     order = list(fns)
+    calls = burst_size(burst, [last_warm[p] for p in order])
     spent, reps = 0.0, 0
     while order and reps < max_reps and (reps < min_reps or spent < budget_s):
         for provider in order[reps % len(order) :] + order[: reps % len(order)]:
+            timing = timings[provider]
             try:
-                elapsed = _timed(fns[provider], device)
+                times = [_timed(fns[provider], device) for _ in range(calls)]
             except Exception as err:
-                timings[provider].status = "error"
-                timings[provider].note = f"{type(err).__name__}: {err}"[:160]
+                timing.status = "error"
+                timing.note = f"{type(err).__name__}: {err}"[:160]
                 order.remove(provider)
                 continue
-            timings[provider].samples.append(elapsed)
-            spent += elapsed
+            timing.switch_samples.append(times[0])
+            timing.samples.extend(times[1:] if calls > 1 else times)
+            spent += sum(times)
         reps += 1
     return timings

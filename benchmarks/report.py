@@ -15,7 +15,8 @@ logger = logging.getLogger("benchmarks")
 
 COLUMNS = [
     "op", "model", "P", "N", "provider", "status", "median_ms", "p20_ms", "p80_ms",
-    "speedup", "baseline", "gflops", "first_call_ms", "compile_s", "note",
+    "speedup", "after_switch_ms", "after_switch_speedup", "baseline", "gflops", "first_call_ms",
+    "compile_s", "note",
 ]
 
 
@@ -53,11 +54,12 @@ def _fmt(value, digits=2) -> str:
 
 def markdown(rows: List[Dict]) -> str:
     shown = ["op", "model", "P", "N", "provider", "median_ms", "p20_ms", "p80_ms",
-             "speedup", "baseline", "gflops", "compile_s", "status"]
+             "speedup", "after_switch_ms", "after_switch_speedup", "baseline", "gflops", "compile_s", "status"]
+    ratios = ("speedup", "after_switch_speedup")
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for row in rows:
-        cells = [_fmt(row[c]) if c != "speedup" else
-                 (f"{row[c]:.1f}x" if isinstance(row[c], float) and not math.isnan(row[c]) else "—")
+        cells = [_fmt(row.get(c, float("nan"))) if c not in ratios else
+                 (f"{row[c]:.1f}x" if isinstance(row.get(c), float) and not math.isnan(row[c]) else "—")
                  for c in shown]
         if row["status"] != "ok":
             cells[-1] = f"{row['status']}: {row['note']}"

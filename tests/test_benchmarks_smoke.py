@@ -25,6 +25,9 @@ def test_harness_and_report_on_a_tiny_kernel_case(tmp_path):
     ok = {p: t for p, t in timings.items() if t.status == "ok"}
     assert {"J.T @ J", "eager"} <= set(ok)
     assert all(len(t.samples) >= 3 and t.median > 0 for t in ok.values())
+    # Bursts of BURST calls: the first of each is reported apart, after a switch.
+    for t in ok.values():
+        assert len(t.samples) == (harness.BURST - 1) * len(t.switch_samples) and t.switch_median > 0
     base = timings["J.T @ J"].median
     rows = [
         {"op": case.op, "model": case.model, "P": case.p, "N": case.n, "provider": p, "status": t.status,
@@ -49,3 +52,13 @@ def test_cg_step_bench_restores_its_inputs_between_calls():
     first = float(step())
     reset()
     assert float(step()) == pytest.approx(first)
+
+
+def test_burst_sizes_and_strict_alternation():
+    assert harness.burst_size(4, [0.001, 0.002]) == 4
+    assert harness.burst_size(4, [0.001, 2 * harness.LONG_CALL_S]) == 2
+    assert harness.burst_size(1, [0.001]) == 1
+    case = Case("syrk", "syrk (JᵀJ, P×P)", "-", 8, True, 200)
+    timings = harness.measure(case, ["eager"], "cpu", budget_s=0.0, min_reps=3, max_reps=3, burst=1)
+    # One call per round: every call is a first call, and both views hold them all.
+    assert timings["eager"].samples == timings["eager"].switch_samples and len(timings["eager"].samples) == 3
