@@ -192,16 +192,17 @@ def update(
                 log_likelihood, (state.params, batch), 0, has_aux=True
             )
             values = values.reshape(-1)
+            witness = None
         else:
-            jac, values, aux = sample_jacobian(
-                log_likelihood, state.params, batch, has_aux=True, backend=backend
+            jac, values, aux, witness = sample_jacobian(
+                log_likelihood, state.params, batch, has_aux=True, witness=True, backend=backend
             )
         mean_log_lik = values.mean()
         bad = _checks.first_non_finite([
             (mean_log_lik, "log_likelihood returned NaN or inf for this batch"),
             (jac, "the per-sample gradients of log_likelihood contain NaN or inf, so the "
                   "gradient and the Fisher are not finite"),
-        ])
+        ], witness)
         if bad is not None:
             raise ValueError(f"{bad}; the state was not changed")
         rows = jac.shape[0]

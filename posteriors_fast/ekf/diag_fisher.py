@@ -166,17 +166,18 @@ def update(
         if per_sample:
             jac, values, aux = output_jacobian(log_likelihood, (state.params, batch), 0, has_aux=True)
             values = values.reshape(-1)
+            witness = None
         else:
-            jac, values, aux = sample_jacobian(
-                log_likelihood, state.params, batch, has_aux=True, backend=backend
+            jac, values, aux, witness = sample_jacobian(
+                log_likelihood, state.params, batch, has_aux=True, witness=True, backend=backend
             )
         mean_log_lik = values.mean().detach()
-        if not bool(torch.isfinite(mean_log_lik)):
-            raise ValueError("log_likelihood returned NaN or inf for this batch; the state was not changed")
-        if not bool(torch.isfinite(jac).all()):
-            raise ValueError(
-                "the per-sample gradients of log_likelihood contain NaN or inf; the state was not changed"
-            )
+        bad = _checks.first_non_finite([
+            (mean_log_lik, "log_likelihood returned NaN or inf for this batch"),
+            (jac, "the per-sample gradients of log_likelihood contain NaN or inf"),
+        ], witness)
+        if bad is not None:
+            raise ValueError(f"{bad}; the state was not changed")
         precision = (sd.square() + tau**2).reciprocal_().add_(jac.square().mean(0), alpha=lr)
         new_var = precision.reciprocal_()
         new_flat = torch.addcmul(flat.detach(), new_var, jac.mean(0), value=lr)

@@ -53,8 +53,11 @@ def check_state(state) -> None:
         raise ValueError(f"state.prec must be ({size}, {size}) for the parameters of state.params")
 
 
-def require_finite(tensor: torch.Tensor, what: str) -> None:
-    if not _checks.all_finite([tensor]):
+def require_finite(tensor: torch.Tensor, what: str, witness: torch.Tensor | None = None) -> None:
+    """Raise unless ``tensor`` is finite. ``witness``: a finite witness of it
+    (and possibly of other tensors) already computed; when it is not finite,
+    ``tensor`` alone is checked exactly."""
+    if _checks.first_non_finite([(tensor, what)], witness) is not None:
         raise ValueError(f"{what} contains NaN or inf; the state was not changed")
 
 

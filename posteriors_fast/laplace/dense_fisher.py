@@ -64,11 +64,13 @@ def update(
     with torch.no_grad(), CatchAuxError():
         if per_sample:
             jac, _, aux = output_jacobian(log_posterior, (state.params, batch), 0, has_aux=True)
+            witness = None
         else:
-            jac, _, aux = sample_jacobian(
-                log_posterior, state.params, batch, has_aux=True, backend=backend
+            # The witness sums the values too; only J's exact check decides.
+            jac, _, aux, witness = sample_jacobian(
+                log_posterior, state.params, batch, has_aux=True, witness=True, backend=backend
             )
-        require_finite(jac, "the per-sample gradients of log_posterior")
+        require_finite(jac, "the per-sample gradients of log_posterior", witness)
         jac = jac.to(state.prec.dtype)
         if inplace:
             syrk_(state.prec, jac, 1.0, 1.0, backend=backend)

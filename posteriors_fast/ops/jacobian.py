@@ -18,6 +18,7 @@ from optree import tree_leaves, tree_map
 from optree.integrations.torch import tree_ravel
 from torch.func import vjp, vmap
 
+from posteriors_fast._checks import finite_witness
 from posteriors_fast._errors import split_aux
 from posteriors_fast.backends import decline, device_type_of, implementation, register
 from posteriors_fast.ops._tiered import TieredCompile, shape_signature
@@ -36,8 +37,8 @@ def _ravel_output(out) -> torch.Tensor:
 
 
 def sample_jacobian_eager(
-    f: Callable, params: Any, batch: Any, has_aux: bool, keep_aux: bool = True
-) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+    f: Callable, params: Any, batch: Any, has_aux: bool, keep_aux: bool = True, witness: bool = False
+) -> Tuple:
     """Jacobian of a batch-level function evaluated one sample at a time.
 
     ``f(params, batch)`` is called on batches of one sample (leading dimension 1)
@@ -50,12 +51,15 @@ def sample_jacobian_eager(
         has_aux: Whether ``f`` returns ``(value, aux)``.
         keep_aux: With has_aux, whether to return aux (False drops it inside
             the transforms, so it need not be made of tensors).
+        witness: Also return ``finite_witness([values, jac])`` (see
+            :mod:`posteriors_fast._checks`), computed in the same compiled
+            graph, for the callers' finiteness check.
 
     Returns:
         ``(jac, values, aux)``: ``jac`` (N·k, P) with rows in sample-major order,
         ``values`` (N·k,) the raveled outputs, ``aux`` stacked over samples (None
         without has_aux or keep_aux); k is the number of output elements per
-        sample.
+        sample. With ``witness``, the witness follows as a fourth element.
     """
     flat, unravel = tree_ravel(params)
     keep_aux = has_aux and keep_aux
@@ -78,7 +82,10 @@ def sample_jacobian_eager(
     # _CHUNK_ENTRIES gradient entries; the result is still one (N, P) matrix.
     chunk = max(1, _CHUNK_ENTRIES // max(1, flat.numel()))
     jac, values, aux = vmap(one_sample, in_dims=(None, 0), chunk_size=chunk)(flat, batch)
-    return jac.reshape(-1, flat.numel()), values.reshape(-1), aux if keep_aux else None
+    jac, values, aux = jac.reshape(-1, flat.numel()), values.reshape(-1), aux if keep_aux else None
+    if witness:
+        return jac, values, aux, finite_witness([values, jac])
+    return jac, values, aux
 
 
 register(
@@ -95,28 +102,31 @@ register(
 _tiered_sample_jacobian = TieredCompile(sample_jacobian_eager, "the per-sample Jacobian")
 
 
-def _signature(params: Any, batch: Any, has_aux: bool, keep_aux: bool) -> Tuple:
-    return shape_signature(params, batch) + (has_aux, keep_aux)
+def _signature(params: Any, batch: Any, has_aux: bool, keep_aux: bool, witness: bool = False) -> Tuple:
+    return shape_signature(params, batch) + (has_aux, keep_aux, witness)
 
 
 def sample_jacobian_torch_compile(
-    f: Callable, params: Any, batch: Any, has_aux: bool, keep_aux: bool = True
-) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+    f: Callable, params: Any, batch: Any, has_aux: bool, keep_aux: bool = True, witness: bool = False
+) -> Tuple:
     """:func:`sample_jacobian_eager` compiled once ``f`` is called repeatedly
     with the same signature (see :mod:`posteriors_fast.ops._tiered`)."""
-    signature = _signature(params, batch, has_aux, keep_aux)
-    return _tiered_sample_jacobian(f, signature, f, params, batch, has_aux, keep_aux)
+    signature = _signature(params, batch, has_aux, keep_aux, witness)
+    return _tiered_sample_jacobian(f, signature, f, params, batch, has_aux, keep_aux, witness)
 
 
 register("sample_jacobian", "torch_compile", sample_jacobian_torch_compile)
 
 
 def sample_jacobian(
-    f: Callable, params: Any, batch: Any, has_aux: bool, keep_aux: bool = True, *, backend: str
-) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+    f: Callable, params: Any, batch: Any, has_aux: bool, keep_aux: bool = True, witness: bool = False,
+    *, backend: str
+) -> Tuple:
     """Dispatching entry point (see :func:`sample_jacobian_eager` for the
     arguments and result); ``backend`` must already be resolved."""
-    return implementation("sample_jacobian", backend, device_type_of(params))(f, params, batch, has_aux, keep_aux)
+    return implementation("sample_jacobian", backend, device_type_of(params))(
+        f, params, batch, has_aux, keep_aux, witness
+    )
 
 
 def output_jacobian(

@@ -173,3 +173,36 @@ def test_ggn_with_batch_coupled_forward(ref, name):
         torch.testing.assert_close(a.prec, b.prec.to(torch.float64), rtol=1e-6, atol=1e-6)
     else:
         _close(a.prec_diag, b.prec_diag, torch.float64)
+
+
+def _offset_post(p, batch):
+    # The offset reaches the value but not the gradient.
+    x, y, offset = batch
+    return -torch.nn.functional.cross_entropy(forward(p, x), y) + offset.sum(), torch.tensor([])
+
+
+def test_compiled_fisher_update_checks_the_gradients_from_the_graphs_witness(monkeypatch):
+    # The compiled per-sample Jacobian returns a finiteness witness of the
+    # values and J; only J's exact check decides, as with eager.
+    from posteriors_fast.ops import _tiered
+
+    monkeypatch.setattr(_tiered, "COMPILE_AFTER", 1)
+    params = random_params("dict", torch.float64)
+    x, y = random_batch(5, torch.float64)
+    offset = torch.zeros(5, dtype=torch.float64)
+    compiled = laplace.dense_fisher.build(_offset_post, init_prec=1.0, backend="compiled")
+    eager = laplace.dense_fisher.build(_offset_post, init_prec=1.0, backend="eager")
+    state = compiled.init(params)
+
+    nan_value = offset.clone()
+    nan_value[2] = float("nan")
+    torch.testing.assert_close(
+        compiled.update(state, (x, y, nan_value)).prec, eager.update(eager.init(params), (x, y, offset)).prec
+    )
+
+    bad_x = x.clone()
+    bad_x[3, 0] = float("nan")
+    before = state.prec.clone()
+    with pytest.raises(ValueError, match="per-sample gradients of log_posterior contains NaN or inf"):
+        compiled.update(state, (bad_x, y, offset), inplace=True)
+    assert torch.equal(state.prec, before)
