@@ -34,10 +34,10 @@ def _args(argv):
     return parser.parse_args(argv)
 
 
-def _moved(module, case, provider) -> float:
+def _moved(module, case, provider, device) -> float:
     """Nominal bytes of one call; the ``copy`` provider moves its own count."""
     if provider == "copy" and hasattr(module, "copy_bytes"):
-        return module.copy_bytes(case)
+        return module.copy_bytes(case, device)
     return module.bytes_moved(case)
 
 
@@ -91,7 +91,8 @@ def main(argv=None) -> int:
                 "compile_s": max(0.0, timing.warm_max_s - median)
                 if provider in ("compiled", "torch_compile") and timing.status == "ok" else float("nan"),
                 "note": timing.note if moved is None or timing.status != "ok" else
-                f"{_moved(module, case, provider) / median / 1e9:.1f} GB/s of nominal traffic",
+                f"{_moved(module, case, provider, device) / median / 1e9:.1f} GB/s of nominal traffic"
+                + f" (after switch {_moved(module, case, provider, device) / timing.switch_median / 1e9:.1f})",
             })
             if timing.status == "ok":
                 switch = rows[-1]["after_switch_speedup"]

@@ -72,7 +72,7 @@ def bytes_moved(case) -> float:
     return 11 * 4.0 * case.p
 
 
-def copy_bytes(case) -> float:
+def copy_bytes(case, device: str = "cpu") -> float:
     """``copy`` copies one vector into a preallocated one: a read and a write."""
     return 2 * 4.0 * case.p
 

@@ -62,3 +62,13 @@ def test_burst_sizes_and_strict_alternation():
     timings = harness.measure(case, ["eager"], "cpu", budget_s=0.0, min_reps=3, max_reps=3, burst=1)
     # One call per round: every call is a first call, and both views hold them all.
     assert timings["eager"].samples == timings["eager"].switch_samples and len(timings["eager"].samples) == 3
+
+
+def test_sghmc_copy_baseline_is_stream_sized():
+    # STREAM's rule: each array four times the last-level cache, so the copy
+    # measures memory, not cache, bandwidth in both timing views.
+    module = importlib.import_module("benchmarks.bench_sgmcmc")
+    entries = module.stream_entries("cpu")
+    assert entries * 4 >= max(4 * module._last_level_cache("cpu"), 128 << 20)
+    case = Case("sgmcmc", "sgmcmc.sghmc step (1M params)", "S", 0, True)
+    assert module.copy_bytes(case, "cpu") == 8 * entries
