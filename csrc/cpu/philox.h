@@ -33,9 +33,12 @@ constexpr int64_t kLanes = 64;  // Philox counters per block (4 words each)
 //
 // Portable: plain C++ the compiler vectorises. Avx512: the same rounds in
 // AVX-512 intrinsics, on 16 counters per register with even/odd 32×32→64-bit
-// multiplies, blends and three-way XORs; gcc's vectorisation of the portable
-// loop widens every lane to 64 bits instead. Measured, one core, words for
-// 10⁶ float32 draws: portable 0.54 ms, Avx512 0.30 ms.
+// multiplies, blends and three-way XORs, the kLanes / 16 register groups
+// interleaved round by round (one group's round is a chain of dependent
+// multiplies, shifts and XORs; four independent chains keep the vector units
+// busy). gcc's vectorisation of the portable loop widens every lane to 64 bits
+// instead. Measured, one core, words for 10⁶ float32 draws: portable 0.54 ms,
+// Avx512 one group at a time 0.31 ms, interleaved 0.19 ms.
 struct Portable {
   static inline __attribute__((always_inline)) void block(uint64_t first, uint64_t seed, uint32_t* words) {
     const uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
@@ -72,41 +75,47 @@ struct Portable {
 struct Avx512 {
   // Only call after cpu_has_v4() (multiversion.h) said yes.
   PF_TARGET_V4 static void block(uint64_t first, uint64_t seed, uint32_t* words) {
+    constexpr int kGroups = kLanes / 16;
     const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
     const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __mmask16 odd = 0xAAAA;
-    for (int64_t l0 = 0; l0 < kLanes; l0 += 16) {
-      const uint64_t base = first + static_cast<uint64_t>(l0);
+    __m512i c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
+    for (int g = 0; g < kGroups; ++g) {
+      const uint64_t base = first + static_cast<uint64_t>(16 * g);
       const __m512i base_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base)));
       const __m512i base_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32)));
-      __m512i c0 = _mm512_add_epi32(base_lo, lane);
+      c0[g] = _mm512_add_epi32(base_lo, lane);
       // The high word of counter base + l: one more where the low word wrapped.
-      __m512i c1 = _mm512_mask_add_epi32(base_hi, _mm512_cmplt_epu32_mask(c0, base_lo), base_hi, _mm512_set1_epi32(1));
-      __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-      uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-      for (int round = 0; round < 10; ++round) {
+      c1[g] = _mm512_mask_add_epi32(base_hi, _mm512_cmplt_epu32_mask(c0[g], base_lo), base_hi, _mm512_set1_epi32(1));
+      c2[g] = _mm512_setzero_si512();
+      c3[g] = _mm512_setzero_si512();
+    }
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0)), key1 = _mm512_set1_epi32(static_cast<int>(k1));
+      for (int g = 0; g < kGroups; ++g) {
         // 64-bit products of the even lanes, then of the odd lanes shifted down.
-        const __m512i even0 = _mm512_mul_epu32(c0, m0), odd0 = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), m0);
-        const __m512i even1 = _mm512_mul_epu32(c2, m1), odd1 = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), m1);
+        const __m512i even0 = _mm512_mul_epu32(c0[g], m0), odd0 = _mm512_mul_epu32(_mm512_srli_epi64(c0[g], 32), m0);
+        const __m512i even1 = _mm512_mul_epu32(c2[g], m1), odd1 = _mm512_mul_epu32(_mm512_srli_epi64(c2[g], 32), m1);
         const __m512i hi0 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(even0, 32), odd0);
         const __m512i lo0 = _mm512_mask_blend_epi32(odd, even0, _mm512_slli_epi64(odd0, 32));
         const __m512i hi1 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(even1, 32), odd1);
         const __m512i lo1 = _mm512_mask_blend_epi32(odd, even1, _mm512_slli_epi64(odd1, 32));
         // 0x96: a ^ b ^ c
-        const __m512i n0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);
-        const __m512i n2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
-        c1 = lo1;
-        c3 = lo0;
-        c0 = n0;
-        c2 = n2;
-        k0 += 0x9E3779B9u;
-        k1 += 0xBB67AE85u;
+        c0[g] = _mm512_ternarylogic_epi32(hi1, c1[g], key0, 0x96);
+        c2[g] = _mm512_ternarylogic_epi32(hi0, c3[g], key1, 0x96);
+        c1[g] = lo1;
+        c3[g] = lo0;
       }
-      _mm512_store_si512(words + l0, c0);
-      _mm512_store_si512(words + kLanes + l0, c1);
-      _mm512_store_si512(words + 2 * kLanes + l0, c2);
-      _mm512_store_si512(words + 3 * kLanes + l0, c3);
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    for (int g = 0; g < kGroups; ++g) {
+      _mm512_store_si512(words + 16 * g, c0[g]);
+      _mm512_store_si512(words + kLanes + 16 * g, c1[g]);
+      _mm512_store_si512(words + 2 * kLanes + 16 * g, c2[g]);
+      _mm512_store_si512(words + 3 * kLanes + 16 * g, c3[g]);
     }
   }
 };
