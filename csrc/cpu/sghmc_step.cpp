@@ -57,9 +57,35 @@ PF_MULTIVERSION void leaf_portable(const double* th, const double* m, const doub
   leaf_impl<double, philox::Portable>(th, m, g, tho, mo, n, seed, c, b, e);
 }
 #if PF_HAVE_V4_KERNELS
+// float32 on AVX-512: whole, aligned blocks are written with streaming stores,
+// so the new θ and m (fresh buffers, read by the next step, not this one) are
+// not first read into cache. The arithmetic is leaf_impl's, in the same order.
+// Measured on the SG-MCMC benchmark (10⁶ parameters, 2 threads), whole step in
+// the suite's steady state: 1.05-1.11 → 0.69-0.83 ms; this kernel alone in a
+// warm chained loop 0.295 → 0.286 ms.
 PF_TARGET_V4 void leaf_v4(const float* th, const float* m, const float* g, float* tho, float* mo, int64_t n,
                           uint64_t seed, Coefficients<float> c, int64_t b, int64_t e) {
-  leaf_impl<float, philox::Avx512>(th, m, g, tho, mo, n, seed, c, b, e);
+  using Block = philox::NormalBlock<float, philox::Avx512>;
+  alignas(64) float z[Block::kSize];
+  const __m512 step = _mm512_set1_ps(c.step), keep = _mm512_set1_ps(c.keep), lr = _mm512_set1_ps(c.lr),
+               scale = _mm512_set1_ps(c.scale);
+  for (int64_t blk = b; blk < e; ++blk) {
+    const int64_t base = blk * Block::kSize;
+    const bool whole = n - base >= Block::kSize &&
+                       ((reinterpret_cast<uintptr_t>(tho + base) | reinterpret_cast<uintptr_t>(mo + base)) & 63) == 0;
+    if (!whole) {
+      leaf_impl<float, philox::Avx512>(th, m, g, tho, mo, n, seed, c, blk, blk + 1);
+      continue;
+    }
+    Block::fill(static_cast<uint64_t>(blk), seed, z);
+    for (int64_t i = base; i < base + Block::kSize; i += 16) {
+      const __m512 mi = _mm512_loadu_ps(m + i);
+      _mm512_stream_ps(tho + i, _mm512_fmadd_ps(step, mi, _mm512_loadu_ps(th + i)));
+      const __m512 kept = _mm512_fmadd_ps(lr, _mm512_loadu_ps(g + i), _mm512_mul_ps(keep, mi));
+      _mm512_stream_ps(mo + i, _mm512_fmadd_ps(scale, _mm512_load_ps(z + (i - base)), kept));
+    }
+  }
+  _mm_sfence();  // the streamed lines are visible before the parallel region ends
 }
 PF_TARGET_V4 void leaf_v4(const double* th, const double* m, const double* g, double* tho, double* mo, int64_t n,
                           uint64_t seed, Coefficients<double> c, int64_t b, int64_t e) {
