@@ -72,10 +72,11 @@ def main(argv=None) -> int:
         ref_median = reference.median if ref_ok else float("nan")
         ref_switch = reference.switch_median if ref_ok else float("nan")
         flops = module.flops(case)
-        moved = module.bytes_moved(case) if hasattr(module, "bytes_moved") else None
+        reports_bytes = hasattr(module, "bytes_moved")
         summary = []
         for provider, timing in timings.items():
             median = timing.median
+            moved_gb = _moved(module, case, provider, device) / 1e9 if reports_bytes else None
             speedup = ref_median / median if timing.status == "ok" else float("nan")
             rows.append({
                 "op": case.op, "model": case.model, "P": case.p or num_params(case.model), "N": case.n,
@@ -90,9 +91,8 @@ def main(argv=None) -> int:
                 "first_call_ms": timing.first_s * 1e3,
                 "compile_s": max(0.0, timing.warm_max_s - median)
                 if provider in ("compiled", "torch_compile") and timing.status == "ok" else float("nan"),
-                "note": timing.note if moved is None or timing.status != "ok" else
-                f"{_moved(module, case, provider, device) / median / 1e9:.1f} GB/s of nominal traffic"
-                + f" (after switch {_moved(module, case, provider, device) / timing.switch_median / 1e9:.1f})",
+                "note": timing.note if moved_gb is None or timing.status != "ok" else
+                f"{moved_gb / median:.1f} GB/s of nominal traffic (after switch {moved_gb / timing.switch_median:.1f})",
             })
             if timing.status == "ok":
                 switch = rows[-1]["after_switch_speedup"]

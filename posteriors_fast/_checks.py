@@ -182,3 +182,12 @@ def first_non_finite(labelled, witness: torch.Tensor | None = None) -> str | Non
     if bool(torch.isfinite(witness)):
         return None
     return next((label for t, label in labelled if not bool(torch.isfinite(t).all())), None)
+
+
+def require_finite(labelled, witness: torch.Tensor | None = None) -> None:
+    """Raise ``ValueError("<label>; the state was not changed")`` for the first
+    ``(tensor, label)`` pair holding NaN or inf (see :func:`first_non_finite`):
+    the check every update makes before it writes anything."""
+    bad = first_non_finite(labelled, witness)
+    if bad is not None:
+        raise ValueError(f"{bad}; the state was not changed")

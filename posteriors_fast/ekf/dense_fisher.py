@@ -198,13 +198,11 @@ def update(
                 log_likelihood, state.params, batch, has_aux=True, witness=True, backend=backend
             )
         mean_log_lik = values.mean()
-        bad = _checks.first_non_finite([
+        _checks.require_finite([
             (mean_log_lik, "log_likelihood returned NaN or inf for this batch"),
             (jac, "the per-sample gradients of log_likelihood contain NaN or inf, so the "
                   "gradient and the Fisher are not finite"),
         ], witness)
-        if bad is not None:
-            raise ValueError(f"{bad}; the state was not changed")
         rows = jac.shape[0]
         cov = state.cov if state.cov.dtype == flat.dtype else state.cov.to(flat.dtype)
         plan = lowrank_update(cov, transition, jac.to(flat.dtype), lr / rows, backend=backend)

@@ -172,12 +172,10 @@ def update(
                 log_likelihood, state.params, batch, has_aux=True, witness=True, backend=backend
             )
         mean_log_lik = values.mean().detach()
-        bad = _checks.first_non_finite([
+        _checks.require_finite([
             (mean_log_lik, "log_likelihood returned NaN or inf for this batch"),
             (jac, "the per-sample gradients of log_likelihood contain NaN or inf"),
         ], witness)
-        if bad is not None:
-            raise ValueError(f"{bad}; the state was not changed")
         precision = (sd.square() + tau**2).reciprocal_().add_(jac.square().mean(0), alpha=lr)
         new_var = precision.reciprocal_()
         new_flat = torch.addcmul(flat.detach(), new_var, jac.mean(0), value=lr)

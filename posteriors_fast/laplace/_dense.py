@@ -57,8 +57,7 @@ def require_finite(tensor: torch.Tensor, what: str, witness: torch.Tensor | None
     """Raise unless ``tensor`` is finite. ``witness``: a finite witness of it
     (and possibly of other tensors) already computed; when it is not finite,
     ``tensor`` alone is checked exactly."""
-    if _checks.first_non_finite([(tensor, what)], witness) is not None:
-        raise ValueError(f"{what} contains NaN or inf; the state was not changed")
+    _checks.require_finite([(tensor, f"{what} contains NaN or inf")], witness)
 
 
 def add_to_prec(state, term: torch.Tensor, aux, inplace: bool):

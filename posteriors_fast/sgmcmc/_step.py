@@ -56,13 +56,11 @@ def gradient(log_posterior, params, batch, backend: str) -> Tuple[List[torch.Ten
     with CatchAuxError():
         grads, value, aux, witness = value_grad(log_posterior, params, batch, "log_posterior", backend=backend)
     leaves, spec = tree_flatten(grads)
-    bad = _checks.first_non_finite(
+    _checks.require_finite(
         [(value, "log_posterior returned NaN or inf for this batch")]
         + [(g, "the gradient of log_posterior contains NaN or inf") for g in leaves],
         witness,
     )
-    if bad is not None:
-        raise ValueError(f"{bad}; the state was not changed")
     return leaves, spec, value, aux
 
 
