@@ -1,9 +1,9 @@
 """The vector work of one conjugate-gradient iteration (no matvec: ``ap`` is
 given), on flat float32 vectors of length P.
 
-Baseline ``eager``: the updates of posteriors_fast's eager CG loop (two dots,
-two ``addcmul_``, ``mul_``/``add_`` and the scalar divisions: about ten
-dispatches and seven passes over memory). ``cpp``: the fused C++ step
+Baseline ``eager``: the op's eager formulas (``cg_step_eager``: three dots,
+two axpy-like updates and the direction update, about ten dispatches and seven
+passes over memory). ``cpp``: the fused C++ step
 (``posteriors_fast::cg_step_``, three passes). ``torch_compile``: the same
 formulas compiled by Inductor. Each timed call starts from the same x, r, p
 (restored untimed), so every provider does identical arithmetic.
@@ -12,7 +12,7 @@ formulas compiled by Inductor. Each timed call starts from the same x, r, p
 import torch
 
 from posteriors_fast import _library
-from posteriors_fast.ops import cg as cg_ops
+from posteriors_fast.ops import cg_step
 
 PROVIDERS = ("eager", "cpp", "torch_compile")
 BASELINE = "eager"
@@ -39,29 +39,15 @@ def setup(case, provider, device):
         r.copy_(r0)
         p.copy_(r0)
 
-    if provider == "eager":
-
-        def step():
-            alpha = gamma / cg_ops.vdot_real(p, ap)
-            x.addcmul_(alpha, p)
-            r.addcmul_(alpha, ap, value=-1)
-            gamma_next = cg_ops.vdot_real(r, r)
-            p.mul_(gamma_next / gamma).add_(r)
-            return gamma_next
-
-    elif provider == "cpp":
+    if provider == "cpp":
         ok, why = _library.load_extension()
         if not ok or device != "cpu":
             raise ImportError(why or "the C++ kernels run on the CPU")
+    fn = {"eager": cg_step.cg_step_eager, "cpp": cg_step.cg_step_cpp,
+          "torch_compile": cg_step.cg_step_torch_compile}[provider]
 
-        def step():
-            return _library.OPS.cg_step_(x, r, p, ap, gamma, 0.0)
-
-    else:
-        compiled = cg_ops._compiled_step()
-
-        def step():
-            return compiled(x, r, p, ap, gamma, 0.0)
+    def step():
+        return fn(x, r, p, ap, gamma, 0.0)
 
     return step, reset
 

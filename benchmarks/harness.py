@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 from benchmarks.config import REFERENCE_LIMIT_S, Case
-from posteriors_fast.ops._tiered import COMPILE_AFTER
+from posteriors_fast.backends.compile_policy import COMPILE_AFTER
 
 
 @dataclass

@@ -26,9 +26,9 @@ import torch
 from optree.integrations.torch import tree_ravel
 from torch.func import grad, jvp, linearize, vjp
 
-from posteriors_fast.ops import products
-from posteriors_fast.ops.jacobian import output_jacobian
-from posteriors_fast.ops.loss_hessian import hessian_blocks, loss_hessian_times
+from posteriors_fast._internal import products
+from posteriors_fast._internal.jacobian import output_jacobian
+from posteriors_fast._internal.loss_hessian import hessian_blocks, loss_hessian_times
 from posteriors_fast.types import TensorTree
 
 logger = logging.getLogger("posteriors_fast")

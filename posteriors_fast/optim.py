@@ -10,7 +10,7 @@ from typing import Any, NamedTuple, Type
 
 import torch
 
-from posteriors_fast._errors import CatchAuxError
+from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 

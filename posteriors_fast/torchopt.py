@@ -7,9 +7,9 @@ from typing import Any, NamedTuple
 import torch
 from optree import tree_leaves
 
-from posteriors_fast import _checks
-from posteriors_fast._autograd import grad_value_aux
-from posteriors_fast._errors import CatchAuxError
+from posteriors_fast._internal import checks as _checks
+from posteriors_fast._internal.autograd import grad_value_aux
+from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
 from posteriors_fast.tree_utils import tree_insert_
 from posteriors_fast.types import LogProbFn, TensorTree, Transform

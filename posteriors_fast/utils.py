@@ -11,17 +11,16 @@ from optree import tree_leaves, tree_map, tree_reduce
 from optree.integrations.torch import tree_ravel
 from torch.func import functional_call, grad, jvp, vjp
 
-from posteriors_fast import _checks, ops
-from posteriors_fast._errors import CatchAuxError
+from posteriors_fast import ops
+from posteriors_fast._internal import checks as _checks
+from posteriors_fast._internal import products
+from posteriors_fast._internal.cholesky import CholeskyError
+from posteriors_fast._internal.errors import CatchAuxError
+from posteriors_fast._internal.jacobian import output_jacobian
+from posteriors_fast._internal.loss_hessian import loss_hessian_times
 from posteriors_fast.backends import resolve
-from posteriors_fast.ops.cholesky import CholeskyError
-from posteriors_fast.ops.jacobian import (
-    output_jacobian,
-    sample_jacobian,
-    separable_output_jacobian,
-)
-from posteriors_fast.ops import products
-from posteriors_fast.ops.loss_hessian import loss_hessian_times
+from posteriors_fast.ops.sample_jacobian import sample_jacobian
+from posteriors_fast.ops.separable_jacobian import separable_output_jacobian
 from posteriors_fast.tree_utils import tree_size
 from posteriors_fast.types import ForwardFn, Tensor, TensorTree
 
@@ -500,7 +499,7 @@ def cg(
         def precond(v):
             return tree_ravel(M(unravel(v)))[0]
 
-    x, info = ops.cg.cg(
+    x, info = ops.cg_step.solve(
         matvec, b_flat, x0_flat, maxiter, damping, tol, atol, precond, backend=backend
     )
     return unravel(x), info

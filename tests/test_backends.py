@@ -11,7 +11,7 @@ import posteriors_fast as pf
 from posteriors_fast import _library, backends
 from posteriors_fast.backends import selection
 
-HOT_OPS = {"syrk", "symm_jt", "cov_downdate", "lowrank_update", "ggn_diag", "jsjt", "cg", "normal", "sghmc_step", "sample_jacobian", "separable_jacobian", "value_grad", "new_matrix"}
+HOT_OPS = {"syrk", "symm_jt", "cov_downdate", "lowrank_update", "ggn_diag", "jsjt", "cg_step", "normal", "sghmc_step", "sample_jacobian", "separable_jacobian", "value_grad", "new_matrix"}
 
 
 @pytest.fixture(autouse=True)

@@ -24,12 +24,13 @@ from optree import tree_map
 from optree.integrations.torch import tree_ravel
 from torch.func import vmap
 
-from posteriors_fast import _checks
-from posteriors_fast._errors import CatchAuxError
-from posteriors_fast._memo import TensorMemo
+from posteriors_fast._internal import checks as _checks
+from posteriors_fast._internal.errors import CatchAuxError
+from posteriors_fast._internal.memo import TensorMemo
 from posteriors_fast.backends import resolve
-from posteriors_fast.ops.cholesky import robust_cholesky
-from posteriors_fast.ops.jacobian import output_jacobian, sample_jacobian
+from posteriors_fast._internal.cholesky import robust_cholesky
+from posteriors_fast._internal.jacobian import output_jacobian
+from posteriors_fast.ops.sample_jacobian import sample_jacobian
 from posteriors_fast.ops.lowrank_update import lowrank_update
 from posteriors_fast.tree_utils import tree_insert_
 from posteriors_fast.types import LogProbFn, TensorTree, Transform

@@ -22,10 +22,11 @@ import torch
 from optree import tree_map
 from optree.integrations.torch import tree_ravel
 
-from posteriors_fast import _checks
-from posteriors_fast._errors import CatchAuxError
+from posteriors_fast._internal import checks as _checks
+from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
-from posteriors_fast.ops.jacobian import output_jacobian, sample_jacobian
+from posteriors_fast._internal.jacobian import output_jacobian
+from posteriors_fast.ops.sample_jacobian import sample_jacobian
 from posteriors_fast.tree_utils import tree_insert_
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 from posteriors_fast.utils import diag_normal_sample, is_scalar

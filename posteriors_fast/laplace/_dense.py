@@ -8,9 +8,9 @@ from optree import tree_leaves, tree_map
 from optree.integrations.torch import tree_ravel
 from torch.func import vmap
 
-from posteriors_fast import _checks
-from posteriors_fast._memo import TensorMemo
-from posteriors_fast.ops.cholesky import robust_cholesky
+from posteriors_fast._internal import checks as _checks
+from posteriors_fast._internal.memo import TensorMemo
+from posteriors_fast._internal.cholesky import robust_cholesky
 from posteriors_fast.types import TensorTree
 
 

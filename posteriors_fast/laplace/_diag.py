@@ -7,7 +7,7 @@ import torch
 from optree import tree_map
 from optree.integrations.torch import tree_ravel
 
-from posteriors_fast import _checks
+from posteriors_fast._internal import checks as _checks
 from posteriors_fast.tree_utils import tree_insert_
 from posteriors_fast.types import TensorTree
 from posteriors_fast.utils import diag_normal_sample, is_scalar

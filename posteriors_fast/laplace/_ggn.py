@@ -9,8 +9,9 @@ Jacobian is used. The loss Hessian is applied through its per-sample blocks."""
 import torch
 from optree.integrations.torch import tree_ravel
 
-from posteriors_fast.ops.jacobian import output_jacobian, separable_output_jacobian
-from posteriors_fast.ops.loss_hessian import loss_hessian_times
+from posteriors_fast._internal.jacobian import output_jacobian
+from posteriors_fast.ops.separable_jacobian import separable_output_jacobian
+from posteriors_fast._internal.loss_hessian import loss_hessian_times
 
 
 def batch_ggn_factors(params, batch, forward, outer_log_likelihood, *, backend: str):

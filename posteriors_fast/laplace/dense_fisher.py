@@ -7,12 +7,13 @@ from typing import Any
 
 import torch
 
-from posteriors_fast import _checks
-from posteriors_fast._errors import CatchAuxError
+from posteriors_fast._internal import checks as _checks
+from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
 from posteriors_fast.laplace._dense import DenseLaplaceState, check_state, init, require_finite, sample
-from posteriors_fast.ops.buffers import new_matrix
-from posteriors_fast.ops.jacobian import output_jacobian, sample_jacobian
+from posteriors_fast.ops.new_matrix import new_matrix
+from posteriors_fast._internal.jacobian import output_jacobian
+from posteriors_fast.ops.sample_jacobian import sample_jacobian
 from posteriors_fast.ops.syrk import syrk_
 from posteriors_fast.types import LogProbFn, Transform
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from posteriors_fast._errors import CatchAuxError
+from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
 from posteriors_fast.laplace._dense import (
     DenseLaplaceState,

@@ -12,8 +12,8 @@ import torch
 from optree.integrations.torch import tree_ravel
 from torch.func import jacfwd, jacrev
 
-from posteriors_fast import _checks
-from posteriors_fast._errors import CatchAuxError
+from posteriors_fast._internal import checks as _checks
+from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
 from posteriors_fast.laplace._dense import (
     DenseLaplaceState,

@@ -6,11 +6,12 @@ from typing import Any
 
 import torch
 
-from posteriors_fast import _checks
-from posteriors_fast._errors import CatchAuxError
+from posteriors_fast._internal import checks as _checks
+from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
 from posteriors_fast.laplace._diag import DiagLaplaceState, add_to_prec, init, sample
-from posteriors_fast.ops.jacobian import output_jacobian, sample_jacobian
+from posteriors_fast._internal.jacobian import output_jacobian
+from posteriors_fast.ops.sample_jacobian import sample_jacobian
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 
 __all__ = ["build", "DiagLaplaceState", "init", "update", "sample"]

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from posteriors_fast._errors import CatchAuxError
+from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
 from posteriors_fast.laplace._diag import DiagLaplaceState, add_to_prec, init, sample
 from posteriors_fast.types import ForwardFn, OuterLogProbFn, TensorTree, Transform

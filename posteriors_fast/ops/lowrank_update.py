@@ -25,10 +25,10 @@ from typing import Optional
 
 import torch
 
-from posteriors_fast._checks import first_non_finite
+from posteriors_fast._internal.checks import first_non_finite
 from posteriors_fast.backends import decline, implementation, register
-from posteriors_fast.ops.buffers import new_matrix
-from posteriors_fast.ops.cholesky import robust_cholesky
+from posteriors_fast.ops.new_matrix import new_matrix
+from posteriors_fast._internal.cholesky import robust_cholesky
 from posteriors_fast.ops.cov_downdate import cov_downdate_
 from posteriors_fast.ops.symm_jt import symm_jt
 from posteriors_fast.ops.syrk import syrk_

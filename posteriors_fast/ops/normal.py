@@ -17,7 +17,7 @@ import torch
 
 from posteriors_fast import _library
 from posteriors_fast.backends import decline, implementation, register
-from posteriors_fast.ops._native import accepts
+from posteriors_fast._internal.native import accepts
 
 _SEED_HIGH = 2**62
 

@@ -16,7 +16,7 @@ import torch
 
 from posteriors_fast import _library
 from posteriors_fast.backends import decline, implementation, register
-from posteriors_fast.ops._native import accepts
+from posteriors_fast._internal.native import accepts
 
 
 def symm_jt_eager(s: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,7 @@ def symm_jt_eager(s: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
 
 def symm_jt_cpp(s: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     """C++ kernel (``csrc/cpu/symm_jt.cpp``); eager torch for arguments it does
-    not take (see :func:`posteriors_fast.ops._native.accepts`)."""
+    not take (see :func:`posteriors_fast._internal.native.accepts`)."""
     if not accepts(s, j) or s.dim() != 2 or j.dim() != 2:
         return symm_jt_eager(s, j)
     return _library.OPS.symm_jt(s, j)

@@ -31,8 +31,8 @@ import torch
 
 from posteriors_fast import _library
 from posteriors_fast.backends import decline, implementation, register
-from posteriors_fast.ops._native import accepts
-from posteriors_fast.ops.buffers import new_matrix
+from posteriors_fast._internal.native import accepts
+from posteriors_fast.ops.new_matrix import new_matrix
 
 #: GEMM tile edge. 1024 measured best of {512, 1024, 2048} at P = 20000, K = 64
 #: and close to best (512) at P = 5000, K = 256.
@@ -108,7 +108,7 @@ def syrk_cpp(out, a, alpha, beta, c=None, b=None):
     """C++ kernel (``csrc/cpu/syrk.cpp``): upper tiles in parallel, each in
     the AVX-512 micro-kernel (one single-threaded ATen GEMM per tile on other
     CPUs) and mirrored in cache; eager torch for arguments it does not take
-    (see :func:`posteriors_fast.ops._native.accepts`)."""
+    (see :func:`posteriors_fast._internal.native.accepts`)."""
     if not accepts(a, b, c, out=out):
         return syrk_eager(out, a, alpha, beta, c, b)
     _library.OPS.syrk_(out, a, b, None if c is out else c, float(alpha), float(beta), True)

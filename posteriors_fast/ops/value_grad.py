@@ -9,7 +9,7 @@ per-tensor check.
 
 Eager runs plain autograd. Compiled, the same computation is traced with
 ``torch.func.grad_and_value`` into one graph once the function is called
-repeatedly with one signature (:mod:`posteriors_fast.ops._tiered`): the forward,
+repeatedly with one signature (:mod:`posteriors_fast.backends.compile_policy`): the forward,
 the reverse pass and the witness sums fuse into a few passes over the
 parameters. Measured on the SG-MCMC benchmark (``-0.5·Σθ²`` over 10⁶ float32
 entries in 4 leaves, 2 threads, caches cold after a reference step):
@@ -21,10 +21,10 @@ from typing import Any, Callable, Tuple
 import torch
 from optree import tree_flatten, tree_leaves, tree_unflatten
 
-from posteriors_fast._autograd import grad_value_aux
-from posteriors_fast._checks import finite_witness
+from posteriors_fast._internal.autograd import grad_value_aux
+from posteriors_fast._internal.checks import finite_witness
 from posteriors_fast.backends import decline, device_type_of, implementation, register
-from posteriors_fast.ops._tiered import TieredCompile, shape_signature
+from posteriors_fast.backends.compile_policy import TieredCompile, shape_signature
 
 
 def _witness(value: torch.Tensor, grads: Any) -> torch.Tensor:

@@ -3,7 +3,7 @@
 import torch
 from optree import tree_map
 
-from posteriors_fast import _checks
+from posteriors_fast._internal import checks as _checks
 from posteriors_fast.utils import is_scalar
 
 

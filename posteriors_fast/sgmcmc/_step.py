@@ -16,8 +16,8 @@ from typing import Any, List, Tuple
 import torch
 from optree import tree_flatten, tree_unflatten
 
-from posteriors_fast import _checks
-from posteriors_fast._errors import CatchAuxError
+from posteriors_fast._internal import checks as _checks
+from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.ops.value_grad import value_grad
 
 

@@ -8,9 +8,9 @@ from typing import Any, Callable
 import torch
 from optree import tree_leaves
 
-from posteriors_fast import _checks
-from posteriors_fast._autograd import grad_value_aux
-from posteriors_fast._errors import CatchAuxError
+from posteriors_fast._internal import checks as _checks
+from posteriors_fast._internal.autograd import grad_value_aux
+from posteriors_fast._internal.errors import CatchAuxError
 
 try:
     import torchopt as _torchopt

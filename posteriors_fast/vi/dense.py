@@ -16,7 +16,7 @@ from optree import tree_map
 from optree.integrations.torch import tree_ravel
 from torch.func import vmap
 
-from posteriors_fast import _checks
+from posteriors_fast._internal import checks as _checks
 from posteriors_fast.backends import resolve
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 from posteriors_fast.utils import L_from_flat, L_to_flat, is_scalar

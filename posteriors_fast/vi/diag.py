@@ -16,7 +16,7 @@ import torch
 from optree import tree_map
 from torch.func import vmap
 
-from posteriors_fast import _checks
+from posteriors_fast._internal import checks as _checks
 from posteriors_fast.backends import resolve
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 from posteriors_fast.utils import diag_normal_log_prob, diag_normal_sample, is_scalar

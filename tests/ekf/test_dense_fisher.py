@@ -178,7 +178,7 @@ def test_default_backend_comes_from_global_setting(monkeypatch):
 
 
 def test_chunked_jacobian_gives_the_same_update(monkeypatch):
-    from posteriors_fast.ops import jacobian
+    from posteriors_fast.ops import sample_jacobian as jacobian
 
     params, batch = make_problem(9, torch.float64)
     transform = dense_fisher.build(log_likelihood, 0.4)

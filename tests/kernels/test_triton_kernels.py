@@ -305,7 +305,7 @@ def test_cg_step_bad_inputs():
 def test_dispatch_glue_runs_the_triton_kernels(dtype):
     """The functions the dispatch layer registers for CUDA, run here on CPU
     tensors through the interpreter, against the eager implementations."""
-    from posteriors_fast.ops import cg as cg_ops
+    from posteriors_fast.ops import cg_step as cg_ops
     from posteriors_fast.ops import cov_downdate as cd_ops
     from posteriors_fast.ops import syrk as syrk_ops
 
@@ -322,8 +322,11 @@ def test_dispatch_glue_runs_the_triton_kernels(dtype):
     _assert_close(cov_f, cov_e.double(), dtype)
     spd = (a.T @ a / 5 + torch.eye(45, dtype=dtype))
     b = torch.randn(45, dtype=dtype, generator=gen)
-    args = (lambda v: spd @ v, b, torch.zeros_like(b), 30, 0.1, 1e-6, 0.0, None)
-    x_t, info_t = cg_ops.cg_triton(*args)
-    x_e, info_e = cg_ops.cg_eager(*args)
-    _assert_close(x_t, x_e.double(), dtype)
-    assert info_t["niter"] == info_e["niter"]
+    p = b.clone()
+    vectors_t = [torch.zeros_like(b), b.clone(), p.clone()]
+    vectors_e = [torch.zeros_like(b), b.clone(), p.clone()]
+    gamma = torch.dot(b, b)
+    gamma_t = cg_ops.cg_step_triton(*vectors_t, spd @ p, gamma, 0.1)
+    gamma_e = cg_ops.cg_step_eager(*vectors_e, spd @ p, gamma, 0.1)
+    for got, want in zip(vectors_t + [gamma_t], vectors_e + [gamma_e]):
+        _assert_close(got, want.double(), dtype)

@@ -184,7 +184,7 @@ def _offset_post(p, batch):
 def test_compiled_fisher_update_checks_the_gradients_from_the_graphs_witness(monkeypatch):
     # The compiled per-sample Jacobian returns a finiteness witness of the
     # values and J; only J's exact check decides, as with eager.
-    from posteriors_fast.ops import _tiered
+    from posteriors_fast.backends import compile_policy as _tiered
 
     monkeypatch.setattr(_tiered, "COMPILE_AFTER", 1)
     params = random_params("dict", torch.float64)

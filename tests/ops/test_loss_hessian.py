@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.func import jacfwd, jacrev
 
-from posteriors_fast.ops import loss_hessian
+from posteriors_fast._internal import loss_hessian
 
 
 def _cross_entropy(z):

@@ -9,7 +9,7 @@ import torch
 from optree import tree_leaves, tree_map
 
 import posteriors_fast as pf
-from posteriors_fast.ops import products
+from posteriors_fast._internal import products
 
 from .._trees import forward, random_batch, random_params
 

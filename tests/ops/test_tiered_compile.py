@@ -7,7 +7,9 @@ import logging
 import pytest
 import torch
 
-from posteriors_fast.ops import _tiered, jacobian
+from posteriors_fast.backends import compile_policy as _tiered
+from posteriors_fast.ops import sample_jacobian as jacobian
+from posteriors_fast.ops import separable_jacobian
 
 
 def _mlp(dtype, sizes=(3, 5, 4)):
@@ -164,8 +166,8 @@ def test_compiled_jacobian_matches_eager_and_does_not_recompile(monkeypatch, dty
 
 def test_compiled_separable_jacobian_matches_eager_and_still_detects_coupling(monkeypatch):
     monkeypatch.setattr(_tiered, "COMPILE_AFTER", 1)
-    tiered = _tiered.TieredCompile(jacobian.separable_parts_eager, "the per-sample output Jacobian")
-    monkeypatch.setattr(jacobian, "_tiered_separable", tiered)
+    tiered = _tiered.TieredCompile(separable_jacobian.separable_parts_eager, "the per-sample output Jacobian")
+    monkeypatch.setattr(separable_jacobian, "_tiered_separable", tiered)
     params, batch = _mlp(torch.float64)
 
     def coupled(p, b):
@@ -175,8 +177,8 @@ def test_compiled_separable_jacobian_matches_eager_and_still_detects_coupling(mo
     for fwd, separable in ((forward, True), (coupled, False)):
         z = fwd(params, batch)[0]
         with torch.no_grad():
-            got = jacobian.separable_output_jacobian(fwd, params, batch, z, backend="compiled")
-            want = jacobian.separable_output_jacobian(fwd, params, batch, z, backend="eager")
+            got = separable_jacobian.separable_output_jacobian(fwd, params, batch, z, backend="compiled")
+            want = separable_jacobian.separable_output_jacobian(fwd, params, batch, z, backend="eager")
         if separable:
             assert got is not None and got.shape == (7, 4, 39)
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from posteriors_fast.ops import _tiered, value_grad as vg
+from posteriors_fast.backends import compile_policy as _tiered
+from posteriors_fast.ops import value_grad as vg
 from posteriors_fast.sgmcmc import _step
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from posteriors_fast import _library
-from posteriors_fast.ops import buffers
+from posteriors_fast.ops import new_matrix as pool
 from tests.ops._native import needs_ext
 
 BIG = (600, 600)  # 1.4 MB of float32: above the 1 MiB floor
@@ -17,14 +17,14 @@ BIG = (600, 600)  # 1.4 MB of float32: above the 1 MiB floor
 
 @pytest.fixture(autouse=True)
 def empty_pool():
-    buffers.pool_idle_bytes(release=True)
+    pool.pool_idle_bytes(release=True)
     yield
-    buffers.pool_idle_bytes(release=True)
+    pool.pool_idle_bytes(release=True)
 
 
 def test_eager_is_torch_empty():
     like = torch.zeros(2, dtype=torch.float64)
-    out = buffers.new_matrix(BIG, like, backend="eager")
+    out = pool.new_matrix(BIG, like, backend="eager")
     assert out.shape == BIG and out.dtype == torch.float64 and out.is_contiguous()
 
 
@@ -32,53 +32,53 @@ def test_eager_is_torch_empty():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_a_freed_block_is_reused_for_the_same_size(dtype):
     like = torch.zeros(1, dtype=dtype)
-    first = buffers.new_matrix(BIG, like, backend="compiled")
+    first = pool.new_matrix(BIG, like, backend="compiled")
     assert first.shape == BIG and first.dtype == dtype and first.is_contiguous()
     first.fill_(3.0)
     address, nbytes = first.data_ptr(), first.numel() * first.element_size()
-    assert buffers.pool_idle_bytes() == 0
+    assert pool.pool_idle_bytes() == 0
     del first
-    assert buffers.pool_idle_bytes() == nbytes
-    second = buffers.new_matrix(BIG, like, backend="compiled")
-    assert second.data_ptr() == address and buffers.pool_idle_bytes() == 0
-    other = buffers.new_matrix((BIG[0] + 1, BIG[1]), like, backend="compiled")  # another size: a new block
+    assert pool.pool_idle_bytes() == nbytes
+    second = pool.new_matrix(BIG, like, backend="compiled")
+    assert second.data_ptr() == address and pool.pool_idle_bytes() == 0
+    other = pool.new_matrix((BIG[0] + 1, BIG[1]), like, backend="compiled")  # another size: a new block
     assert other.data_ptr() != address
 
 
 @needs_ext
 def test_a_block_with_a_live_view_is_not_reused():
     like = torch.zeros(1)
-    block = buffers.new_matrix(BIG, like, backend="compiled")
+    block = pool.new_matrix(BIG, like, backend="compiled")
     view = block[10:, :5]
     address = block.data_ptr()
     del block
-    assert buffers.pool_idle_bytes() == 0
-    other = buffers.new_matrix(BIG, like, backend="compiled")
+    assert pool.pool_idle_bytes() == 0
+    other = pool.new_matrix(BIG, like, backend="compiled")
     assert other.data_ptr() != address
     view.fill_(1.0)
     assert bool((view == 1.0).all())
     del view
-    assert buffers.pool_idle_bytes() > 0
+    assert pool.pool_idle_bytes() > 0
 
 
 @needs_ext
 def test_small_blocks_are_not_pooled_and_release_empties_the_pool():
     like = torch.zeros(1)
-    small = buffers.new_matrix((10, 10), like, backend="compiled")
+    small = pool.new_matrix((10, 10), like, backend="compiled")
     del small
-    assert buffers.pool_idle_bytes() == 0
-    big = buffers.new_matrix(BIG, like, backend="compiled")
+    assert pool.pool_idle_bytes() == 0
+    big = pool.new_matrix(BIG, like, backend="compiled")
     del big
-    assert buffers.pool_idle_bytes() > 0
-    assert buffers.pool_idle_bytes(release=True) == 0
+    assert pool.pool_idle_bytes() > 0
+    assert pool.pool_idle_bytes(release=True) == 0
 
 
 @needs_ext
 def test_pool_size_zero_turns_pooling_off():
     code = (
-        "import torch; from posteriors_fast.ops import buffers; "
-        "x = buffers.new_matrix((600, 600), torch.zeros(1), backend='compiled'); del x; "
-        "print(buffers.pool_idle_bytes())"
+        "import torch; from posteriors_fast.ops import new_matrix as pool; "
+        "x = pool.new_matrix((600, 600), torch.zeros(1), backend='compiled'); del x; "
+        "print(pool.pool_idle_bytes())"
     )
     env = dict(os.environ, POSTERIORS_FAST_POOL_MB="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -120,5 +120,5 @@ def test_consecutive_updates_never_share_a_live_precision():
 @needs_ext
 def test_like_that_requires_grad_gives_a_plain_buffer():
     like = torch.zeros(3, requires_grad=True)
-    out = buffers.new_matrix(BIG, like, backend="compiled")
+    out = pool.new_matrix(BIG, like, backend="compiled")
     assert not out.requires_grad and out.grad_fn is None

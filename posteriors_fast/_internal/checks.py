@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from optree import tree_leaves, tree_structure
 
-from posteriors_fast._memo import TensorMemo
+from posteriors_fast._internal.memo import TensorMemo
 
 _validated = TensorMemo()
 

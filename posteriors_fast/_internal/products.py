@@ -18,8 +18,8 @@ from typing import Any, Callable, Tuple
 import torch
 from optree import tree_leaves, tree_unflatten
 
-from posteriors_fast._autograd import detach, leaves_with_grad, linear_product
-from posteriors_fast._errors import split_aux
+from posteriors_fast._internal.autograd import detach, leaves_with_grad, linear_product
+from posteriors_fast._internal.errors import split_aux
 
 
 def applicable(primals: tuple, tangents: tuple) -> bool:
