@@ -23,7 +23,7 @@ def setup(case, provider, device):
         return lambda: a.T @ a
     out = torch.empty(case.p, case.p, device=device)
     if provider == "eager":
-        return lambda: syrk.syrk_eager(out, a, 1.0, 0.0)
+        return lambda: syrk.syrk_eager(out, a, None, None, 1.0, 0.0)
     ok, why = _library.load_extension()
     if not ok or device != "cpu":
         raise ImportError(why or "the C++ kernels run on the CPU")

@@ -74,7 +74,7 @@ def update(
         require_finite(jac, "the per-sample gradients of log_posterior", witness)
         jac = jac.to(state.prec.dtype)
         if inplace:
-            syrk_(state.prec, jac, 1.0, 1.0, backend=backend)
+            syrk_(state.prec, jac, None, None, 1.0, 1.0, backend=backend)
             return state._replace(aux=aux)
-        new = syrk_(new_matrix(state.prec.shape, state.prec, backend=backend), jac, 1.0, 1.0, state.prec, backend=backend)
+        new = syrk_(new_matrix(state.prec.shape, state.prec, backend=backend), jac, None, state.prec, 1.0, 1.0, backend=backend)
     return DenseLaplaceState(state.params, new, aux)

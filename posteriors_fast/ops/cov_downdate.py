@@ -20,7 +20,7 @@ from posteriors_fast.ops.syrk import syrk_eager
 
 def cov_downdate_eager(cov: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Upper tiles of ``cov − WᵀW`` with ATen GEMMs, then mirrored."""
-    return syrk_eager(cov, w, -1.0, 1.0)
+    return syrk_eager(cov, w, None, None, -1.0, 1.0)
 
 
 def cov_downdate_cpp(cov: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

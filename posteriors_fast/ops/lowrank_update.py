@@ -77,7 +77,7 @@ class Update:
         else:
             if out is None:
                 out = new_matrix(cov.shape, cov, backend=self._backend)  # filled by the fused copy-and-downdate
-            syrk_(out, self._w, -1.0, 1.0, cov, backend=self._backend)
+            syrk_(out, self._w, None, cov, -1.0, 1.0, backend=self._backend)
         if q != 0.0:
             out.diagonal().add_(q)  # a scalar Q only touches the diagonal
         return out
@@ -113,7 +113,7 @@ def lowrank_update_eager(cov, transition, jac, beta, backend) -> Update:
 
     pred = _add_transition_(cov.clone(), transition)
     prec = torch.cholesky_inverse(robust_cholesky(pred, "the predicted covariance Σ + Q", _HINT))
-    syrk_(prec, jac, beta, 1.0, backend=backend)
+    syrk_(prec, jac, None, None, beta, 1.0, backend=backend)
     new_cov = torch.cholesky_inverse(
         robust_cholesky(prec, "the updated precision (Σ + Q)⁻¹ + lr·F", _HINT)
     )

@@ -313,8 +313,8 @@ def test_dispatch_glue_runs_the_triton_kernels(dtype):
     a = torch.randn(5, 45, dtype=dtype, generator=gen)
     c = torch.randn(45, 45, dtype=dtype, generator=gen)
     c = c + c.T
-    fast = syrk_ops.syrk_triton(torch.empty_like(c), a, 0.5, 1.0, c)
-    slow = syrk_ops.syrk_eager(torch.empty_like(c), a, 0.5, 1.0, c)
+    fast = syrk_ops.syrk_triton(torch.empty_like(c), a, None, c, 0.5, 1.0)
+    slow = syrk_ops.syrk_eager(torch.empty_like(c), a, None, c, 0.5, 1.0)
     _assert_close(fast, slow.double(), dtype)
     cov_f, cov_e = c.clone(), c.clone()
     cd_ops.cov_downdate_triton(cov_f, a / 10)

@@ -163,8 +163,8 @@ def test_not_differentiable_with_a_clear_error():
 def test_dispatch_cpp_equals_eager(dtype):
     a = torch.randn(30, 700, dtype=dtype)
     c = _sym(700, dtype, torch.Generator().manual_seed(0))
-    fast = syrk.syrk_(torch.empty_like(c), a, 0.3, 1.0, c, backend="compiled:cpp")
-    slow = syrk.syrk_(torch.empty_like(c), a, 0.3, 1.0, c, backend="eager")
+    fast = syrk.syrk_(torch.empty_like(c), a, None, c, 0.3, 1.0, backend="compiled:cpp")
+    slow = syrk.syrk_(torch.empty_like(c), a, None, c, 0.3, 1.0, backend="eager")
     close(fast, slow.double(), dtype)
     cov_f, cov_e = c.clone(), c.clone()
     cov_downdate.cov_downdate_(cov_f, a / 30, backend="compiled")
@@ -176,7 +176,7 @@ def test_dispatch_cpp_equals_eager(dtype):
 def test_dispatch_falls_back_for_arguments_the_kernel_does_not_take():
     a = torch.randn(3, 5, dtype=torch.complex64)
     out = torch.zeros(5, 5, dtype=torch.complex64)
-    syrk.syrk_(out, a, 1.0, 0.0, backend="compiled")  # complex: eager path
+    syrk.syrk_(out, a, None, None, 1.0, 0.0, backend="compiled")  # complex: eager path
     torch.testing.assert_close(out.triu(), (a.mT @ a).triu())
     a = torch.randn(3, 5, requires_grad=True)  # autograd: eager path, differentiable
     g = syrk.gram(a, 1.0, backend="compiled")

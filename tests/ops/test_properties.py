@@ -51,7 +51,7 @@ def test_syrk_any_tiling(k, size, block, alpha, beta, seed):
         a = torch.randn(k, size, generator=g, dtype=torch.float64)
         c = _spd(size, seed)
         out = torch.empty(size, size, dtype=torch.float64)
-        got = syrk.syrk_(out, a, alpha, beta, c, backend="eager")
+        got = syrk.syrk_(out, a, None, c, alpha, beta, backend="eager")
         torch.testing.assert_close(got, beta * c + alpha * a.T @ a, rtol=1e-10, atol=1e-10)
         assert torch.equal(got, got.T)
     finally:

@@ -24,7 +24,7 @@ def test_syrk_matches_oracle(backend, dtype, block, k, p, alpha, beta):
     base = base + base.T
     out = base.clone() if beta != 0 else torch.full((p, p), float("nan"), dtype=dtype)
     want = (beta * base.double() if beta != 0 else 0) + alpha * a.double().T @ a.double()
-    got = syrk.syrk_(out, a, alpha, beta, backend=backend)
+    got = syrk.syrk_(out, a, None, None, alpha, beta, backend=backend)
     assert got is out
     torch.testing.assert_close(got, want.to(dtype), **TOL[dtype])
     assert torch.equal(got, got.T)
