@@ -158,6 +158,29 @@ for _name in SCHEMAS:
     _no_autograd(_name)
 
 
+def _bump_versions(name: str) -> None:
+    """Advance the version counter of every argument ``name`` writes (``(a!)``
+    in its schema) before running it, as torch's in-place ops do (and as
+    ``torch.library.custom_op`` does for its mutating ops): caches keyed on
+    ``(tensor, version)`` and autograd's saved-tensor checks then see the write,
+    whichever kernel family ran it."""
+    op = getattr(getattr(torch.ops, NAMESPACE), name).default
+    written = [i for i, arg in enumerate(op._schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write]
+    below = torch._C._after_ADInplaceOrView_keyset
+
+    def kernel(keyset, *args):
+        for i in written:
+            torch.autograd.graph.increment_version(args[i])
+        return op.redispatch(keyset & below, *args)
+
+    _lib.impl(name, kernel, "ADInplaceOrView", with_keyset=True)
+
+
+for _name in SCHEMAS:
+    if getattr(getattr(torch.ops, NAMESPACE), _name).default._schema.is_mutable:
+        _bump_versions(_name)
+
+
 _EXTENSION: Tuple[bool, str] | None = None
 
 

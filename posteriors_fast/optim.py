@@ -9,8 +9,12 @@ from functools import partial
 from typing import Any, NamedTuple, Type
 
 import torch
+from optree import tree_leaves
 
+from posteriors_fast._internal.checks import blame_batch, finite_params, first_non_finite
 from posteriors_fast._internal.errors import CatchAuxError
+from posteriors_fast._internal.state import write_field
+from posteriors_fast.tree_utils import tree_insert_  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast.backends import resolve
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 
@@ -31,7 +35,8 @@ def build(
     Args:
         loss_fn: ``loss_fn(params, batch) -> (loss, aux)`` to minimise.
         optimizer: A ``torch.optim.Optimizer`` subclass, e.g. ``torch.optim.Adam``.
-        backend: Accepted for a uniform API; plain torch either way.
+        backend: Accepted for a uniform API: both backends run the same torch
+            code (``torch.optim`` steps the parameters itself).
         **kwargs: Passed to the optimizer's constructor (e.g. ``lr``).
 
     Returns:
@@ -59,9 +64,6 @@ class OptimState(NamedTuple):
     aux: Any = None
 
 
-_SHARED_DEFAULT_LOSS = OptimState._field_defaults["loss"]
-
-
 def init(
     params: TensorTree,
     optimizer_cls: Type[torch.optim.Optimizer],
@@ -80,6 +82,7 @@ def init(
     Returns:
         ``OptimState`` with its own (empty) loss tensor.
     """
+    finite_params(params, "params")
     optimizer = optimizer_cls([params] if isinstance(params, torch.Tensor) else params, *args, **kwargs)
     return OptimState(params, optimizer, torch.tensor([]))
 
@@ -110,13 +113,23 @@ def update(
     if not inplace:
         raise InplaceOnlyError("posteriors_fast.optim.update only supports inplace=True")
     state.optimizer.zero_grad()
-    with CatchAuxError():
+    with CatchAuxError(), blame_batch(batch, "loss_fn"):
         loss, aux = loss_fn(state.params, batch)
-    if not bool(torch.isfinite(loss.detach()).all()):
-        raise ValueError("loss_fn returned NaN or inf for this batch; no step was taken")
-    loss.backward()
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError("loss_fn must return a scalar tensor as its first output")
+    if bool(torch.isfinite(loss.detach()).all()):
+        loss.backward()
+    grads = [p.grad for p in _leaves(state.params) if p.grad is not None]
+    bad = first_non_finite([
+        (state.params, "state.params hold a non-finite value (NaN or inf)", "leaf"),
+        (loss.detach(), "loss_fn returned NaN or inf for this batch"),
+        (grads, "the gradient of loss_fn is NaN or inf for this batch", "leaf"),
+    ])
+    if bad is not None:
+        raise ValueError(f"{bad}; no step was taken")
     state.optimizer.step()
-    if state.loss is _SHARED_DEFAULT_LOSS:
-        return state._replace(loss=loss.detach(), aux=aux)
-    state.loss.data = loss.detach()
-    return state._replace(aux=aux)
+    return write_field(state, "loss", loss.detach(), aux=aux)
+
+
+def _leaves(params):
+    return [params] if isinstance(params, torch.Tensor) else tree_leaves(params)

@@ -1,29 +1,23 @@
 """Optimisation with a ``torchopt`` functional optimizer (optional dependency:
-``pip install torchopt``), in the build/init/update form of every method."""
+``pip install torchopt``), in the build/init/update form of every method:
+each update takes the gradient of ``loss_fn`` and applies the optimizer's
+update, e.g. Adam (Kingma and Ba, 2015, https://arxiv.org/abs/1412.6980)."""
 
 from functools import partial
 from typing import Any, NamedTuple
 
 import torch
-from optree import tree_leaves
 
-from posteriors_fast._internal import checks as _checks
-from posteriors_fast._internal.autograd import grad_value_aux
-from posteriors_fast._internal.errors import CatchAuxError
+from posteriors_fast._internal import optional
+from posteriors_fast._internal.checks import blame_batch, finite_params
+from posteriors_fast._internal.errors import CatchAuxError  # noqa: F401  (posteriors 0.0.5 exposes it here)
+from posteriors_fast._internal.state import write_field
+from posteriors_fast._internal.torchopt_step import step
 from posteriors_fast.backends import resolve
-from posteriors_fast.tree_utils import tree_insert_
+from posteriors_fast.tree_utils import tree_insert_  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 
-try:
-    import torchopt as _torchopt
-except ImportError:  # optional: only this module needs it
-    _torchopt = None
-
-
-def _require_torchopt():
-    if _torchopt is None:
-        raise ImportError("posteriors_fast.torchopt needs the torchopt package: pip install torchopt")
-    return _torchopt
+torchopt = optional.load("torchopt")  # posteriors 0.0.5 exposes the module here (None if absent)
 
 
 def build(loss_fn: LogProbFn, optimizer: Any, backend: str | None = None) -> Transform:
@@ -32,7 +26,8 @@ def build(loss_fn: LogProbFn, optimizer: Any, backend: str | None = None) -> Tra
     Args:
         loss_fn: ``loss_fn(params, batch) -> (loss, aux)`` to minimise.
         optimizer: A ``torchopt.base.GradientTransformation``, e.g. ``torchopt.adam(1e-3)``.
-        backend: Accepted for a uniform API; plain torch either way.
+        backend: Accepted for a uniform API: both backends run the same torch
+            code (the step's cost is the user's loss and its gradient).
 
     Returns:
         ``Transform(init, update)``.
@@ -57,12 +52,18 @@ class TorchOptState(NamedTuple):
     aux: Any = None
 
 
-_SHARED_DEFAULT_LOSS = TorchOptState._field_defaults["loss"]
-
-
 def init(params: TensorTree, optimizer: Any) -> TorchOptState:
-    """Initial state: ``params`` and ``optimizer.init(params)``."""
-    _require_torchopt()
+    """Initial state: ``params`` (kept by reference) and ``optimizer.init(params)``.
+
+    Args:
+        params: Pytree of finite floating-point tensors.
+        optimizer: The torchopt optimizer of ``build``.
+
+    Returns:
+        ``TorchOptState`` with its own (empty) loss tensor.
+    """
+    optional.torchopt("posteriors_fast.torchopt")
+    finite_params(params, "params")
     return TorchOptState(params, optimizer.init(params), torch.tensor([]))
 
 
@@ -87,21 +88,19 @@ def update(
         The new state, with the advanced optimizer state in both modes.
 
     Raises:
-        ValueError: the loss or its gradient is NaN or inf (nothing is changed).
+        ValueError: NaN/inf in the parameters, the loss or its gradient
+            (nothing is changed).
     """
-    torchopt = _require_torchopt()
-    with CatchAuxError():
-        (grads,), loss, aux = grad_value_aux(loss_fn, (state.params,), "loss_fn", (batch,))
-    if not bool(torch.isfinite(loss).all()):
-        raise ValueError("loss_fn returned NaN or inf for this batch; the state was not changed")
-    if not _checks.all_finite(tree_leaves(grads)):
-        raise ValueError("the gradient of loss_fn contains NaN or inf; the state was not changed")
-    updates, opt_state = optimizer.update(grads, state.opt_state, params=state.params, inplace=inplace)
-    params = torchopt.apply_updates(state.params, updates, inplace=inplace)
-    loss = loss.detach()
+
+    def objective(params, batch_):
+        with blame_batch(batch_, "loss_fn"):
+            return loss_fn(params, batch_)
+
+    (params,), opt_state, loss, aux = step(
+        objective, (state.params,), (batch,), state.opt_state, optimizer, inplace=inplace,
+        what="loss_fn", names=("params",), value_label="loss_fn returned NaN or inf for this batch",
+        grad_label="the gradient of loss_fn is NaN or inf for this batch", needed_by="posteriors_fast.torchopt",
+    )
     if not inplace:
         return TorchOptState(params, opt_state, loss, aux)
-    if state.loss is _SHARED_DEFAULT_LOSS:
-        return state._replace(opt_state=opt_state, loss=loss, aux=aux)
-    tree_insert_(state.loss, loss)
-    return state._replace(opt_state=opt_state, aux=aux)
+    return write_field(state, "loss", loss, opt_state=opt_state, aux=aux)

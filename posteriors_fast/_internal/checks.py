@@ -5,11 +5,12 @@ tensor object and version, so passing the same tensor on every update costs one
 check, not one per step.
 """
 
+import contextlib
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
-from optree import tree_leaves, tree_structure
+from optree import tree_leaves, tree_paths, tree_structure
 
 from posteriors_fast._internal.memo import TensorMemo
 
@@ -50,25 +51,57 @@ def float_params(params: Any, name: str = "params") -> None:
             )
 
 
-def batch_leading_dim(batch: Any, name: str = "batch") -> int:
-    """The common leading (sample) dimension of every tensor leaf of ``batch``."""
-    sizes = {}
+def _leading_dims(batch: Any) -> dict:
+    """Leading dimension -> the shape of the first tensor leaf with it (0-d
+    leaves under the key None)."""
+    sizes: dict = {}
     for leaf in tree_leaves(batch):
-        if not isinstance(leaf, torch.Tensor):
-            continue
-        if leaf.ndim == 0:
-            raise ValueError(
-                f"{name} has a 0-d tensor leaf; every leaf needs a leading sample dimension"
-            )
-        sizes.setdefault(leaf.shape[0], tuple(leaf.shape))
+        if isinstance(leaf, torch.Tensor):
+            sizes.setdefault(leaf.shape[0] if leaf.ndim else None, tuple(leaf.shape))
+    return sizes
+
+
+def batch_leading_dim(batch: Any, name: str = "batch") -> int:
+    """The common leading (sample) dimension of every tensor leaf of ``batch``
+    (for methods that split the batch into samples); ValueError naming
+    ``name`` when a leaf has none or the leaves disagree."""
+    sizes = _leading_dims(batch)
+    if None in sizes:
+        raise ValueError(f"{name} has a 0-d tensor leaf; every leaf needs a leading sample dimension")
     if not sizes:
         raise ValueError(f"{name} contains no tensors with a sample dimension")
     if len(sizes) > 1:
         shapes = ", ".join(str(s) for s in sizes.values())
-        raise ValueError(
-            f"{name} leaves disagree on the leading (sample) dimension: shapes {shapes}"
-        )
+        raise ValueError(f"{name} leaves disagree on the leading (sample) dimension: shapes {shapes}")
     return next(iter(sizes))
+
+
+def common_leading_dim(batch: Any) -> int | None:
+    """The leading dimension every tensor leaf of ``batch`` shares, or None."""
+    sizes = _leading_dims(batch)
+    return next(iter(sizes)) if len(sizes) == 1 else None
+
+
+@contextlib.contextmanager
+def blame_batch(batch: Any, what: str, name: str = "batch") -> Iterator[None]:
+    """Around a call of the user's function ``what`` on the whole batch: if it
+    raises and the batch's tensor leaves disagree on their leading dimension,
+    raise a ValueError that says so (chained to the original error) instead
+    of the shape error from deep inside the model. A batch whose extra
+    leaves have other sizes (class weights, say) is fine as long as the
+    function accepts it."""
+    try:
+        yield
+    except Exception as err:
+        sizes = _leading_dims(batch)
+        if len(sizes) > 1:
+            shapes = ", ".join(str(s) for s in sizes.values())
+            raise ValueError(
+                f"{what} failed on this batch, whose leaves disagree on the leading (sample) "
+                f"dimension (shapes {shapes}); make every leaf hold one entry per sample "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
+            ) from err
+        raise
 
 
 def covariance(
@@ -172,22 +205,70 @@ def all_finite(leaves) -> bool:
     return all(bool(torch.isfinite(g).all()) for g in floats)
 
 
+def _leaf_path(path) -> str:
+    return "".join(f"[{key!r}]" for key in path)
+
+
+def _where(obj, kind: str) -> str | None:
+    """Where ``obj`` first holds NaN or inf, as the message suffix of its
+    kind, or None if it is finite: ``"tensor"`` (no suffix), ``"sample"`` (a
+    tensor whose leading dimension is the batch's samples) or ``"leaf"`` (a
+    pytree of tensors)."""
+    if kind == "leaf":
+        leaves, paths = tree_leaves(obj), tree_paths(obj)
+        for path, leaf in zip(paths, leaves):
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not bool(torch.isfinite(leaf).all()):
+                return f" (leaf {_leaf_path(path)})" if path else ""
+        return None
+    if bool(torch.isfinite(obj).all()):
+        return None
+    if kind == "sample" and obj.dim() > 0:
+        bad = ~torch.isfinite(obj.reshape(obj.shape[0], -1)).all(1)
+        return f" (first at sample {int(bad.nonzero()[0, 0])} of this batch)"
+    return ""
+
+
+def _floats(obj, kind: str):
+    leaves = tree_leaves(obj) if kind == "leaf" else [obj]
+    return [x for x in leaves if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())]
+
+
 def first_non_finite(labelled, witness: torch.Tensor | None = None) -> str | None:
-    """The label of the first ``(tensor, label)`` pair (floating-point tensors)
-    whose tensor holds NaN or inf, else None; one host sync when everything is
-    finite. ``witness``, when given, is their :func:`finite_witness` already
-    computed (inside a compiled graph, say)."""
+    """The message for the first entry of ``labelled`` that holds NaN or inf,
+    else None; one host sync when everything is finite.
+
+    Each entry is ``(tensor, label)`` or ``(obj, label, kind)`` with ``kind``
+    one of ``"tensor"``, ``"sample"`` (the message names the first bad
+    sample) or ``"leaf"`` (``obj`` is a pytree; the message names the leaf).
+    ``witness``, when given, is the :func:`finite_witness` of all of them
+    already computed (inside a compiled graph, say)."""
+    entries = [(e[0], e[1], e[2] if len(e) > 2 else "tensor") for e in labelled]
     if witness is None:
-        witness = finite_witness([t for t, _ in labelled])
+        tensors = [t for obj, _, kind in entries for t in _floats(obj, kind)]
+        if not tensors:
+            return None
+        witness = finite_witness(tensors)
     if bool(torch.isfinite(witness)):
         return None
-    return next((label for t, label in labelled if not bool(torch.isfinite(t).all())), None)
+    for obj, label, kind in entries:
+        where = _where(obj, kind)
+        if where is not None:
+            return label + where
+    return None
 
 
 def require_finite(labelled, witness: torch.Tensor | None = None) -> None:
-    """Raise ``ValueError("<label>; the state was not changed")`` for the first
-    ``(tensor, label)`` pair holding NaN or inf (see :func:`first_non_finite`):
-    the check every update makes before it writes anything."""
+    """Raise ``ValueError("<label><where>; the state was not changed")`` for
+    the first entry of ``labelled`` holding NaN or inf (see
+    :func:`first_non_finite`): the check every update makes before it writes
+    anything."""
     bad = first_non_finite(labelled, witness)
     if bad is not None:
         raise ValueError(f"{bad}; the state was not changed")
+
+
+def finite_params(params: Any, name: str = "params") -> None:
+    """Every entry of every leaf of ``params`` finite; the error names the leaf."""
+    bad = first_non_finite([(params, f"{name} hold a non-finite value (NaN or inf)", "leaf")])
+    if bad is not None:
+        raise ValueError(bad)

@@ -1,39 +1,45 @@
 """Extended Kalman filter with a dense covariance and the empirical Fisher.
 
-Each update treats the batch log-likelihood, tempered by ``lr``, as a Gaussian
-observation of the parameters linearised at the current mean μ:
+Each update treats the batch log-likelihood, tempered by ε = ``lr``, as a
+Gaussian observation of the parameters linearised at the current mean μ:
 
 $$ \\log p(θ | y) ≈ \\log p(θ) + ε\\, g(μ)ᵀ(θ - μ) - \\tfrac12 ε\\, (θ - μ)ᵀ F(μ) (θ - μ), $$
 
-with ε = ``lr``, g the mean per-sample gradient and F = JᵀJ / N the empirical
-Fisher of the per-sample log-likelihoods. The resulting step is
+with g the mean per-sample gradient and F = JᵀJ / N the empirical Fisher of
+the N per-sample log-likelihoods (J their (N, P) Jacobian). The predict and
+update steps are
 
-$$ Σ_{new} = \\big((Σ + Q)^{-1} + ε F\\big)^{-1}, \\qquad μ_{new} = μ + ε\\, Σ_{new}\\, g. $$
+$$ Σ_p = Σ + Q, \\qquad Σ_{new} = \\big(Σ_p^{-1} + ε F\\big)^{-1}, \\qquad
+μ_{new} = μ + ε\\, Σ_{new}\\, g. $$
 
-(Ollivier 2019, https://arxiv.org/abs/1703.00209, relates this filter to online
-natural gradient descent.) Unlike posteriors 0.0.5, which subtracts ε F, the
-precision grows with data. One per-sample Jacobian J gives both g and F, and
-when N < P the covariance is updated in Woodbury form in O(N·P²).
+Ollivier (2019), "The extended Kalman filter is a natural gradient descent in
+trajectory space", https://arxiv.org/abs/1703.00209, relates this filter to
+online natural gradient descent. Unlike posteriors 0.0.5, which subtracts ε F,
+the precision grows with data. One per-sample Jacobian J gives both g and F;
+when N < P the covariance is updated in Woodbury form,
+Σ_new = Σ_p − Wᵀ W with W = L⁻¹ J Σ_p and L Lᵀ = (N/ε) I + J Σ_p Jᵀ, in O(N·P²)
+and without a P×P inverse (:mod:`posteriors_fast.ops.lowrank_update`).
 """
 
 from functools import partial
 from typing import Any, NamedTuple
 
 import torch
-from optree import tree_map
 from optree.integrations.torch import tree_ravel
-from torch.func import vmap
+from torch.func import grad_and_value  # noqa: F401  (posteriors 0.0.5 exposes it here)
 
 from posteriors_fast._internal import checks as _checks
+from posteriors_fast._internal.cholesky import robust_cholesky
 from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast._internal.memo import TensorMemo
+from posteriors_fast._internal.sampling import unravel_draws
+from posteriors_fast._internal.state import rebind_, rebind_tree_, write_field
 from posteriors_fast.backends import resolve
-from posteriors_fast._internal.cholesky import robust_cholesky
-from posteriors_fast._internal.jacobian import output_jacobian
-from posteriors_fast.ops.sample_jacobian import sample_jacobian
 from posteriors_fast.ops.lowrank_update import lowrank_update
-from posteriors_fast.tree_utils import tree_insert_
+from posteriors_fast.ops.sample_jacobian import log_density_jacobian
+from posteriors_fast.tree_utils import tree_insert_, tree_size  # noqa: F401  (posteriors 0.0.5 exposes them here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
+from posteriors_fast.utils import empirical_fisher, is_scalar, per_samplify  # noqa: F401  (as above)
 
 
 def build(
@@ -48,9 +54,9 @@ def build(
 
     Args:
         log_likelihood: ``log_likelihood(params, batch) -> (value, aux)``. With
-            ``per_sample=False`` the value is for the whole batch (a scalar) and
-            is evaluated one sample at a time; with ``per_sample=True`` it is a
-            vector with one log-likelihood per sample.
+            ``per_sample=False`` the value is one scalar for the batch and is
+            evaluated one sample at a time; with ``per_sample=True`` it is a
+            tensor of shape (N,), one log-likelihood per sample.
         lr: Inverse temperature ε of the likelihood (acts as a learning rate);
             finite and positive.
         transition_cov: Transition noise Q added to the covariance before each
@@ -63,7 +69,7 @@ def build(
             resolved now, once.
 
     Returns:
-        ``Transform(init, update)``.
+        ``Transform(init, update)`` with these settings bound.
     """
     _checks.positive_finite(lr, "lr")
     backend = resolve(backend)
@@ -80,24 +86,21 @@ def build(
 
 
 class EKFDenseState(NamedTuple):
-    """Gaussian over the parameters, with its dense covariance.
+    """Gaussian N(params, cov) over the parameters.
 
     Attributes:
-        params: Mean, a pytree of tensors.
-        cov: (P, P) covariance in the raveled parameter order.
+        params: Mean μ, a pytree of tensors.
+        cov: (P, P) covariance Σ in the raveled parameter order
+            (``optree.integrations.torch.tree_ravel``).
         log_likelihood: Mean per-sample log-likelihood of the last batch.
-        aux: Auxiliary output of the last ``log_likelihood`` call.
+        aux: Auxiliary output of the last ``log_likelihood`` call (stacked
+            over samples when ``per_sample=False``).
     """
 
     params: TensorTree
     cov: torch.Tensor
     log_likelihood: torch.Tensor = torch.tensor([])
     aux: Any = None
-
-
-# The class-level default above is one tensor object shared by every state built
-# without an explicit log_likelihood; in-place updates never write into it.
-_SHARED_DEFAULT_LOG_LIKELIHOOD = EKFDenseState._field_defaults["log_likelihood"]
 
 
 def init(
@@ -107,15 +110,17 @@ def init(
     """Initial state: mean ``params`` and covariance ``init_cov``.
 
     Args:
-        params: Pytree of floating-point tensors (kept by reference, so in-place
-            updates write into them).
-        init_cov: A scalar c > 0 meaning c·I, or a (P, P) positive definite
-            tensor (copied).
+        params: Pytree of finite floating-point tensors (kept by reference, so
+            in-place updates write into them).
+        init_cov: A scalar c > 0 meaning c·I, or a (P, P) symmetric positive
+            definite tensor (copied).
 
     Returns:
-        ``EKFDenseState`` with covariance on the parameters' device and dtype.
+        ``EKFDenseState`` with the covariance and log-likelihood on the
+        parameters' device and dtype.
     """
     _checks.float_params(params, "params")
+    _checks.finite_params(params, "params")
     flat = tree_ravel(params)[0]
     size = flat.numel()
     cov = _checks.covariance(init_cov, size, flat, "init_cov", allow_zero=False)
@@ -127,7 +132,92 @@ def init(
     return EKFDenseState(params, cov, empty)
 
 
+def update(
+    state: EKFDenseState,
+    batch: Any,
+    log_likelihood: LogProbFn,
+    lr: float,
+    transition_cov: torch.Tensor | float = 0.0,
+    per_sample: bool = False,
+    inplace: bool = False,
+    backend: str | None = None,
+) -> EKFDenseState:
+    """One EKF step on ``batch`` (the maths are in the module docstring).
+
+    Args:
+        state: Current ``EKFDenseState``.
+        batch: Data passed to ``log_likelihood``; its tensor leaves share their
+            leading (sample) dimension N.
+        log_likelihood: ``log_likelihood(params, batch) -> (value, aux)``.
+        lr: Inverse temperature ε, finite and positive.
+        transition_cov: Q, a scalar c >= 0 (c·I) or a (P, P) PSD tensor.
+        per_sample: Whether ``log_likelihood`` already returns one value per sample.
+        inplace: Write the new mean, covariance and log-likelihood into the
+            tensors of ``state`` (their version counters advance). Nothing is
+            written unless the whole step succeeds.
+        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+
+    Returns:
+        The updated ``EKFDenseState``.
+
+    Raises:
+        ValueError: bad hyperparameters, batch or output shape, or NaN/inf in
+            the parameters, the log-likelihood, its gradient or the result
+            (the message names which).
+        CholeskyError: a matrix that must be positive definite is not.
+    """
+    backend = resolve(backend)
+    lr = _checks.positive_finite(lr, "lr")
+    flat, unravel = _check_state(state)
+    transition = _checks.covariance(
+        transition_cov, flat.numel(), flat, "transition_cov", allow_zero=True
+    )
+    with torch.no_grad(), CatchAuxError():
+        jac, values, aux = log_density_jacobian(
+            log_likelihood, state.params, batch, per_sample=per_sample, what="log_likelihood", backend=backend
+        )
+        mean_log_lik = values.mean()
+        cov = state.cov if state.cov.dtype == flat.dtype else state.cov.to(flat.dtype)
+        plan = lowrank_update(cov, transition, jac.to(flat.dtype), lr / jac.shape[0], backend=backend)
+        new_flat = torch.add(flat, plan.mean_step, alpha=lr)
+    # Nothing below can fail: the state is only written from here on.
+    with torch.no_grad():
+        new_cov = plan.write(state.cov if inplace and cov is state.cov else None)
+    new_params = unravel(new_flat)
+    if not inplace:
+        return EKFDenseState(new_params, new_cov, mean_log_lik, aux)
+    rebind_tree_(state.params, new_params)
+    if new_cov is not state.cov:
+        rebind_(state.cov, new_cov)
+    return write_field(state, "log_likelihood", mean_log_lik, aux=aux)
+
+
+def sample(
+    state: EKFDenseState, sample_shape: torch.Size = torch.Size([])
+) -> TensorTree:
+    """Draw from N(state.params, state.cov).
+
+    The Cholesky factor of the covariance is computed once per covariance (an
+    update, in place or not, invalidates it) and all draws come from one
+    matrix product; for the same seed the draws equal posteriors 0.0.5's.
+
+    Args:
+        state: State with mean and covariance.
+        sample_shape: Leading shape of the draws.
+
+    Returns:
+        Pytree like ``state.params`` with leaves of shape ``sample_shape + leaf.shape``.
+    """
+    flat, unravel = _check_state(state)
+    chol = _factor(state.cov)
+    shape = torch.Size(sample_shape)
+    noise = torch.empty(shape + flat.shape, dtype=flat.dtype, device=flat.device).normal_()
+    draws = torch.addmm(flat, noise.reshape(-1, flat.numel()), chol.to(flat.dtype).mT)
+    return unravel_draws(draws, unravel, shape)
+
+
 def _check_state(state: EKFDenseState):
+    """``(flat params, unravel)`` after checking the state's fields."""
     if not all(hasattr(state, field) for field in ("params", "cov", "_replace")):
         raise TypeError(
             "state must be an EKFDenseState (a NamedTuple with params, cov, "
@@ -144,90 +234,8 @@ def _check_state(state: EKFDenseState):
     return flat, unravel
 
 
-def update(
-    state: EKFDenseState,
-    batch: Any,
-    log_likelihood: LogProbFn,
-    lr: float,
-    transition_cov: torch.Tensor | float = 0.0,
-    per_sample: bool = False,
-    inplace: bool = False,
-    backend: str | None = None,
-) -> EKFDenseState:
-    """One EKF step on ``batch`` (see the module docstring for the maths).
-
-    Args:
-        state: Current ``EKFDenseState``.
-        batch: Data passed to ``log_likelihood``; with ``per_sample=False`` every
-            tensor leaf must share its leading (sample) dimension.
-        log_likelihood: ``log_likelihood(params, batch) -> (value, aux)``.
-        lr: Inverse temperature ε, finite and positive.
-        transition_cov: Q, a scalar c >= 0 (c·I) or a (P, P) PSD tensor.
-        per_sample: Whether ``log_likelihood`` already returns one value per sample.
-        inplace: Write the new mean, covariance and log-likelihood into the
-            tensors of ``state``. Nothing is written unless the whole step
-            succeeds.
-        backend: ``"eager"``, ``"compiled"`` or None for the current default.
-
-    Returns:
-        The updated ``EKFDenseState`` (``log_likelihood`` is the mean over the
-        batch's samples, ``aux`` the stacked per-sample aux).
-
-    Raises:
-        ValueError: bad hyperparameters or batch, or a non-finite
-            log-likelihood, gradient, Fisher or result.
-        CholeskyError: a matrix that must be positive definite is not.
-    """
-    backend = resolve(backend)
-    lr = _checks.positive_finite(lr, "lr")
-    flat, unravel = _check_state(state)
-    transition = _checks.covariance(
-        transition_cov, flat.numel(), flat, "transition_cov", allow_zero=True
-    )
-    if not per_sample:
-        _checks.batch_leading_dim(batch, "batch")
-
-    with torch.no_grad(), CatchAuxError():
-        if per_sample:
-            jac, values, aux = output_jacobian(
-                log_likelihood, (state.params, batch), 0, has_aux=True
-            )
-            values = values.reshape(-1)
-            witness = None
-        else:
-            jac, values, aux, witness = sample_jacobian(
-                log_likelihood, state.params, batch, has_aux=True, witness=True, backend=backend
-            )
-        mean_log_lik = values.mean()
-        _checks.require_finite([
-            (mean_log_lik, "log_likelihood returned NaN or inf for this batch"),
-            (jac, "the per-sample gradients of log_likelihood contain NaN or inf, so the "
-                  "gradient and the Fisher are not finite"),
-        ], witness)
-        rows = jac.shape[0]
-        cov = state.cov if state.cov.dtype == flat.dtype else state.cov.to(flat.dtype)
-        plan = lowrank_update(cov, transition, jac.to(flat.dtype), lr / rows, backend=backend)
-        new_flat = torch.add(flat, plan.mean_step, alpha=lr)
-        mean_log_lik = mean_log_lik.detach()
-    # Nothing below can fail: the state is only written from here on.
-    with torch.no_grad():
-        new_cov = plan.write(state.cov if inplace and cov is state.cov else None)
-
-    new_params = unravel(new_flat)
-    if not inplace:
-        return EKFDenseState(new_params, new_cov, mean_log_lik, aux)
-
-    tree_insert_(state.params, new_params)
-    if new_cov is not state.cov:
-        state.cov.data = new_cov
-    if state.log_likelihood is _SHARED_DEFAULT_LOG_LIKELIHOOD:
-        return state._replace(log_likelihood=mean_log_lik, aux=aux)
-    state.log_likelihood.data = mean_log_lik
-    return state._replace(aux=aux)
-
-
-# Lower Cholesky factors of covariances already sampled from; an update (a new
-# tensor, or `.data` rebound by an in-place update) invalidates the entry.
+# Lower Cholesky factors of covariances already sampled from, keyed on the
+# covariance tensor and its version: any update invalidates the entry.
 _factors = TensorMemo()
 
 
@@ -239,33 +247,3 @@ def _factor(cov: torch.Tensor) -> torch.Tensor:
         )
         _factors.put(cov, chol)
     return chol
-
-
-def sample(
-    state: EKFDenseState, sample_shape: torch.Size = torch.Size([])
-) -> TensorTree:
-    """Draw from N(state.params, state.cov).
-
-    The Cholesky factor of the covariance is computed once per covariance and
-    reused; all draws come from one matrix product.
-
-    Args:
-        state: State with mean and covariance.
-        sample_shape: Leading shape of the draws.
-
-    Returns:
-        Pytree like ``state.params`` with leaves of shape ``sample_shape + leaf.shape``.
-    """
-    flat, unravel = _check_state(state)
-    chol = _factor(state.cov)
-    shape = torch.Size(sample_shape)
-    noise = torch.empty(shape + flat.shape, dtype=flat.dtype, device=flat.device).normal_()
-    draws = torch.addmm(flat, noise.reshape(-1, flat.numel()), chol.to(flat.dtype).mT)
-    if len(shape) == 0:
-        return unravel(draws.reshape(flat.shape))
-    tree = vmap(unravel)(draws)
-    return _reshape_leading(tree, shape)
-
-
-def _reshape_leading(tree: TensorTree, shape: torch.Size) -> TensorTree:
-    return tree_map(lambda x: x.reshape(shape + x.shape[1:]), tree)

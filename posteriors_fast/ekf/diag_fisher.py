@@ -13,6 +13,9 @@ log-likelihoods, J² its elementwise square averaged over samples (the diagonal
 of the empirical Fisher) and ḡ its row mean. One Jacobian (O(N·P) for
 ``per_sample=False``) gives both, and the update runs as fused elementwise work
 on the raveled parameters. P×P is never formed.
+
+The filter and its relation to online natural gradient descent: Ollivier
+(2019), https://arxiv.org/abs/1703.00209.
 """
 
 from functools import partial
@@ -21,15 +24,16 @@ from typing import Any, NamedTuple
 import torch
 from optree import tree_map
 from optree.integrations.torch import tree_ravel
+from torch.func import jacrev  # noqa: F401  (posteriors 0.0.5 exposes it here)
 
 from posteriors_fast._internal import checks as _checks
 from posteriors_fast._internal.errors import CatchAuxError
+from posteriors_fast._internal.state import rebind_tree_, write_field
 from posteriors_fast.backends import resolve
-from posteriors_fast._internal.jacobian import output_jacobian
-from posteriors_fast.ops.sample_jacobian import sample_jacobian
-from posteriors_fast.tree_utils import tree_insert_
+from posteriors_fast.ops.sample_jacobian import log_density_jacobian
+from posteriors_fast.tree_utils import flexi_tree_map, tree_insert_  # noqa: F401  (posteriors 0.0.5 exposes them here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
-from posteriors_fast.utils import diag_normal_sample, is_scalar
+from posteriors_fast.utils import diag_normal_sample, is_scalar, per_samplify  # noqa: F401  (per_samplify: as above)
 
 
 def build(
@@ -88,16 +92,6 @@ class EKFDiagState(NamedTuple):
     aux: Any = None
 
 
-_SHARED_DEFAULT_LOG_LIKELIHOOD = EKFDiagState._field_defaults["log_likelihood"]
-
-
-def _non_negative(value, name: str) -> float:
-    number = _checks.scalar_value(value, name)
-    if not number >= 0 or number == float("inf"):
-        raise ValueError(f"{name} must be finite and >= 0, got {number}")
-    return number
-
-
 def init(params: TensorTree, init_sds: TensorTree | float = 1.0) -> EKFDiagState:
     """Initial state: mean ``params`` and standard deviations ``init_sds``.
 
@@ -110,6 +104,7 @@ def init(params: TensorTree, init_sds: TensorTree | float = 1.0) -> EKFDiagState
         ``EKFDiagState``.
     """
     _checks.float_params(params, "params")
+    _checks.finite_params(params, "params")
     if is_scalar(init_sds):
         value = _checks.positive_finite(init_sds, "init_sds")
         sds = tree_map(lambda x: torch.full_like(x, value, requires_grad=x.requires_grad), params)
@@ -158,39 +153,24 @@ def update(
     tau = _non_negative(transition_sd, "transition_sd")
     _checks.float_params(state.params, "state.params")
     _checks.same_structure(state.sd_diag, state.params, "state.sd_diag", "state.params")
-    if not per_sample:
-        _checks.batch_leading_dim(batch, "batch")
     flat, unravel = tree_ravel(state.params)
     sd = tree_ravel(state.sd_diag)[0].detach()
-
     with torch.no_grad(), CatchAuxError():
-        if per_sample:
-            jac, values, aux = output_jacobian(log_likelihood, (state.params, batch), 0, has_aux=True)
-            values = values.reshape(-1)
-            witness = None
-        else:
-            jac, values, aux, witness = sample_jacobian(
-                log_likelihood, state.params, batch, has_aux=True, witness=True, backend=backend
-            )
-        mean_log_lik = values.mean().detach()
-        _checks.require_finite([
-            (mean_log_lik, "log_likelihood returned NaN or inf for this batch"),
-            (jac, "the per-sample gradients of log_likelihood contain NaN or inf"),
-        ], witness)
+        jac, values, aux = log_density_jacobian(
+            log_likelihood, state.params, batch, per_sample=per_sample, what="log_likelihood", backend=backend
+        )
+        mean_log_lik = values.mean()
         precision = (sd.square() + tau**2).reciprocal_().add_(jac.square().mean(0), alpha=lr)
         new_var = precision.reciprocal_()
         new_flat = torch.addcmul(flat.detach(), new_var, jac.mean(0), value=lr)
         new_sd = new_var.sqrt_()
-
+        _checks.require_finite([(new_sd, "the updated standard deviations"), (new_flat, "the updated mean")])
     new_params, new_sds = unravel(new_flat), unravel(new_sd)
     if not inplace:
         return EKFDiagState(new_params, new_sds, mean_log_lik, aux)
-    tree_insert_(state.params, new_params)
-    tree_insert_(state.sd_diag, new_sds)
-    if state.log_likelihood is _SHARED_DEFAULT_LOG_LIKELIHOOD:
-        return state._replace(log_likelihood=mean_log_lik, aux=aux)
-    state.log_likelihood.data = mean_log_lik
-    return state._replace(aux=aux)
+    rebind_tree_(state.params, new_params)
+    rebind_tree_(state.sd_diag, new_sds)
+    return write_field(state, "log_likelihood", mean_log_lik, aux=aux)
 
 
 def sample(state: EKFDiagState, sample_shape: torch.Size = torch.Size([])) -> TensorTree:
@@ -204,3 +184,10 @@ def sample(state: EKFDiagState, sample_shape: torch.Size = torch.Size([])) -> Te
         Pytree like ``state.params`` with leaves ``sample_shape + leaf.shape``.
     """
     return diag_normal_sample(state.params, state.sd_diag, sample_shape=sample_shape)
+
+
+def _non_negative(value, name: str) -> float:
+    number = _checks.scalar_value(value, name)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError(f"{name} must be finite and >= 0, got {number}")
+    return number

@@ -1,23 +1,39 @@
-"""Laplace approximation with a dense empirical-Fisher precision: each batch adds
-``JᵀJ`` (J the per-sample Jacobian of the log posterior, unnormalised) to the
-precision; samples come from N(params, prec⁻¹)."""
+"""Laplace approximation with a dense empirical-Fisher precision.
+
+Around a mode θ (the state's params, fixed), the posterior is approximated by
+N(θ, Λ⁻¹) with Λ the prior precision plus the empirical Fisher of the data,
+accumulated batch by batch:
+
+$$ Λ ← Λ + \\sum_{i ∈ \\text{batch}} g_i g_iᵀ = Λ + JᵀJ, \\qquad
+g_i = ∇_θ \\log p(y_i, θ | x_i), $$
+
+with J the (N, P) per-sample Jacobian of the log posterior (unnormalised: a
+sum over the batch, not a mean). The empirical Fisher is discussed by Martens
+(2020), https://jmlr.org/papers/volume21/17-678/17-678.pdf, and its use in
+Laplace approximations by Daxberger et al. (2021),
+https://arxiv.org/abs/2106.14806.
+
+One per-sample Jacobian (O(N·P) for ``per_sample=False``) and one symmetric
+rank-N product fused with the copy (or in place with ``inplace=True``),
+computed on the upper triangle only and mirrored, so Λ stays exactly symmetric.
+"""
 
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from optree import tree_map  # noqa: F401  (posteriors 0.0.5 exposes it here)
+from optree.integrations.torch import tree_ravel  # noqa: F401  (as above)
 
-from posteriors_fast._internal import checks as _checks
 from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
-from posteriors_fast.laplace._dense import DenseLaplaceState, check_state, init, require_finite, sample
+from posteriors_fast.laplace import _dense
 from posteriors_fast.ops.new_matrix import new_matrix
-from posteriors_fast._internal.jacobian import output_jacobian
-from posteriors_fast.ops.sample_jacobian import sample_jacobian
+from posteriors_fast.ops.sample_jacobian import log_density_jacobian
 from posteriors_fast.ops.syrk import syrk_
-from posteriors_fast.types import LogProbFn, Transform
-
-__all__ = ["build", "DenseLaplaceState", "init", "update", "sample"]
+from posteriors_fast.tree_utils import tree_size  # noqa: F401  (posteriors 0.0.5 exposes it here)
+from posteriors_fast.types import LogProbFn, TensorTree, Transform
+from posteriors_fast.utils import empirical_fisher, is_scalar, per_samplify  # noqa: F401  (as above)
 
 
 def build(
@@ -26,23 +42,54 @@ def build(
     init_prec: torch.Tensor | float = 0.0,
     backend: str | None = None,
 ) -> Transform:
-    """Bind the hyperparameters into a ``Transform``.
+    """Bind the settings into a ``Transform``.
 
     Args:
-        log_posterior: ``log_posterior(params, batch) -> (value, aux)``, a batch
-            scalar (``per_sample=False``) or per-sample values.
+        log_posterior: ``log_posterior(params, batch) -> (value, aux)``: one
+            scalar for the batch (``per_sample=False``; evaluated one sample at
+            a time) or one value per sample, shape (N,) (``per_sample=True``).
         per_sample: See ``log_posterior``.
-        init_prec: Prior precision: a scalar c >= 0 (c·I) or a (P, P) PSD tensor.
+        init_prec: Prior precision: a scalar c >= 0 (c·I) or a (P, P)
+            symmetric positive semi-definite tensor.
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
 
     Returns:
-        ``Transform(init, update)``.
+        ``Transform(init, update)`` with these settings bound.
     """
     backend = resolve(backend)
     return Transform(
         partial(init, init_prec=init_prec),
         partial(update, log_posterior=log_posterior, per_sample=per_sample, backend=backend),
     )
+
+
+class DenseLaplaceState(NamedTuple):
+    """Gaussian N(params, prec⁻¹) with a dense precision.
+
+    Attributes:
+        params: Mean (the mode), a pytree of tensors.
+        prec: (P, P) precision Λ in the raveled parameter order
+            (``optree.integrations.torch.tree_ravel``).
+        aux: Auxiliary output of the last ``log_posterior`` call.
+    """
+
+    params: TensorTree
+    prec: torch.Tensor
+    aux: Any = None
+
+
+def init(params: TensorTree, init_prec: torch.Tensor | float = 0.0) -> DenseLaplaceState:
+    """Initial state: mean ``params`` and precision ``init_prec``.
+
+    Args:
+        params: Pytree of finite floating-point tensors (the mode; kept by reference).
+        init_prec: A scalar c >= 0 meaning c·I on the params' device and
+            dtype, or a (P, P) symmetric positive semi-definite tensor (copied).
+
+    Returns:
+        ``DenseLaplaceState`` with ``aux=None``.
+    """
+    return DenseLaplaceState(params, _dense.initial_prec(params, init_prec))
 
 
 def update(
@@ -55,26 +102,52 @@ def update(
 ) -> DenseLaplaceState:
     """Add the batch's empirical Fisher ``JᵀJ`` to the precision.
 
-    One per-sample Jacobian (O(N·P) for ``per_sample=False``) and one symmetric
-    rank-N product fused with the copy (or in place with ``inplace=True``).
+    Args:
+        state: Current ``DenseLaplaceState``.
+        batch: Data for ``log_posterior``; its tensor leaves share their
+            leading (sample) dimension N.
+        log_posterior: ``log_posterior(params, batch) -> (value, aux)``.
+        per_sample: Whether ``log_posterior`` returns one value per sample.
+        inplace: Add into ``state.prec`` (its version counter advances);
+            nothing is written unless the gradients are finite.
+        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+
+    Returns:
+        The updated ``DenseLaplaceState``.
+
+    Raises:
+        ValueError: a bad batch or output shape, or NaN/inf in the parameters
+            or the gradients of ``log_posterior``.
     """
     backend = resolve(backend)
-    check_state(state)
-    if not per_sample:
-        _checks.batch_leading_dim(batch, "batch")
+    _dense.check_state(state)
     with torch.no_grad(), CatchAuxError():
-        if per_sample:
-            jac, _, aux = output_jacobian(log_posterior, (state.params, batch), 0, has_aux=True)
-            witness = None
-        else:
-            # The witness sums the values too; only J's exact check decides.
-            jac, _, aux, witness = sample_jacobian(
-                log_posterior, state.params, batch, has_aux=True, witness=True, backend=backend
-            )
-        require_finite(jac, "the per-sample gradients of log_posterior", witness)
+        # Only the gradients enter the precision: a NaN value alone is no error.
+        jac, _, aux = log_density_jacobian(
+            log_posterior, state.params, batch, per_sample=per_sample, what="log_posterior",
+            backend=backend, values_must_be_finite=False,
+        )
         jac = jac.to(state.prec.dtype)
         if inplace:
             syrk_(state.prec, jac, None, None, 1.0, 1.0, backend=backend)
             return state._replace(aux=aux)
-        new = syrk_(new_matrix(state.prec.shape, state.prec, backend=backend), jac, None, state.prec, 1.0, 1.0, backend=backend)
+        new = new_matrix(state.prec.shape, state.prec, backend=backend)
+        syrk_(new, jac, None, state.prec, 1.0, 1.0, backend=backend)
     return DenseLaplaceState(state.params, new, aux)
+
+
+def sample(state: DenseLaplaceState, sample_shape: torch.Size = torch.Size([])) -> TensorTree:
+    """Draw from N(params, prec⁻¹).
+
+    The Cholesky factor Λ = L Lᵀ is computed once per precision (any update
+    invalidates it) and all draws ``params + L⁻ᵀ ε`` come from one
+    triangular solve.
+
+    Args:
+        state: State with mean and precision (positive definite).
+        sample_shape: Leading shape of the draws.
+
+    Returns:
+        Pytree like ``state.params`` with leaves ``sample_shape + leaf.shape``.
+    """
+    return _dense.sample(state, sample_shape)

@@ -1,31 +1,34 @@
-"""Laplace approximation with a dense Hessian precision: each batch adds
-``rescale · (−∇² log_posterior) + epsilon · I`` to the precision.
+"""Laplace approximation with a dense Hessian precision.
 
-The Hessian is exact and dense (P forward-over-reverse products): use it for
-small models, and ``epsilon`` to keep the precision positive definite away
-from a mode."""
+Around a mode θ (the state's params, fixed), the posterior is approximated by
+N(θ, Λ⁻¹) with Λ the prior precision plus the Hessian of the negative log
+posterior, accumulated batch by batch:
+
+$$ Λ ← Λ + s\\, \\big(-∇_θ^2 \\log p(θ | \\text{batch})\\big) + ε I, $$
+
+with s = ``rescale`` (e.g. the number of batches when ``log_posterior`` is a
+mean) and ε = ``epsilon``. The Hessian is exact and dense (P
+forward-over-reverse products; use it for small models) and is not
+guaranteed positive definite away from a mode: ε > 0 keeps Λ invertible.
+The term is symmetrised exactly. The Laplace approximation in deep learning:
+Daxberger et al. (2021), https://arxiv.org/abs/2106.14806.
+"""
 
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from optree import tree_map  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from optree.integrations.torch import tree_ravel
 from torch.func import jacfwd, jacrev
 
-from posteriors_fast._internal import checks as _checks
+from posteriors_fast._internal import checks
 from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
-from posteriors_fast.laplace._dense import (
-    DenseLaplaceState,
-    add_to_prec,
-    check_state,
-    init,
-    require_finite,
-    sample,
-)
-from posteriors_fast.types import LogProbFn, Transform
-
-__all__ = ["build", "DenseLaplaceState", "init", "update", "sample"]
+from posteriors_fast.laplace import _dense
+from posteriors_fast.tree_utils import tree_size  # noqa: F401  (posteriors 0.0.5 exposes it here)
+from posteriors_fast.types import LogProbFn, TensorTree, Transform
+from posteriors_fast.utils import is_scalar  # noqa: F401  (as above)
 
 
 def build(
@@ -35,34 +38,56 @@ def build(
     rescale: float = 1.0,
     backend: str | None = None,
 ) -> Transform:
-    """Bind the hyperparameters into a ``Transform``.
+    """Bind the settings into a ``Transform``.
 
     Args:
-        log_posterior: ``log_posterior(params, batch) -> (value, aux)``.
-        init_prec: Prior precision: a scalar c >= 0 (c·I) or a (P, P) PSD tensor.
-        epsilon: Added to the diagonal of each batch's term (>= 0).
-        rescale: Factor on each batch's Hessian (e.g. dataset size / batch size).
-        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        log_posterior: ``log_posterior(params, batch) -> (value, aux)``, a
+            scalar for the batch.
+        init_prec: Prior precision: a scalar c >= 0 (c·I) or a (P, P)
+            symmetric positive semi-definite tensor.
+        epsilon: ε >= 0 added to the diagonal of each batch's term.
+        rescale: s >= 0, the factor on each batch's Hessian.
+        backend: Accepted for a uniform API: both backends run the same
+            torch code here (``torch.func.jacfwd`` of ``jacrev``, whose cost is
+            the model's own P forward-over-reverse products).
 
     Returns:
-        ``Transform(init, update)``.
+        ``Transform(init, update)`` with these settings bound.
     """
-    backend = resolve(backend)
-    _check(epsilon, rescale)
+    resolve(backend)
+    _settings(epsilon, rescale)
     return Transform(
         partial(init, init_prec=init_prec),
-        partial(update, log_posterior=log_posterior, epsilon=epsilon, rescale=rescale, backend=backend),
+        partial(update, log_posterior=log_posterior, epsilon=epsilon, rescale=rescale),
     )
 
 
-def _check(epsilon, rescale):
-    eps = _checks.scalar_value(epsilon, "epsilon")
-    if not 0 <= eps < float("inf"):
-        raise ValueError(f"epsilon must be finite and >= 0, got {eps}")
-    scale = _checks.scalar_value(rescale, "rescale")
-    if not 0 <= scale < float("inf"):
-        raise ValueError(f"rescale must be finite and >= 0, got {scale}")
-    return eps, scale
+class DenseLaplaceState(NamedTuple):
+    """Gaussian N(params, prec⁻¹) with a dense precision.
+
+    Attributes:
+        params: Mean (the mode), a pytree of tensors.
+        prec: (P, P) precision Λ in the raveled parameter order.
+        aux: Auxiliary output of the last ``log_posterior`` call.
+    """
+
+    params: TensorTree
+    prec: torch.Tensor
+    aux: Any = None
+
+
+def init(params: TensorTree, init_prec: torch.Tensor | float = 0.0) -> DenseLaplaceState:
+    """Initial state: mean ``params`` and precision ``init_prec``.
+
+    Args:
+        params: Pytree of finite floating-point tensors (the mode; kept by reference).
+        init_prec: A scalar c >= 0 meaning c·I on the params' device and
+            dtype, or a (P, P) symmetric positive semi-definite tensor (copied).
+
+    Returns:
+        ``DenseLaplaceState`` with ``aux=None``.
+    """
+    return DenseLaplaceState(params, _dense.initial_prec(params, init_prec))
 
 
 def update(
@@ -74,20 +99,69 @@ def update(
     inplace: bool = False,
     backend: str | None = None,
 ) -> DenseLaplaceState:
-    """Add ``rescale · (−Hessian) + epsilon · I`` of this batch to the precision
-    (the identity on the params' device and dtype)."""
+    """Add ``rescale · (−∇² log_posterior) + epsilon · I`` of this batch to the
+    precision (the identity on the params' device and dtype).
+
+    Args:
+        state: Current ``DenseLaplaceState``.
+        batch: Data for ``log_posterior``.
+        log_posterior: ``log_posterior(params, batch) -> (value, aux)``.
+        epsilon: ε >= 0 added to the diagonal of the term.
+        rescale: s >= 0, the factor on the Hessian.
+        inplace: Add into ``state.prec`` (its version counter advances);
+            nothing is written unless the term is finite.
+        backend: Validated; both backends run the same code (see ``build``).
+
+    Returns:
+        The updated ``DenseLaplaceState``.
+
+    Raises:
+        ValueError: bad ``epsilon``/``rescale``, or NaN/inf in the parameters,
+            the value of ``log_posterior`` or its Hessian.
+    """
     resolve(backend)
-    eps, scale = _check(epsilon, rescale)
-    check_state(state)
+    eps, scale = _settings(epsilon, rescale)
+    _dense.check_state(state)
     flat, unravel = tree_ravel(state.params)
 
     def negative(p_flat):
         value, aux = log_posterior(unravel(p_flat), batch)
         return -value, aux
 
-    with torch.no_grad(), CatchAuxError():
+    with torch.no_grad(), CatchAuxError(), checks.blame_batch(batch, "log_posterior"):
         hess, aux = jacfwd(jacrev(negative, has_aux=True), has_aux=True)(flat)
         term = torch.add(hess, hess.mT).mul_(0.5 * scale)  # exactly symmetric
         term.diagonal().add_(eps)
-    require_finite(term, "the Hessian of this batch")
-    return add_to_prec(state, term, aux, inplace)
+    if not checks.all_finite([term]):
+        with torch.no_grad(), CatchAuxError():
+            value = log_posterior(state.params, batch)[0]
+        checks.require_finite([
+            (state.params, "state.params hold a non-finite value (NaN or inf)", "leaf"),
+            (value, "log_posterior returned NaN or inf for this batch"),
+            (term, "the Hessian of log_posterior is NaN or inf for this batch"),
+        ])
+    return _dense.add_to_prec(state, term, aux, inplace)
+
+
+def sample(state: DenseLaplaceState, sample_shape: torch.Size = torch.Size([])) -> TensorTree:
+    """Draw from N(params, prec⁻¹) (the factor is cached per precision; one
+    triangular solve for all draws).
+
+    Args:
+        state: State with mean and precision (positive definite).
+        sample_shape: Leading shape of the draws.
+
+    Returns:
+        Pytree like ``state.params`` with leaves ``sample_shape + leaf.shape``.
+    """
+    return _dense.sample(state, sample_shape)
+
+
+def _settings(epsilon, rescale):
+    eps = checks.scalar_value(epsilon, "epsilon")
+    if not 0 <= eps < float("inf"):
+        raise ValueError(f"epsilon must be finite and >= 0, got {eps}")
+    scale = checks.scalar_value(rescale, "rescale")
+    if not 0 <= scale < float("inf"):
+        raise ValueError(f"rescale must be finite and >= 0, got {scale}")
+    return eps, scale

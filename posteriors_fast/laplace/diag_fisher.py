@@ -1,20 +1,31 @@
-"""Laplace approximation with a diagonal empirical-Fisher precision: each batch
-adds the column sums of J² (J the per-sample Jacobian of the log posterior)."""
+"""Laplace approximation with a diagonal empirical-Fisher precision.
+
+Around a mode θ (the state's params, fixed), the posterior is approximated by
+N(θ, diag(λ)⁻¹) with λ the prior diagonal precision plus the diagonal of the
+empirical Fisher, accumulated batch by batch:
+
+$$ λ ← λ + \\sum_{i ∈ \\text{batch}} g_i ⊙ g_i, \\qquad g_i = ∇_θ \\log p(y_i, θ | x_i), $$
+
+the column sums of J² for J the (N, P) per-sample Jacobian of the log
+posterior; no P×P matrix is formed. The empirical Fisher: Martens (2020),
+https://jmlr.org/papers/volume21/17-678/17-678.pdf; Laplace approximations
+in deep learning: Daxberger et al. (2021), https://arxiv.org/abs/2106.14806.
+"""
 
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from optree import tree_map  # noqa: F401  (posteriors 0.0.5 exposes it here)
+from torch.func import jacrev  # noqa: F401  (as above)
 
-from posteriors_fast._internal import checks as _checks
 from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
-from posteriors_fast.laplace._diag import DiagLaplaceState, add_to_prec, init, sample
-from posteriors_fast._internal.jacobian import output_jacobian
-from posteriors_fast.ops.sample_jacobian import sample_jacobian
+from posteriors_fast.laplace import _diag
+from posteriors_fast.ops.sample_jacobian import log_density_jacobian
+from posteriors_fast.tree_utils import flexi_tree_map  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
-
-__all__ = ["build", "DiagLaplaceState", "init", "update", "sample"]
+from posteriors_fast.utils import diag_normal_sample, is_scalar, per_samplify  # noqa: F401  (as above)
 
 
 def build(
@@ -23,22 +34,53 @@ def build(
     init_prec_diag: TensorTree | float = 0.0,
     backend: str | None = None,
 ) -> Transform:
-    """Bind the hyperparameters into a ``Transform``.
+    """Bind the settings into a ``Transform``.
 
     Args:
-        log_posterior: ``log_posterior(params, batch) -> (value, aux)``.
-        per_sample: Whether ``log_posterior`` returns per-sample values.
-        init_prec_diag: Prior diagonal precision: scalar >= 0 or a tree like params.
+        log_posterior: ``log_posterior(params, batch) -> (value, aux)``: one
+            scalar for the batch (``per_sample=False``; evaluated one sample at
+            a time) or one value per sample, shape (N,) (``per_sample=True``).
+        per_sample: See ``log_posterior``.
+        init_prec_diag: Prior diagonal precision: a scalar >= 0 or a
+            non-negative tree like the parameters.
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
 
     Returns:
-        ``Transform(init, update)``.
+        ``Transform(init, update)`` with these settings bound.
     """
     backend = resolve(backend)
     return Transform(
         partial(init, init_prec_diag=init_prec_diag),
         partial(update, log_posterior=log_posterior, per_sample=per_sample, backend=backend),
     )
+
+
+class DiagLaplaceState(NamedTuple):
+    """Gaussian N(params, diag(prec_diag)⁻¹).
+
+    Attributes:
+        params: Mean (the mode), a pytree of tensors.
+        prec_diag: Diagonal precision λ, a pytree like ``params``.
+        aux: Auxiliary output of the last ``log_posterior`` call.
+    """
+
+    params: TensorTree
+    prec_diag: TensorTree
+    aux: Any = None
+
+
+def init(params: TensorTree, init_prec_diag: TensorTree | float = 0.0) -> DiagLaplaceState:
+    """Initial state: mean ``params`` and diagonal precision ``init_prec_diag``.
+
+    Args:
+        params: Pytree of finite floating-point tensors (the mode; kept by reference).
+        init_prec_diag: A scalar >= 0 for every entry, or a non-negative tree
+            like ``params`` (copied).
+
+    Returns:
+        ``DiagLaplaceState`` with ``aux=None``.
+    """
+    return DiagLaplaceState(params, _diag.initial_prec_diag(params, init_prec_diag))
 
 
 def update(
@@ -49,17 +91,43 @@ def update(
     inplace: bool = False,
     backend: str | None = None,
 ) -> DiagLaplaceState:
-    """Add ``Σ_n J_n²`` (elementwise) of this batch to the diagonal precision;
-    never forms a P×P matrix."""
+    """Add ``Σ_i g_i ⊙ g_i`` of this batch to the diagonal precision.
+
+    Args:
+        state: Current ``DiagLaplaceState``.
+        batch: Data for ``log_posterior``; its tensor leaves share their
+            leading (sample) dimension N.
+        log_posterior: ``log_posterior(params, batch) -> (value, aux)``.
+        per_sample: Whether ``log_posterior`` returns one value per sample.
+        inplace: Write into the tensors of ``state.prec_diag`` (versions
+            advance); nothing is written unless the gradients are finite.
+        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+
+    Returns:
+        The updated ``DiagLaplaceState``.
+
+    Raises:
+        ValueError: a bad batch or output shape, or NaN/inf in the parameters
+            or the gradients of ``log_posterior``.
+    """
     backend = resolve(backend)
-    if not per_sample:
-        _checks.batch_leading_dim(batch, "batch")
     with torch.no_grad(), CatchAuxError():
-        if per_sample:
-            jac, _, aux = output_jacobian(log_posterior, (state.params, batch), 0, has_aux=True)
-        else:
-            jac, _, aux = sample_jacobian(
-                log_posterior, state.params, batch, has_aux=True, backend=backend
-            )
+        jac, _, aux = log_density_jacobian(
+            log_posterior, state.params, batch, per_sample=per_sample, what="log_posterior",
+            backend=backend, values_must_be_finite=False,
+        )
         term = jac.square().sum(0)
-    return add_to_prec(state, term, aux, inplace)
+    return _diag.add_to_prec(state, term, aux, inplace)
+
+
+def sample(state: DiagLaplaceState, sample_shape: torch.Size = torch.Size([])) -> TensorTree:
+    """Draw from N(params, diag(prec_diag)⁻¹).
+
+    Args:
+        state: State with mean and diagonal precision (positive).
+        sample_shape: Leading shape of the draws.
+
+    Returns:
+        Pytree like ``state.params`` with leaves ``sample_shape + leaf.shape``.
+    """
+    return _diag.sample(state, sample_shape)

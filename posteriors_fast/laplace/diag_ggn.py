@@ -1,19 +1,32 @@
-"""Laplace approximation with a diagonal generalised Gauss-Newton precision
-(see :func:`posteriors_fast.diag_ggn`; P×P is never formed)."""
+"""Laplace approximation with a diagonal generalised Gauss-Newton precision.
+
+Around a mode θ (the state's params, fixed), the posterior is approximated by
+N(θ, diag(λ)⁻¹) with λ the prior diagonal precision plus the diagonal of the
+GGN of the data, accumulated batch by batch:
+
+$$ λ ← λ + \\mathrm{diag}\\big(J_fᵀ H_l J_f\\big), \\qquad
+z = f(θ, \\text{batch}),\\quad l(z) = -\\log p(\\text{batch} | z), $$
+
+computed column by column as Σ_j J_f[j, ·] ⊙ (H_l J_f)[j, ·], never forming
+P×P (see :mod:`posteriors_fast.laplace.dense_ggn` for the terms; Martens,
+2020, https://jmlr.org/papers/volume21/17-678/17-678.pdf; Daxberger et al.,
+2021, https://arxiv.org/abs/2106.14806).
+"""
 
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from optree import tree_map  # noqa: F401  (posteriors 0.0.5 exposes it here)
 
 from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
-from posteriors_fast.laplace._diag import DiagLaplaceState, add_to_prec, init, sample
-from posteriors_fast.types import ForwardFn, OuterLogProbFn, TensorTree, Transform
+from posteriors_fast.laplace import _diag
 from posteriors_fast.laplace._ggn import batch_ggn_factors
 from posteriors_fast.ops.ggn_diag import ggn_diag
-
-__all__ = ["build", "DiagLaplaceState", "init", "update", "sample"]
+from posteriors_fast.tree_utils import flexi_tree_map  # noqa: F401  (posteriors 0.0.5 exposes it here)
+from posteriors_fast.types import ForwardFn, OuterLogProbFn, TensorTree, Transform
+from posteriors_fast.utils import diag_ggn, diag_normal_sample, is_scalar  # noqa: F401  (as above)
 
 
 def build(
@@ -25,19 +38,50 @@ def build(
     """Bind the model into a ``Transform``.
 
     Args:
-        forward: ``forward(params, batch) -> (z, aux)``.
-        outer_log_likelihood: ``outer_log_likelihood(z, batch) -> scalar``.
-        init_prec_diag: Prior diagonal precision: scalar >= 0 or a tree like params.
+        forward: ``forward(params, batch) -> (z, aux)``: the model outputs z
+            (e.g. logits, one row per sample, not reduced over the batch).
+        outer_log_likelihood: ``outer_log_likelihood(z, batch) -> scalar``, the
+            log-likelihood of the outputs (no aux).
+        init_prec_diag: Prior diagonal precision: a scalar >= 0 or a
+            non-negative tree like the parameters.
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
 
     Returns:
-        ``Transform(init, update)``.
+        ``Transform(init, update)`` with these settings bound.
     """
     backend = resolve(backend)
     return Transform(
         partial(init, init_prec_diag=init_prec_diag),
         partial(update, forward=forward, outer_log_likelihood=outer_log_likelihood, backend=backend),
     )
+
+
+class DiagLaplaceState(NamedTuple):
+    """Gaussian N(params, diag(prec_diag)⁻¹).
+
+    Attributes:
+        params: Mean (the mode), a pytree of tensors.
+        prec_diag: Diagonal precision λ, a pytree like ``params``.
+        aux: Auxiliary output of the last ``forward`` call.
+    """
+
+    params: TensorTree
+    prec_diag: TensorTree
+    aux: Any = None
+
+
+def init(params: TensorTree, init_prec_diag: TensorTree | float = 0.0) -> DiagLaplaceState:
+    """Initial state: mean ``params`` and diagonal precision ``init_prec_diag``.
+
+    Args:
+        params: Pytree of finite floating-point tensors (the mode; kept by reference).
+        init_prec_diag: A scalar >= 0 for every entry, or a non-negative tree
+            like ``params`` (copied).
+
+    Returns:
+        ``DiagLaplaceState`` with ``aux=None``.
+    """
+    return DiagLaplaceState(params, _diag.initial_prec_diag(params, init_prec_diag))
 
 
 def update(
@@ -48,11 +92,39 @@ def update(
     inplace: bool = False,
     backend: str | None = None,
 ) -> DiagLaplaceState:
-    """Add the batch's diagonal GGN (loss ``-outer_log_likelihood``)."""
+    """Add the diagonal of the batch's GGN (loss ``-outer_log_likelihood``).
+
+    Args:
+        state: Current ``DiagLaplaceState``.
+        batch: Data for ``forward`` and ``outer_log_likelihood``.
+        forward: ``forward(params, batch) -> (z, aux)``.
+        outer_log_likelihood: ``outer_log_likelihood(z, batch) -> scalar``.
+        inplace: Write into the tensors of ``state.prec_diag`` (versions
+            advance); nothing is written unless the GGN is finite.
+        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+
+    Returns:
+        The updated ``DiagLaplaceState``.
+
+    Raises:
+        ValueError: NaN/inf in the parameters, the outputs of ``forward``,
+            their gradient, or the Hessian of ``outer_log_likelihood``.
+    """
     backend = resolve(backend)
     with torch.no_grad(), CatchAuxError():
-        jac, hess_jac, aux = batch_ggn_factors(
-            state.params, batch, forward, outer_log_likelihood, backend=backend
-        )
+        jac, hess_jac, aux = batch_ggn_factors(state.params, batch, forward, outer_log_likelihood, backend=backend)
         term = ggn_diag(jac, hess_jac, backend=backend)
-    return add_to_prec(state, term, aux, inplace)
+    return _diag.add_to_prec(state, term, aux, inplace)
+
+
+def sample(state: DiagLaplaceState, sample_shape: torch.Size = torch.Size([])) -> TensorTree:
+    """Draw from N(params, diag(prec_diag)⁻¹).
+
+    Args:
+        state: State with mean and diagonal precision (positive).
+        sample_shape: Leading shape of the draws.
+
+    Returns:
+        Pytree like ``state.params`` with leaves ``sample_shape + leaf.shape``.
+    """
+    return _diag.sample(state, sample_shape)

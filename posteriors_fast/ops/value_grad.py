@@ -2,8 +2,9 @@
 (value, aux)`` with respect to ``params``, with its value, its aux and one
 finiteness witness, for the per-step gradients of the samplers.
 
-The witness is ``value + Σ_leaves Σ grad`` (:func:`posteriors_fast._checks.finite_witness`):
-finite proves the value and every gradient entry finite, so the caller checks
+The witness is ``value + Σ grad + Σ params`` over all leaves
+(:func:`posteriors_fast._internal.checks.finite_witness`): finite proves the
+value, every gradient entry and every parameter finite, so the caller checks
 everything with one host sync; only a non-finite witness needs the exact
 per-tensor check.
 
@@ -27,8 +28,9 @@ from posteriors_fast.backends import decline, device_type_of, implementation, re
 from posteriors_fast.backends.compile_policy import TieredCompile, shape_signature
 
 
-def _witness(value: torch.Tensor, grads: Any) -> torch.Tensor:
-    return finite_witness([value.reshape(())] + tree_leaves(grads))  # stack promotes mixed dtypes
+def _witness(value: torch.Tensor, grads: Any, params: Any) -> torch.Tensor:
+    # stack promotes mixed dtypes
+    return finite_witness([value.reshape(())] + tree_leaves(grads) + [x for x in tree_leaves(params) if x.is_floating_point()])
 
 
 def value_grad_eager(fn: Callable, params: Any, batch: Any, what: str) -> Tuple[Any, torch.Tensor, Any, torch.Tensor]:
@@ -45,7 +47,7 @@ def value_grad_eager(fn: Callable, params: Any, batch: Any, what: str) -> Tuple[
         0-d tensor, see the module docstring).
     """
     (grads,), value, aux = grad_value_aux(fn, (params,), what, (batch,))
-    return grads, value, aux, _witness(value, grads)
+    return grads, value, aux, _witness(value, grads, params)
 
 
 register(
@@ -78,7 +80,7 @@ def value_grad_traced(fn: Callable, params: Any, batch: Any, what: str) -> Tuple
     shape, spec, leaves = kept[0]
     tensors = iter(tensors)
     aux = tree_unflatten(spec, [next(tensors) if x is _NOT_A_TENSOR else x for x in leaves])
-    return grads, value.reshape(shape), aux, _witness(value, grads)
+    return grads, value.reshape(shape), aux, _witness(value, grads, params)
 
 
 _tiered = TieredCompile(value_grad_traced, "the gradient of the log posterior", eager=value_grad_eager)

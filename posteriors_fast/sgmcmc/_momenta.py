@@ -12,10 +12,12 @@ def initial_momenta(params, momenta):
     ``params`` → a copy of it (so in-place updates never write into the
     caller's tensors)."""
     _checks.float_params(params, "params")
+    _checks.finite_params(params, "params")
     if momenta is None:
         return tree_map(lambda x: torch.randn_like(x, requires_grad=x.requires_grad), params)
     if is_scalar(momenta):
         value = _checks.scalar_value(momenta, "momenta")
         return tree_map(lambda x: torch.full_like(x, value, requires_grad=x.requires_grad), params)
     _checks.same_structure(momenta, params, "momenta", "params")
+    _checks.finite_params(momenta, "momenta")
     return tree_map(lambda m: m.detach().clone().requires_grad_(m.requires_grad), momenta)

@@ -1,5 +1,5 @@
-"""Shared pieces of the SG-MCMC steps: the gradient evaluation with checks, the
-noise draws, hyperparameter validation and the state write-back.
+"""Shared pieces of the SG-MCMC steps: hyperparameter validation and the
+gradient evaluation with its checks.
 
 The arithmetic runs as ``torch._foreach_*`` kernels over the lists of leaves
 (one fused launch per operation for all leaves, instead of a Python loop of
@@ -14,7 +14,7 @@ import math
 from typing import Any, List, Tuple
 
 import torch
-from optree import tree_flatten, tree_unflatten
+from optree import tree_flatten
 
 from posteriors_fast._internal import checks as _checks
 from posteriors_fast._internal.errors import CatchAuxError
@@ -51,38 +51,18 @@ def hmc_settings(lr, alpha, beta, sigma, temperature) -> Tuple[float, float]:
 
 
 def gradient(log_posterior, params, batch, backend: str) -> Tuple[List[torch.Tensor], Any, torch.Tensor, Any]:
-    """``(grad leaves, treespec, log posterior, aux)``, checked for NaN and inf
-    with one host sync (:mod:`posteriors_fast.ops.value_grad`)."""
-    with CatchAuxError():
+    """``(grad leaves, treespec, log posterior, aux)``, with the parameters,
+    the value and the gradient checked for NaN and inf with one host sync
+    (:mod:`posteriors_fast.ops.value_grad`)."""
+    with CatchAuxError(), _checks.blame_batch(batch, "log_posterior"):
         grads, value, aux, witness = value_grad(log_posterior, params, batch, "log_posterior", backend=backend)
     leaves, spec = tree_flatten(grads)
     _checks.require_finite(
-        [(value, "log_posterior returned NaN or inf for this batch")]
-        + [(g, "the gradient of log_posterior contains NaN or inf") for g in leaves],
+        [
+            (params, "state.params hold a non-finite value (NaN or inf)", "leaf"),
+            (value, "log_posterior returned NaN or inf for this batch"),
+            (grads, "the gradient of log_posterior is NaN or inf for this batch", "leaf"),
+        ],
         witness,
     )
     return leaves, spec, value, aux
-
-
-def leaves_of(tree) -> Tuple[List[torch.Tensor], Any]:
-    return tree_flatten(tree)
-
-
-def write_(targets: List[torch.Tensor], values: List[torch.Tensor]) -> None:
-    """Copy ``values`` into ``targets`` in place (one fused kernel)."""
-    with torch.no_grad():
-        torch._foreach_copy_(targets, values)
-
-
-def unflatten(spec, leaves):
-    return tree_unflatten(spec, leaves)
-
-
-def replace_scalar(state, field: str, shared_default: torch.Tensor, value: torch.Tensor, **others):
-    """Write ``value`` into ``state.<field>`` in place unless it is the class-level
-    shared default, which is replaced instead."""
-    current = getattr(state, field)
-    if current is shared_default:
-        return state._replace(**{field: value}, **others)
-    current.data = value
-    return state._replace(**others)

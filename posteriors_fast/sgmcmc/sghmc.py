@@ -10,12 +10,18 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import torch
+from optree import tree_flatten, tree_map, tree_unflatten  # noqa: F401  (tree_map: posteriors 0.0.5 exposes it here)
+from torch.func import grad_and_value  # noqa: F401  (posteriors 0.0.5 exposes it here)
 
+from posteriors_fast._internal.errors import CatchAuxError  # noqa: F401  (posteriors 0.0.5 exposes it here)
+from posteriors_fast._internal.state import copy_leaves_, write_field
 from posteriors_fast.backends import resolve
 from posteriors_fast.ops.sghmc_step import sghmc_step
 from posteriors_fast.sgmcmc import _step
 from posteriors_fast.sgmcmc._momenta import initial_momenta
+from posteriors_fast.tree_utils import flexi_tree_map, tree_insert_  # noqa: F401  (posteriors 0.0.5 exposes them here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
+from posteriors_fast.utils import is_scalar  # noqa: F401  (as above)
 
 
 def build(
@@ -76,11 +82,19 @@ class SGHMCState(NamedTuple):
     aux: Any = None
 
 
-_SHARED_DEFAULT = SGHMCState._field_defaults["log_posterior"]
 
 
 def init(params: TensorTree, momenta: TensorTree | float | None = None) -> SGHMCState:
-    """Initial state at ``params`` with ``momenta`` (see ``build``)."""
+    """Initial state at ``params`` with ``momenta``.
+
+    Args:
+        params: Pytree of finite floating-point tensors (kept by reference).
+        momenta: None (standard normal draws), a scalar for every entry, or a
+            tree like ``params`` (copied).
+
+    Returns:
+        ``SGHMCState`` with its own (empty) log-posterior tensor.
+    """
     return SGHMCState(params, initial_momenta(params, momenta), torch.tensor([]))
 
 
@@ -113,12 +127,12 @@ def update(
     scale, prec = _step.hmc_settings(lr, alpha, beta, sigma, temperature)
     backend = resolve(backend)
     grads, spec, value, aux = _step.gradient(log_posterior, state.params, batch, backend)
-    params, _ = _step.leaves_of(state.params)
-    momenta, _ = _step.leaves_of(state.momenta)
+    params = tree_flatten(state.params)[0]
+    momenta = tree_flatten(state.momenta)[0]
     new_params, new_momenta = sghmc_step(
         params, momenta, grads, lr * prec, 1.0 - lr * prec * alpha, lr, scale, backend=backend
     )
     if not inplace:
-        return SGHMCState(_step.unflatten(spec, new_params), _step.unflatten(spec, new_momenta), value, aux)
-    _step.write_(params + momenta, new_params + new_momenta)
-    return _step.replace_scalar(state, "log_posterior", _SHARED_DEFAULT, value, aux=aux)
+        return SGHMCState(tree_unflatten(spec, new_params), tree_unflatten(spec, new_momenta), value, aux)
+    copy_leaves_(params + momenta, new_params + new_momenta)
+    return write_field(state, "log_posterior", value, aux=aux)

@@ -11,10 +11,16 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import torch
+from optree import tree_flatten, tree_unflatten
+from torch.func import grad_and_value  # noqa: F401  (posteriors 0.0.5 exposes it here)
 
+from posteriors_fast._internal import checks as _checks
+from posteriors_fast._internal.errors import CatchAuxError  # noqa: F401  (posteriors 0.0.5 exposes it here)
+from posteriors_fast._internal.state import copy_leaves_, write_field
 from posteriors_fast.backends import resolve
 from posteriors_fast.ops.normal import normal_like
 from posteriors_fast.sgmcmc import _step
+from posteriors_fast.tree_utils import flexi_tree_map, tree_insert_  # noqa: F401  (posteriors 0.0.5 exposes them here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 
 
@@ -61,7 +67,6 @@ class SGLDState(NamedTuple):
     aux: Any = None
 
 
-_SHARED_DEFAULT = SGLDState._field_defaults["log_posterior"]
 
 
 def _validate(lr, beta, temperature) -> float:
@@ -72,7 +77,16 @@ def _validate(lr, beta, temperature) -> float:
 
 
 def init(params: TensorTree) -> SGLDState:
-    """Initial state at ``params`` (kept by reference)."""
+    """Initial state at ``params``.
+
+    Args:
+        params: Pytree of finite floating-point tensors (kept by reference).
+
+    Returns:
+        ``SGLDState`` with its own (empty) log-posterior tensor.
+    """
+    _checks.float_params(params, "params")
+    _checks.finite_params(params, "params")
     return SGLDState(params, torch.tensor([]))
 
 
@@ -105,11 +119,11 @@ def update(
     scale = _validate(lr, beta, temperature)
     backend = resolve(backend)
     grads, spec, value, aux = _step.gradient(log_posterior, state.params, batch, backend)
-    params, _ = _step.leaves_of(state.params)
+    params = tree_flatten(state.params)[0]
     with torch.no_grad():
         new = torch._foreach_add(params, grads, alpha=lr)
         torch._foreach_add_(new, normal_like(params, backend=backend), alpha=scale)
     if not inplace:
-        return SGLDState(_step.unflatten(spec, new), value, aux)
-    _step.write_(params, new)
-    return _step.replace_scalar(state, "log_posterior", _SHARED_DEFAULT, value, aux=aux)
+        return SGLDState(tree_unflatten(spec, new), value, aux)
+    copy_leaves_(params, new)
+    return write_field(state, "log_posterior", value, aux=aux)

@@ -8,17 +8,26 @@ $$ m_{t+1} = m_t + ε ∇\\log p(θ_t | \\text{batch}) - ε σ^{-2} ξ_t m_t
 $$ ξ_{t+1} = ξ_t + ε \\big(σ^{-2}\\, \\overline{m_t^2} - T\\big). $$
 """
 
+import math
 from functools import partial
 from typing import Any, NamedTuple
 
 import torch
 from optree.integrations.torch import tree_ravel
 
+from optree import tree_flatten, tree_map, tree_unflatten  # noqa: F401  (tree_map: posteriors 0.0.5 exposes it here)
+from torch.func import grad_and_value  # noqa: F401  (posteriors 0.0.5 exposes it here)
+
+from posteriors_fast._internal import checks as _checks
+from posteriors_fast._internal.errors import CatchAuxError  # noqa: F401  (posteriors 0.0.5 exposes it here)
+from posteriors_fast._internal.state import copy_leaves_, write_field
 from posteriors_fast.backends import resolve
 from posteriors_fast.ops.normal import normal_like
 from posteriors_fast.sgmcmc import _step
 from posteriors_fast.sgmcmc._momenta import initial_momenta
+from posteriors_fast.tree_utils import flexi_tree_map, tree_insert_  # noqa: F401  (posteriors 0.0.5 exposes them here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
+from posteriors_fast.utils import is_scalar  # noqa: F401  (as above)
 
 
 def build(
@@ -83,8 +92,6 @@ class SGNHTState(NamedTuple):
     aux: Any = None
 
 
-_SHARED_DEFAULT_XI = SGNHTState._field_defaults["xi"]
-_SHARED_DEFAULT = SGNHTState._field_defaults["log_posterior"]
 
 
 def init(
@@ -92,7 +99,19 @@ def init(
     momenta: TensorTree | float | None = None,
     xi: float | torch.Tensor = 0.01,
 ) -> SGNHTState:
-    """Initial state at ``params`` with ``momenta`` (see ``build``) and thermostat ``xi``."""
+    """Initial state at ``params`` with ``momenta`` and thermostat ``xi``.
+
+    Args:
+        params: Pytree of finite floating-point tensors (kept by reference).
+        momenta: None (standard normal draws), a scalar for every entry, or a
+            tree like ``params`` (copied).
+        xi: Initial thermostat, a finite number or one-element tensor (copied).
+
+    Returns:
+        ``SGNHTState`` with its own (empty) log-posterior tensor.
+    """
+    if not math.isfinite(_checks.scalar_value(xi, "xi")):
+        raise ValueError(f"xi must be finite, got {xi!r}")
     xi = xi.detach().clone() if isinstance(xi, torch.Tensor) else torch.tensor(xi)
     return SGNHTState(params, initial_momenta(params, momenta), xi, torch.tensor([]))
 
@@ -126,8 +145,8 @@ def update(
     scale, prec = _step.hmc_settings(lr, alpha, beta, sigma, temperature)
     backend = resolve(backend)
     grads, spec, value, aux = _step.gradient(log_posterior, state.params, batch, backend)
-    params, _ = _step.leaves_of(state.params)
-    momenta, _ = _step.leaves_of(state.momenta)
+    params = tree_flatten(state.params)[0]
+    momenta = tree_flatten(state.momenta)[0]
     with torch.no_grad():
         xi = state.xi
         mean_square = tree_ravel(state.momenta)[0].square().mean()
@@ -140,11 +159,7 @@ def update(
         raise ValueError("the thermostat xi became NaN or inf; the state was not changed")
     if not inplace:
         return SGNHTState(
-            _step.unflatten(spec, new_params), _step.unflatten(spec, new_momenta), new_xi, value, aux
+            tree_unflatten(spec, new_params), tree_unflatten(spec, new_momenta), new_xi, value, aux
         )
-    _step.write_(params + momenta, new_params + new_momenta)
-    if state.xi is _SHARED_DEFAULT_XI:
-        state = state._replace(xi=new_xi)
-    else:
-        state.xi.data = new_xi
-    return _step.replace_scalar(state, "log_posterior", _SHARED_DEFAULT, value, aux=aux)
+    copy_leaves_(params + momenta, new_params + new_momenta)
+    return write_field(write_field(state, "xi", new_xi), "log_posterior", value, aux=aux)

@@ -12,15 +12,23 @@ from functools import partial
 from typing import Any, Callable, NamedTuple, Tuple
 
 import torch
-from optree import tree_map
+from optree import tree_map  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from optree.integrations.torch import tree_ravel
-from torch.func import vmap
+from torch.func import grad_and_value, vmap  # noqa: F401  (grad_and_value: posteriors 0.0.5 exposes it here)
 
 from posteriors_fast._internal import checks as _checks
+from posteriors_fast._internal import optional
+from posteriors_fast._internal.errors import CatchAuxError  # noqa: F401  (posteriors 0.0.5 exposes it here)
+from posteriors_fast._internal.sampling import unravel_draws
+from posteriors_fast._internal.state import write_field
+from posteriors_fast._internal.torchopt_step import step
 from posteriors_fast.backends import resolve
+from posteriors_fast.tree_utils import tree_insert_, tree_size  # noqa: F401  (posteriors 0.0.5 exposes them here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 from posteriors_fast.utils import L_from_flat, L_to_flat, is_scalar
-from posteriors_fast.vi import _optimizer
+from posteriors_fast.vi._settings import check_settings
+
+torchopt = optional.load("torchopt")  # posteriors 0.0.5 exposes the module here (None if absent)
 
 
 def build(
@@ -41,13 +49,14 @@ def build(
         n_samples: Monte Carlo samples per step (>= 1).
         stl: Use the sticking-the-landing gradient estimator.
         init_L: Initial Cholesky factor: a scalar c (c·I) or a (P, P) lower-triangular tensor.
-        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        backend: Accepted for a uniform API: both backends run the same torch
+            code (the step's cost is the user's log posterior and its gradient).
 
     Returns:
         ``Transform(init, update)``.
     """
     resolve(backend)
-    _optimizer.check_settings(temperature, n_samples)
+    check_settings(temperature, n_samples)
     return Transform(
         partial(init, optimizer=optimizer, init_L=init_L),
         partial(
@@ -79,14 +88,23 @@ class VIDenseState(NamedTuple):
     aux: Any = None
 
 
-_SHARED_DEFAULT = VIDenseState._field_defaults["nelbo"]
-
-
 def init(params: TensorTree, optimizer: Any, init_L: torch.Tensor | float = 1.0) -> VIDenseState:
-    """Initial state: mean ``params``, factor ``init_L`` (c·I on the params'
-    device and dtype for a scalar c), and ``optimizer.init([params, L_flat])``."""
-    _optimizer.require_torchopt()
+    """Initial state: mean ``params``, factor ``init_L`` and
+    ``optimizer.init([params, L_flat])``.
+
+    Args:
+        params: Pytree of finite floating-point tensors (kept by reference).
+        optimizer: The torchopt optimizer of ``build``.
+        init_L: A scalar c (c·I on the params' device and dtype) or a (P, P)
+            lower-triangular tensor (its lower triangle is used).
+
+    Returns:
+        ``VIDenseState`` with ``L_factor`` the flat lower triangle
+        (``L_to_flat``) and its own (empty) ``nelbo`` tensor.
+    """
+    optional.torchopt("posteriors_fast.vi")
     _checks.float_params(params, "params")
+    _checks.finite_params(params, "params")
     flat = tree_ravel(params)[0]
     size = flat.numel()
     if is_scalar(init_L):
@@ -109,26 +127,41 @@ def update(
     stl: bool = True,
     inplace: bool = False,
 ) -> VIDenseState:
-    """One optimizer step on the negative ELBO of ``batch`` (in place or not,
-    with the optimizer state carried forward either way; atomic)."""
-    _optimizer.check_settings(temperature, n_samples)
+    """One optimizer step on the negative ELBO of ``batch``.
+
+    Args:
+        state: Current ``VIDenseState``.
+        batch: Data for ``log_posterior``.
+        log_posterior: ``log_posterior(params, batch) -> (value, aux)``.
+        optimizer: The torchopt optimizer of ``init``.
+        temperature: T >= 0, the weight of the entropy term.
+        n_samples: Monte Carlo draws from q (>= 1).
+        stl: Use the sticking-the-landing gradient estimator.
+        inplace: Update the mean, the factor and the optimizer state in place;
+            nothing changes unless the ELBO and its gradient are finite.
+
+    Returns:
+        The new ``VIDenseState``, carrying the advanced optimizer state in
+        both modes.
+
+    Raises:
+        ValueError: bad settings, or NaN/inf in the state, the value of
+            ``log_posterior`` at the draws, or the gradient.
+    """
+    check_settings(temperature, n_samples)
 
     def objective(mean, L_flat):
-        return nelbo(mean, L_flat, batch, log_posterior, temperature, n_samples, stl)
+        with _checks.blame_batch(batch, "log_posterior"):
+            return nelbo(mean, L_flat, batch, log_posterior, temperature, n_samples, stl)
 
-    mean, L_flat, opt_state, value, aux = _optimizer.step(
-        objective, state.params, state.L_factor, state.opt_state, optimizer, inplace
+    (mean, L_flat), opt_state, value, aux = step(
+        objective, (state.params, state.L_factor), (), state.opt_state, optimizer, inplace=inplace,
+        what="the negative ELBO", names=("params", "L_factor"), value_label=_VALUE_LABEL,
+        grad_label=_GRAD_LABEL, needed_by="posteriors_fast.vi",
     )
     if inplace:
-        return _optimizer.write_back(state, _SHARED_DEFAULT, opt_state, value, aux)
+        return write_field(state, "nelbo", value, opt_state=opt_state, aux=aux)
     return VIDenseState(mean, L_flat, opt_state, value, aux)
-
-
-def _log_q(x: torch.Tensor, loc: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    """log N(x; loc, L Lᵀ) for rows of x, from L directly."""
-    z = torch.linalg.solve_triangular(L, (x - loc).mT, upper=False)
-    half_log_det = L.diagonal().abs().log().sum()
-    return -0.5 * z.square().sum(0) - half_log_det - 0.5 * loc.shape[-1] * math.log(2 * math.pi)
 
 
 def nelbo(
@@ -163,6 +196,10 @@ def nelbo(
 def sample(state: VIDenseState, sample_shape: torch.Size = torch.Size([])) -> TensorTree:
     """Draw from q = N(params, L Lᵀ): ``mean + L ε`` with one matrix product.
 
+    Args:
+        state: State with mean and flat factor.
+        sample_shape: Leading shape of the draws.
+
     Returns:
         Pytree like ``state.params`` with leaves ``sample_shape + leaf.shape``.
     """
@@ -171,6 +208,15 @@ def sample(state: VIDenseState, sample_shape: torch.Size = torch.Size([])) -> Te
     shape = torch.Size(sample_shape)
     noise = torch.empty(shape + flat.shape, dtype=flat.dtype, device=flat.device).normal_()
     draws = flat + noise.reshape(-1, flat.numel()) @ L.mT
-    if len(shape) == 0:
-        return unravel(draws.reshape(flat.shape))
-    return tree_map(lambda x: x.reshape(shape + x.shape[1:]), vmap(unravel)(draws))
+    return unravel_draws(draws, unravel, shape)
+
+
+_VALUE_LABEL = "log_posterior returned NaN or inf at a draw from q (the negative ELBO is not finite)"
+_GRAD_LABEL = "the gradient of the negative ELBO is NaN or inf (from log_posterior at a draw from q)"
+
+
+def _log_q(x: torch.Tensor, loc: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """log N(x; loc, L Lᵀ) for rows of x, from L directly."""
+    z = torch.linalg.solve_triangular(L, (x - loc).mT, upper=False)
+    half_log_det = L.diagonal().abs().log().sum()
+    return -0.5 * z.square().sum(0) - half_log_det - 0.5 * loc.shape[-1] * math.log(2 * math.pi)

@@ -4,6 +4,8 @@ fitted by a torchopt optimizer on the Monte Carlo negative ELBO
 $$ \\mathrm{nelbo}(μ, σ) = -\\mathbb{E}_{θ \\sim q}\\big[\\log p(θ | \\text{batch})
 - T \\log q(θ)\\big], $$
 
+which minimises KL(q ‖ p_T) for the tempered posterior p_T ∝ exp(log p / T)
+(variational inference: Blei et al., 2017, https://arxiv.org/abs/1601.00670),
 with the reparameterisation θ = μ + σ ε and, with ``stl``, the "sticking the
 landing" estimator (Roeder et al., 2017, https://arxiv.org/abs/1703.09194):
 log q is evaluated with μ and σ held constant.
@@ -14,13 +16,20 @@ from typing import Any, Callable, NamedTuple, Tuple
 
 import torch
 from optree import tree_map
-from torch.func import vmap
+from torch.func import grad_and_value, vmap  # noqa: F401  (grad_and_value: posteriors 0.0.5 exposes it here)
 
 from posteriors_fast._internal import checks as _checks
+from posteriors_fast._internal import optional
+from posteriors_fast._internal.errors import CatchAuxError  # noqa: F401  (posteriors 0.0.5 exposes it here)
+from posteriors_fast._internal.state import write_field
+from posteriors_fast._internal.torchopt_step import step
 from posteriors_fast.backends import resolve
+from posteriors_fast.tree_utils import tree_insert_  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 from posteriors_fast.utils import diag_normal_log_prob, diag_normal_sample, is_scalar
-from posteriors_fast.vi import _optimizer
+from posteriors_fast.vi._settings import check_settings
+
+torchopt = optional.load("torchopt")  # posteriors 0.0.5 exposes the module here (None if absent)
 
 
 def build(
@@ -41,13 +50,14 @@ def build(
         n_samples: Monte Carlo samples per step (>= 1).
         stl: Use the sticking-the-landing gradient estimator.
         init_log_sds: Initial log standard deviations, a scalar or a tree like params.
-        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        backend: Accepted for a uniform API: both backends run the same torch
+            code (the step's cost is the user's log posterior and its gradient).
 
     Returns:
         ``Transform(init, update)``.
     """
     resolve(backend)
-    _optimizer.check_settings(temperature, n_samples)
+    check_settings(temperature, n_samples)
     return Transform(
         partial(init, optimizer=optimizer, init_log_sds=init_log_sds),
         partial(
@@ -79,14 +89,21 @@ class VIDiagState(NamedTuple):
     aux: Any = None
 
 
-_SHARED_DEFAULT = VIDiagState._field_defaults["nelbo"]
-
-
 def init(params: TensorTree, optimizer: Any, init_log_sds: TensorTree | float = 0.0) -> VIDiagState:
     """Initial state: mean ``params``, log standard deviations ``init_log_sds``
-    (copied if a tree) and ``optimizer.init([params, log_sds])``."""
-    _optimizer.require_torchopt()
+    (copied if a tree) and ``optimizer.init([params, log_sds])``.
+
+    Args:
+        params: Pytree of finite floating-point tensors (kept by reference).
+        optimizer: The torchopt optimizer of ``build``.
+        init_log_sds: A scalar for every entry or a tree like ``params``.
+
+    Returns:
+        ``VIDiagState`` with its own (empty) ``nelbo`` tensor.
+    """
+    optional.torchopt("posteriors_fast.vi")
     _checks.float_params(params, "params")
+    _checks.finite_params(params, "params")
     if is_scalar(init_log_sds):
         value = _checks.scalar_value(init_log_sds, "init_log_sds")
         log_sds = tree_map(lambda x: torch.full_like(x, value, requires_grad=x.requires_grad), params)
@@ -108,20 +125,39 @@ def update(
 ) -> VIDiagState:
     """One optimizer step on the negative ELBO of ``batch``.
 
-    With ``inplace=True`` the mean, log standard deviations and optimizer state
-    are updated in place (and the returned state carries the advanced optimizer
-    state); nothing changes if the ELBO or its gradient is not finite.
+    Args:
+        state: Current ``VIDiagState``.
+        batch: Data for ``log_posterior``.
+        log_posterior: ``log_posterior(params, batch) -> (value, aux)``.
+        optimizer: The torchopt optimizer of ``init``.
+        temperature: T >= 0, the weight of the entropy term.
+        n_samples: Monte Carlo draws from q (>= 1).
+        stl: Use the sticking-the-landing gradient estimator.
+        inplace: Update the mean, log standard deviations and optimizer state
+            in place; nothing changes unless the ELBO and its gradient are
+            finite.
+
+    Returns:
+        The new ``VIDiagState``, carrying the advanced optimizer state in
+        both modes.
+
+    Raises:
+        ValueError: bad settings, or NaN/inf in the state, the value of
+            ``log_posterior`` at the draws, or the gradient.
     """
-    _optimizer.check_settings(temperature, n_samples)
+    check_settings(temperature, n_samples)
 
     def objective(mean, log_sds):
-        return nelbo(mean, tree_map(torch.exp, log_sds), batch, log_posterior, temperature, n_samples, stl)
+        with _checks.blame_batch(batch, "log_posterior"):
+            return nelbo(mean, tree_map(torch.exp, log_sds), batch, log_posterior, temperature, n_samples, stl)
 
-    mean, log_sds, opt_state, value, aux = _optimizer.step(
-        objective, state.params, state.log_sd_diag, state.opt_state, optimizer, inplace
+    (mean, log_sds), opt_state, value, aux = step(
+        objective, (state.params, state.log_sd_diag), (), state.opt_state, optimizer, inplace=inplace,
+        what="the negative ELBO", names=("params", "log_sd_diag"), value_label=_VALUE_LABEL,
+        grad_label=_GRAD_LABEL, needed_by="posteriors_fast.vi",
     )
     if inplace:
-        return _optimizer.write_back(state, _SHARED_DEFAULT, opt_state, value, aux)
+        return write_field(state, "nelbo", value, opt_state=opt_state, aux=aux)
     return VIDiagState(mean, log_sds, opt_state, value, aux)
 
 
@@ -154,3 +190,7 @@ def nelbo(
 def sample(state: VIDiagState, sample_shape: torch.Size = torch.Size([])) -> TensorTree:
     """Draw from q = N(params, diag(exp(log_sd_diag)²))."""
     return diag_normal_sample(state.params, tree_map(torch.exp, state.log_sd_diag), sample_shape=sample_shape)
+
+
+_VALUE_LABEL = "log_posterior returned NaN or inf at a draw from q (the negative ELBO is not finite)"
+_GRAD_LABEL = "the gradient of the negative ELBO is NaN or inf (from log_posterior at a draw from q)"

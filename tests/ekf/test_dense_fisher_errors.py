@@ -126,7 +126,7 @@ def _no_aux(p, batch):
     "ll, error, match",
     [
         (_nan_log_likelihood, ValueError, "log_likelihood returned NaN or inf"),
-        (_inf_gradient, ValueError, "per-sample gradients of log_likelihood contain NaN or inf"),
+        (_inf_gradient, ValueError, "the gradient of log_likelihood is NaN or inf"),
         (_no_aux, RuntimeError, "Auxiliary output not found"),
     ],
 )
