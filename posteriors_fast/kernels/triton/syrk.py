@@ -58,21 +58,32 @@ def _syrk_kernel(
     mask_m = rm < P
     mask_n = rn < P
 
+    # Element offsets are int64. Triton's integers are 32-bit, and index·stride
+    # passes 2^31 once P ≥ 46,341 (a row of out or C: rm·P) or K·P ≥ 2^31 (A,
+    # B); the strides are arbitrary (views), so not even an offset inside one
+    # tile is provably below 2^31. Hence every index is widened before it
+    # meets a stride (plain int64, no 32-bit in-tile part). The indices
+    # themselves stay int32 (below P + BLOCK_M and K + BLOCK_K). The int64
+    # products are formed once per program: the K loop advances its pointers
+    # by a 64-bit scalar, so the loop body does the same integer work as with
+    # 32-bit offsets (adding an offset to a pointer is 64-bit either way).
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    rk64 = rk.to(tl.int64)
+    a_ptrs = a_ptr + rk64[:, None] * stride_ak + rm64[None, :] * stride_ap
+    b_ptrs = b_ptr + rk64[:, None] * stride_bk + rn64[None, :] * stride_bp
+    # tl.cast, not .to: a stride equal to 1 is specialised to a constexpr.
+    a_step = tl.cast(stride_ak, tl.int64) * BLOCK_K
+    b_step = tl.cast(stride_bk, tl.int64) * BLOCK_K
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=dtype)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + rk
-        mask_k = ks < K
-        a = tl.load(
-            a_ptr + ks[:, None] * stride_ak + rm[None, :] * stride_ap,
-            mask=mask_k[:, None] & mask_m[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + ks[:, None] * stride_bk + rn[None, :] * stride_bp,
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
-        )
+        mask_k = (k0 + rk) < K
+        a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc += tl.dot(tl.trans(a), b, input_precision="ieee")
+        a_ptrs += a_step
+        b_ptrs += b_step
 
     # alpha and beta are float64 scalars (python floats would be fp32 on GPU):
     # the epilogue runs in the promoted type and is cast once at the store.
@@ -80,15 +91,15 @@ def _syrk_kernel(
     # Global row <= col: the whole tile when j > i, the upper half on the diagonal.
     upper = (rm[:, None] <= rn[None, :]) & mask_m[:, None] & mask_n[None, :]
     if HAS_C:
-        c = tl.load(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, mask=upper, other=0.0)
+        c = tl.load(c_ptr + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn, mask=upper, other=0.0)
         value += beta * c
     value = value.to(dtype)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, value, mask=upper)
+    tl.store(out_ptr + rm64[:, None] * stride_om + rn64[None, :] * stride_on, value, mask=upper)
     if MIRROR:
         # out[col, row] = value[row, col] for row < col: swapping the strides
         # stores the transpose without moving data in registers.
         strict = (rm[:, None] < rn[None, :]) & mask_m[:, None] & mask_n[None, :]
-        tl.store(out_ptr + rm[:, None] * stride_on + rn[None, :] * stride_om, value, mask=strict)
+        tl.store(out_ptr + rm64[:, None] * stride_on + rn64[None, :] * stride_om, value, mask=strict)
 
 
 def _is_interpreted(kernel) -> bool:

@@ -1,0 +1,164 @@
+"""What the CUDA path of the Triton kernels relies on, checked on a machine
+without a GPU: 64-bit offsets, run under the interpreter at offsets past 2^31.
+
+The kernels are interpreted (``conftest.py``). The interpreter evaluates a
+kernel's integer arithmetic in numpy with Triton's types: ``tl.program_id``,
+``tl.arange`` and integer arguments below 2^31 are int32, and int32 products
+wrap exactly as they do on a GPU, so a 32-bit offset computation gives the
+same wrong address here as there.
+"""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton not installed")
+
+from posteriors_fast.kernels.triton import cg_step, syrk  # noqa: E402
+
+syrk_op = torch.ops.posteriors_fast.syrk_triton
+
+# ---------------------------------------------------------------- offsets past 2^31
+
+#: Element index where the large-offset views start. Every offset the tests
+#: use lies in [0, 2^32), so an offset computed in int32 (wrapped into
+#: [-2^31, 2^31)) still lands inside the file: a 32-bit kernel gives wrong
+#: numbers, not a segmentation fault.
+VIEW_BASE = 2**31
+
+
+@pytest.fixture
+def sparse_f32(tmp_path):
+    """A float32 tensor of 3·2^31 elements (24 GiB of address space) mapped
+    from a sparse file: only the pages a test touches take memory or disk."""
+    if sys.maxsize < 2**62:
+        pytest.skip("needs a 64-bit address space")
+    numel = 3 * 2**31
+    path = tmp_path / "sparse.f32"
+    with open(path, "wb") as f:
+        f.truncate(numel * 4)
+    try:
+        big = torch.from_file(str(path), shared=True, size=numel, dtype=torch.float32)
+    except (RuntimeError, OSError) as e:  # pragma: no cover - platform dependent
+        pytest.skip(f"cannot map a 24 GiB sparse file: {e}")
+    yield big
+    del big
+    path.unlink()
+
+
+def test_syrk_offsets_past_2_31(sparse_f32):
+    """The real syrk kernel on views whose row stride S puts rows 32.. past
+    element 2^31 (rows 0..31 stay below): ``rm·stride_om`` (out, also its
+    mirrored store), ``rm·stride_cm`` (c), ``k·stride_ak`` in the third K step
+    (a, row-major) and ``n·stride_bp`` (b, column-major) all pass 2^31.
+
+    With 32-bit offsets those products wrap to ``offset - 2^32``: the second
+    row tile and the third K step read and write 8 GiB before the views
+    (zeros of the sparse file), and the result is off by O(1).
+    """
+    size, depth = 40, 40  # two row/column tiles and three K steps of 16
+    stride = 2**26 + 3  # 32·stride > 2^31 > 31·stride
+    big = sparse_f32
+    # The views interleave within the same rows (columns 0.., 64.., 128..,
+    # 192..), so each row touches one or two pages.
+    out = big.as_strided((size, size), (stride, 1), VIEW_BASE)
+    c = big.as_strided((size, size), (stride, 1), VIEW_BASE + 64)
+    a = big.as_strided((depth, size), (stride, 1), VIEW_BASE + 128)
+    b = big.as_strided((depth, size), (1, stride), VIEW_BASE + 192)
+    assert max((n - 1) * s for t in (out, c, a, b) for n, s in zip(t.shape, t.stride())) > 2**31
+
+    gen = torch.Generator().manual_seed(0)
+    a64 = torch.randn(depth, size, dtype=torch.float64, generator=gen)
+    h = torch.randn(depth, depth, dtype=torch.float64, generator=gen)
+    m = torch.randn(size, size, dtype=torch.float64, generator=gen)
+    a.copy_(a64)
+    b.copy_((h + h.T) @ a64)  # aᵀb = aᵀ(H + Hᵀ)a is symmetric
+    c.copy_(m + m.T)
+    out.fill_(123.0)
+
+    syrk_op(out, a, b, c, -1.0, 0.5, True)
+    expected = 0.5 * c.double() - a.double().T @ b.double()
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4 * scale)
+    assert torch.equal(out, out.T)
+
+
+#: Programs before the two that run: their blocks start at 2^21·1024 = 2^31.
+PID_SHIFT = 2**21
+
+
+def _shift_program_ids(monkeypatch, shift):
+    """Make the interpreter report program ids (and the program count) of
+    axis 0 ``shift`` higher, as if the grid had ``shift`` more programs in
+    front of the ones that run: a grid of 2 then runs the programs a GPU would
+    run last on a vector of ``shift·BLOCK + 2·BLOCK`` elements. The values
+    stay int32, as ``tl.program_id`` is on a GPU."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    for name in ("create_get_program_id", "create_get_num_programs"):
+        real = getattr(builder, name)
+
+        def shifted(axis, real=real):
+            handle = real(axis)
+            if axis != 0:
+                return handle
+            return interpreter.TensorHandle((handle.data + shift).astype(np.int32), handle.dtype.scalar)
+
+        monkeypatch.setattr(builder, name, shifted)
+
+
+def test_cg_kernels_offsets_past_2_31(sparse_f32, monkeypatch):
+    """The three CG kernels on the last two blocks of vectors of 2^31 + 2043
+    elements (the last block partial): the block start ``pid·BLOCK`` passes
+    2^31.
+
+    With 32-bit offsets ``pid·BLOCK`` wraps to ``start - 2^32``: the kernels
+    read zeros 8 GiB before the vectors and write there, so x, r, p keep their
+    values and the partial sums are 0.
+    """
+    block = cg_step.BLOCK
+    lo = PID_SHIFT * block
+    n = lo + 2 * block - 5
+    assert lo >= 2**31
+    big = sparse_f32
+    # Contiguous vectors over the file; their touched windows [lo, n) are
+    # 4096 elements apart. Bases past 2^31 keep wrapped offsets in the file.
+    base = VIEW_BASE + 2**30
+    x, r, p, ap = (big.as_strided((n,), (1,), base + i * 4096) for i in range(4))
+    gen = torch.Generator().manual_seed(1)
+    win = {name: torch.randn(n - lo, dtype=torch.float64, generator=gen) for name in ("x", "r", "p", "ap")}
+    for name, t in zip(("x", "r", "p", "ap"), (x, r, p, ap)):
+        t[lo:].copy_(win[name])
+    alpha, damping, ratio = 0.5, 0.3, 0.25
+    nblocks = PID_SHIFT + 2  # what tl.num_programs(0) reports
+    part = torch.zeros(2, nblocks)
+    part_rr = torch.zeros(nblocks)
+    scal = torch.tensor([alpha, alpha * damping])
+
+    _shift_program_ids(monkeypatch, PID_SHIFT)
+    syrk.launch(cg_step._cg_dots_kernel, (2,), p, ap, part, n, HAS_DAMPING=True, BLOCK=block)
+    syrk.launch(cg_step._cg_update_kernel, (2,), x, r, p, ap, scal, part_rr, n, HAS_DAMPING=True, BLOCK=block)
+    syrk.launch(cg_step._cg_direction_kernel, (2,), p, r, torch.tensor([ratio]), n, BLOCK=block)
+    monkeypatch.undo()
+
+    def blocks(v):
+        return torch.stack([v[:block].sum(), v[block:].sum()])
+
+    p0, ap0 = win["p"], win["ap"]
+    x1 = win["x"] + alpha * p0
+    r1 = win["r"] - alpha * ap0 - alpha * damping * p0
+    p1 = r1 + ratio * p0
+
+    def close(actual, expected):
+        torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-4)
+
+    close(part[0, PID_SHIFT:], blocks(p0 * ap0))
+    close(part[1, PID_SHIFT:], blocks(p0 * p0))
+    close(x[lo:], x1)
+    close(r[lo:], r1)
+    close(part_rr[PID_SHIFT:], blocks(r1 * r1))
+    close(p[lo:], p1)
+    assert (part[:, :PID_SHIFT] == 0).all() and (part_rr[:PID_SHIFT] == 0).all()
