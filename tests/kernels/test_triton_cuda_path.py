@@ -162,3 +162,123 @@ def test_cg_kernels_offsets_past_2_31(sparse_f32, monkeypatch):
     close(part_rr[PID_SHIFT:], blocks(r1 * r1))
     close(p[lo:], p1)
     assert (part[:, :PID_SHIFT] == 0).all() and (part_rr[:PID_SHIFT] == 0).all()
+
+
+# ---------------------------------------------------------------- device guard
+
+
+class _ClaimsCuda1(torch.Tensor):
+    """A CPU tensor that reports ``cuda:1`` as its device: what the launch
+    path sees of a tensor on a second GPU, with data the interpreter can run
+    on. (No torch function handling: only ``.device`` differs.)"""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @property
+    def device(self):
+        return torch.device("cuda", 1)
+
+
+def _on_cuda1(t):
+    return torch.Tensor._make_subclass(_ClaimsCuda1, t)
+
+
+@pytest.fixture
+def guard_log(monkeypatch):
+    """``torch.cuda.device`` replaced by a recorder, and ``wrap_triton`` by a
+    spy noting, for each launch, the kernel and the device of the innermost
+    guard around it (``None`` outside any)."""
+    log = {"entered": [], "launches": []}
+    active = []
+
+    class RecordingDevice:
+        def __init__(self, device):
+            self.device = torch.device(device)
+            log["entered"].append(self.device)
+
+        def __enter__(self):
+            active.append(self.device)
+
+        def __exit__(self, *exc):
+            active.pop()
+            return False
+
+    real_wrap_triton = torch.library.wrap_triton
+
+    def spy_wrap_triton(kernel):
+        wrapped = real_wrap_triton(kernel)
+
+        class Launcher:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    log["launches"].append((kernel, active[-1] if active else None))
+                    return wrapped[grid](*args, **kwargs)
+
+                return run
+
+        return Launcher()
+
+    monkeypatch.setattr(torch.cuda, "device", RecordingDevice)
+    monkeypatch.setattr(torch.library, "wrap_triton", spy_wrap_triton)
+    return log
+
+
+def test_device_guard(guard_log):
+    cuda1 = torch.device("cuda", 1)
+    guard = syrk.device_guard(cuda1)
+    assert guard_log["entered"] == [cuda1] and guard.device == cuda1
+    for device in (torch.device("cpu"), None):
+        with syrk.device_guard(device):
+            pass
+    assert guard_log["entered"] == [cuda1]
+
+
+def test_launches_run_inside_the_guard_of_their_tensors_device(guard_log):
+    cuda1 = torch.device("cuda", 1)
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(6, 40, generator=gen)
+    m = torch.randn(40, 40, generator=gen)
+    c = m + m.T
+    out = torch.empty(40, 40)
+    syrk_op(_on_cuda1(out), _on_cuda1(a), None, _on_cuda1(c), 1.0, 1.0, True)
+    torch.testing.assert_close(out, c + a.T @ a, rtol=1e-5, atol=1e-4)
+    cov = c.clone()
+    torch.ops.posteriors_fast.cov_downdate_triton(_on_cuda1(cov), _on_cuda1(a))
+    torch.testing.assert_close(cov, c - a.T @ a, rtol=1e-5, atol=1e-4)
+    # The CG op allocates its scratch on x.device, which a CPU-only torch
+    # cannot do for cuda:1: its kernels are launched here as the op does.
+    p, r = torch.randn(3000, generator=gen), torch.randn(3000, generator=gen)
+    expected = r + 0.5 * p
+    args = (_on_cuda1(p), _on_cuda1(r), _on_cuda1(torch.tensor([0.5])), 3000)
+    syrk.launch(cg_step._cg_direction_kernel, (3,), *args, BLOCK=cg_step.BLOCK)
+    torch.testing.assert_close(p, expected)
+    assert guard_log["launches"] == [
+        (syrk._syrk_kernel, cuda1),
+        (syrk._syrk_kernel, cuda1),
+        (cg_step._cg_direction_kernel, cuda1),
+    ]
+
+
+def test_cpu_launches_enter_no_cuda_guard_and_all_go_through_launch(guard_log):
+    size = 2500
+    x, r, p = (torch.randn(size) for _ in range(3))
+    torch.ops.posteriors_fast.cg_step_triton(x, r, p, 2 * p, r @ r, 0.1)
+    kernels = [kernel for kernel, _ in guard_log["launches"]]
+    assert kernels == [cg_step._cg_dots_kernel, cg_step._cg_update_kernel, cg_step._cg_direction_kernel]
+    assert guard_log["entered"] == [] and all(device is None for _, device in guard_log["launches"])
+
+
+def test_launch_rejects_tensors_on_several_devices(guard_log):
+    p, r, ratio = torch.zeros(8), torch.zeros(8), torch.ones(1)
+    for other in (_on_cuda1(r), r.to("meta")):
+        with pytest.raises(ValueError, match="one device"):
+            syrk.launch(cg_step._cg_direction_kernel, (1,), p, other, ratio, 8, BLOCK=cg_step.BLOCK)
+    assert guard_log["launches"] == []
+    # The ops name the argument first.
+    a = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="^out must be on device cpu"):
+        syrk_op(_on_cuda1(torch.zeros(8, 8)), a, None, None, 1.0, 0.0, True)
+    with pytest.raises(ValueError, match="^cov must be on device cpu"):
+        torch.ops.posteriors_fast.cov_downdate_triton(_on_cuda1(torch.eye(8)), a)
+    with pytest.raises(ValueError, match="^r must be on device cpu"):
+        torch.ops.posteriors_fast.cg_step_triton(p, _on_cuda1(r), p.clone(), p.clone(), torch.tensor(1.0), 0.0)

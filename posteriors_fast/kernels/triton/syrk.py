@@ -12,11 +12,13 @@ loaded, so NaN or garbage in it is ignored.
 Registered as the custom op ``posteriors_fast::syrk_triton``.
 """
 
+import contextlib
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 #: Tile edges. Output tiles are square (BLOCK_M == BLOCK_N).
 BLOCK_MN = 32
@@ -110,22 +112,50 @@ def _is_interpreted(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+def kernel_device(tensors) -> Optional[torch.device]:
+    """The one device of a launch's tensor arguments (``None`` if there are
+    none); ``ValueError`` if they are on several. The ops check their own
+    arguments first, with messages naming them; this also covers the scratch
+    tensors and every launch."""
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        names = ", ".join(sorted(str(d) for d in devices))
+        raise ValueError(f"a Triton kernel's tensors must be on one device, got {names}")
+    return next(iter(devices), None)
+
+
+def device_guard(device: Optional[torch.device]):
+    """``torch.cuda.device(device)`` for a CUDA device, else a no-op context.
+
+    Triton launches on the current CUDA device, with its current stream,
+    whatever device the pointers belong to: tensors on ``cuda:1`` while
+    ``cuda:0`` is current would be read by a kernel running on ``cuda:0``.
+    The guard costs a device exchange on entry and one on exit, microseconds
+    against the tens a Triton launch takes from Python.
+    """
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """``torch.library.wrap_triton(kernel)[grid](*args, **kwargs)``, except that
-    under ``TRITON_INTERPRET=1`` with fake (or meta) tensors nothing is launched.
+    """``torch.library.wrap_triton(kernel)[grid](*args, **kwargs)`` on the
+    device of the tensor arguments (:func:`device_guard`), except that under
+    ``TRITON_INTERPRET=1`` with fake (or meta) tensors nothing is launched.
 
     Compiled kernels go through ``wrap_triton``'s higher-order op, whose fake
     implementation is a no-op (a mutation changes no metadata). Interpreted
     kernels are returned by ``wrap_triton`` as they are and would read the fake
     tensors' data pointers, so the same no-op is done here for plain fake-tensor
     propagation; inside a graph trace (proxy or functionalization mode) the
-    kernel could not be captured, so that raises instead of dropping it.
+    kernel could not be captured, so that raises instead of dropping it. No
+    device guard is entered for fake or meta tensors: nothing runs, and a graph
+    being traced does not record it (the compiled graph guards its own device).
     """
-    if _is_interpreted(kernel):
-        from torch._subclasses.fake_tensor import is_fake
-
-        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-        if any(is_fake(t) or t.is_meta for t in tensors):
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    device = kernel_device(tensors)
+    if any(is_fake(t) or t.is_meta for t in tensors):
+        if _is_interpreted(kernel):
             modes = (torch._C._TorchDispatchModeKey.PROXY, torch._C._TorchDispatchModeKey.FUNCTIONAL)
             if any(torch._C._get_dispatch_mode(key) is not None for key in modes):
                 # A graph being traced would silently lose the kernel.
@@ -134,7 +164,10 @@ def launch(kernel, grid, *args, **kwargs) -> None:
                     "aot_dispatch / torch.compile over a Triton op needs CUDA"
                 )
             return
-    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+        return
+    with device_guard(device):
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 def check_factor(name: str, t: torch.Tensor, shape_doc: str) -> None:
