@@ -1,5 +1,6 @@
 """What the CUDA path of the Triton kernels relies on, checked on a machine
-without a GPU: 64-bit offsets, run under the interpreter at offsets past 2^31.
+without a GPU: 64-bit offsets (run under the interpreter at offsets past
+2^31), the device guard around every launch, IEEE float32 dots.
 
 The kernels are interpreted (``conftest.py``). The interpreter evaluates a
 kernel's integer arithmetic in numpy with Triton's types: ``tl.program_id``,
@@ -8,7 +9,11 @@ wrap exactly as they do on a GPU, so a 32-bit offset computation gives the
 same wrong address here as there.
 """
 
+import ast
+import inspect
+import pkgutil
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -17,6 +22,8 @@ import torch
 pytest.importorskip("triton", reason="triton not installed")
 
 from posteriors_fast.kernels.triton import cg_step, syrk  # noqa: E402
+
+from .conftest import KERNEL_MODULES  # noqa: E402
 
 syrk_op = torch.ops.posteriors_fast.syrk_triton
 
@@ -183,6 +190,28 @@ def _on_cuda1(t):
     return torch.Tensor._make_subclass(_ClaimsCuda1, t)
 
 
+def _spy_launches(monkeypatch, record):
+    """Replace ``torch.library.wrap_triton`` (through which ``syrk.launch``
+    runs every kernel) so that each launch first calls
+    ``record(kernel, args, kwargs)``."""
+    real_wrap_triton = torch.library.wrap_triton
+
+    def spy_wrap_triton(kernel):
+        wrapped = real_wrap_triton(kernel)
+
+        class Launcher:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    record(kernel, args, kwargs)
+                    return wrapped[grid](*args, **kwargs)
+
+                return run
+
+        return Launcher()
+
+    monkeypatch.setattr(torch.library, "wrap_triton", spy_wrap_triton)
+
+
 @pytest.fixture
 def guard_log(monkeypatch):
     """``torch.cuda.device`` replaced by a recorder, and ``wrap_triton`` by a
@@ -203,23 +232,11 @@ def guard_log(monkeypatch):
             active.pop()
             return False
 
-    real_wrap_triton = torch.library.wrap_triton
-
-    def spy_wrap_triton(kernel):
-        wrapped = real_wrap_triton(kernel)
-
-        class Launcher:
-            def __getitem__(self, grid):
-                def run(*args, **kwargs):
-                    log["launches"].append((kernel, active[-1] if active else None))
-                    return wrapped[grid](*args, **kwargs)
-
-                return run
-
-        return Launcher()
+    def record(kernel, args, kwargs):
+        log["launches"].append((kernel, active[-1] if active else None))
 
     monkeypatch.setattr(torch.cuda, "device", RecordingDevice)
-    monkeypatch.setattr(torch.library, "wrap_triton", spy_wrap_triton)
+    _spy_launches(monkeypatch, record)
     return log
 
 
@@ -282,3 +299,54 @@ def test_launch_rejects_tensors_on_several_devices(guard_log):
         torch.ops.posteriors_fast.cov_downdate_triton(_on_cuda1(torch.eye(8)), a)
     with pytest.raises(ValueError, match="^r must be on device cpu"):
         torch.ops.posteriors_fast.cg_step_triton(p, _on_cuda1(r), p.clone(), p.clone(), torch.tensor(1.0), 0.0)
+
+
+# ---------------------------------------------------------------- float32 dot precision
+
+
+def _kernel_functions():
+    """Every ``triton.jit`` function defined in the kernel modules, by name."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    found = {}
+    for name in KERNEL_MODULES:
+        module = sys.modules[name]
+        for attr, value in vars(module).items():
+            if isinstance(value, (InterpretedFunction, JITFunction)) and value.fn.__module__ == name:
+                found[f"{name}.{attr}"] = value
+    return found
+
+
+def test_conftest_imports_every_kernel_module():
+    import posteriors_fast.kernels.triton as package
+
+    names = {f"{package.__name__}.{info.name}" for info in pkgutil.iter_modules(package.__path__)}
+    assert names == set(KERNEL_MODULES)
+
+
+def test_every_tl_dot_keeps_ieee_input_precision():
+    """A float32 ``tl.dot`` without ``input_precision="ieee"`` runs in TF32 on
+    GPUs with tensor cores (Triton's default), about 1e-3 relative error,
+    where the interpreter computes it in full float32: no CPU test would see
+    it. So the source of every kernel is checked instead."""
+    dots = []
+    for name, function in _kernel_functions().items():
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function.fn)))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            callee = node.func
+            callee_name = callee.attr if isinstance(callee, ast.Attribute) else getattr(callee, "id", None)
+            if callee_name != "dot":
+                continue
+            line = function.fn.__code__.co_firstlineno + node.lineno - 1
+            where = f"{name} (line {line}): {ast.unparse(node)}"
+            precision = {kw.arg: kw.value for kw in node.keywords}.get("input_precision")
+            assert isinstance(precision, ast.Constant) and precision.value == "ieee", (
+                f'{where} must pass input_precision="ieee" (by keyword)'
+            )
+            assert len(node.args) <= 3, f"{where}: input_precision given positionally too"
+            dots.append(where)
+    assert any(w.startswith("posteriors_fast.kernels.triton.syrk._syrk_kernel ") for w in dots), dots
+
