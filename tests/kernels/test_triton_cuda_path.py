@@ -1,6 +1,7 @@
 """What the CUDA path of the Triton kernels relies on, checked on a machine
 without a GPU: 64-bit offsets (run under the interpreter at offsets past
-2^31), the device guard around every launch, IEEE float32 dots.
+2^31), the device guard around every launch, IEEE float32 dots, and that every
+launch compiles for CUDA targets.
 
 The kernels are interpreted (``conftest.py``). The interpreter evaluates a
 kernel's integer arithmetic in numpy with Triton's types: ``tl.program_id``,
@@ -11,7 +12,10 @@ same wrong address here as there.
 
 import ast
 import inspect
+import json
+import os
 import pkgutil
+import subprocess
 import sys
 import textwrap
 
@@ -350,3 +354,139 @@ def test_every_tl_dot_keeps_ieee_input_precision():
             dots.append(where)
     assert any(w.startswith("posteriors_fast.kernels.triton.syrk._syrk_kernel ") for w in dots), dots
 
+
+# ---------------------------------------------------------------- compiling for CUDA
+
+#: Run in a fresh interpreter: this process's kernels, and triton's own device
+#: functions (tl.sum), are interpreted and cannot be compiled. Reads the cases
+#: as JSON on stdin; prints one JSON result.
+_COMPILE_SCRIPT = r"""
+import importlib, json, re, sys
+import torch.library
+import triton
+from triton.backends import backends
+
+# Only compiling here: skip registering the custom ops, whose triton_op
+# imports torch._inductor (seconds).
+torch.library.triton_op = lambda name, mutates_args=None, **kwargs: (lambda fn: fn)
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+if "nvidia" not in backends:
+    print(json.dumps({"skip": "triton has no nvidia backend"}))
+    sys.exit()
+results = []
+for case in json.load(sys.stdin):
+    kernel = getattr(importlib.import_module(case["module"]), case["kernel"])
+    for arch in case["archs"]:
+        result = {"case": case, "arch": arch, "error": None, "dots": []}
+        try:
+            compiled = triton.compile(
+                ASTSource(kernel, case["signature"], constexprs=case["constexprs"]),
+                target=GPUTarget("cuda", arch, 32),
+            )
+        except Exception as e:
+            result["error"] = f"{type(e).__name__}: {e}"
+        else:
+            for line in compiled.asm["ttir"].splitlines():
+                if " tt.dot " in line:
+                    # IEEE is the default of the attribute, not printed.
+                    found = re.search(r"inputPrecision = (\w+)", line)
+                    result["dots"].append(found.group(1) if found else "ieee")
+            result["cubin"] = len(compiled.asm["cubin"])
+        results.append(result)
+print(json.dumps({"results": results}))
+"""
+
+
+def _cuda_specialisation(kernel, args, kwargs):
+    """``(signature, constexprs)`` for ``triton.compile`` as the JIT would
+    build them for a launch with these arguments: tensors as pointers,
+    ``tl.constexpr`` parameters and integers equal to 1 as constants (the JIT
+    specialises those), annotated scalars (``"fp64"``) as annotated. Alignment
+    hints are left out (they select faster code, not other semantics)."""
+    import triton.language as tl
+    from triton.runtime.jit import mangle_type
+
+    parameters = inspect.signature(kernel.fn).parameters
+    bound = inspect.signature(kernel.fn).bind(*args, **kwargs).arguments
+    signature, constexprs = {}, {}
+    for name, parameter in parameters.items():
+        value = bound[name]
+        annotation = parameter.annotation
+        if annotation is tl.constexpr or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+            signature[name] = "constexpr"
+            constexprs[name] = value
+        elif isinstance(annotation, str):
+            signature[name] = annotation
+        else:
+            signature[name] = mangle_type(value)
+    return signature, constexprs
+
+
+def test_kernels_compile_for_cuda(monkeypatch, tmp_path):
+    """Every launch the ops make for a spread of arguments, compiled for sm_80
+    (float32 syrk also for sm_90) to TTIR, PTX and a cubin with triton's
+    bundled ptxas, no GPU needed; the float32 syrk dot is IEEE in the IR. Catches
+    what the interpreter does not compile: e.g. ``stride.to(tl.int64)`` on a
+    stride of 1, which the JIT turns into a constexpr int."""
+    launches = []
+    _spy_launches(monkeypatch, lambda kernel, args, kwargs: launches.append((kernel, args, kwargs)))
+    gen = torch.Generator().manual_seed(4)
+    for dtype in (torch.float32, torch.float64):
+        a = torch.randn(7, 70, dtype=dtype, generator=gen)
+        m = torch.randn(70, 70, dtype=dtype, generator=gen)
+        c = m + m.T
+        syrk_op(torch.empty(70, 70, dtype=dtype), a, None, None, 1.0, 0.0, True)
+        # Column-major a and b (stride 1 along K), a separate c, no mirror.
+        at = a.T.contiguous().T
+        syrk_op(torch.empty(70, 70, dtype=dtype), at, at, c, -1.0, 0.5, False)
+        torch.ops.posteriors_fast.cov_downdate_triton(c.clone(), a / 10)
+        for size in (1, 3000):
+            x, r, p = (torch.randn(size, dtype=dtype, generator=gen) for _ in range(3))
+            for damping in (0.0, 0.3):
+                torch.ops.posteriors_fast.cg_step_triton(x, r, p, 2 * p, r @ r, damping)
+    monkeypatch.undo()
+
+    cases = {}
+    for kernel, args, kwargs in launches:
+        signature, constexprs = _cuda_specialisation(kernel, args, kwargs)
+        module, name = kernel.fn.__module__, kernel.fn.__name__
+        # Hopper is where a float32 dot would lower differently (wgmma).
+        archs = [80, 90] if name == "_syrk_kernel" and signature["a_ptr"] == "*fp32" else [80]
+        case = {"module": module, "kernel": name, "signature": signature, "constexprs": constexprs, "archs": archs}
+        cases[json.dumps(case, sort_keys=True)] = case
+    assert {case["kernel"] for case in cases.values()} == {
+        "_syrk_kernel",
+        "_cg_dots_kernel",
+        "_cg_update_kernel",
+        "_cg_direction_kernel",
+    }
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(syrk.__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT],
+        input=json.dumps(list(cases.values())),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in report:
+        pytest.skip(report["skip"])
+    failures = [
+        f"{r['case']['kernel']} sm_{r['arch']} {r['case']['signature']}: {r['error']}"
+        for r in report["results"]
+        if r["error"]
+    ]
+    assert not failures, "\n".join(failures)
+    for result in report["results"]:
+        if result["case"]["kernel"] == "_syrk_kernel":
+            assert result["dots"], result
+            if result["case"]["signature"]["a_ptr"] == "*fp32":
+                assert set(result["dots"]) == {"ieee"}, result
