@@ -10,7 +10,10 @@ What cannot be undone in-process: the kernel modules stay imported, with
 interpreted kernels, for the rest of the session, and so does triton's own
 device library (``tl.sum`` and the rest of ``triton.language.standard`` are
 ``triton.jit`` functions decorated when triton is first imported, which must
-happen here: an interpreted kernel can only call interpreted functions).
+happen here: an interpreted kernel can only call interpreted functions). A
+Triton kernel compiled later in the same process that calls them (Inductor's
+on CUDA, say) then fails to compile: on a CUDA machine, run this folder in a
+pytest process of its own.
 """
 
 import importlib
@@ -34,7 +37,9 @@ def import_interpreted(names=KERNEL_MODULES):
     """Import ``names`` with ``TRITON_INTERPRET=1`` set for the import only.
 
     A module imported earlier without it keeps its compiled kernels (the
-    import is a cache hit); ``test_kernels_are_interpreted`` reports that.
+    import is a cache hit);
+    ``test_kernels_are_interpreted_and_triton_interpret_does_not_leak``
+    reports that.
     """
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
