@@ -1,16 +1,14 @@
 """Triton kernels (``posteriors_fast.kernels.triton``) on CPU tensors under the
 Triton interpreter, against float64 eager oracles.
 
-``triton.jit`` reads ``TRITON_INTERPRET`` when a kernel is decorated, so it is
-set here before any kernel module is imported.
+``conftest.py`` imports the kernel modules with ``TRITON_INTERPRET=1`` set for
+that import only (``triton.jit`` reads it when a kernel is decorated).
 """
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton", reason="triton not installed")
 
@@ -27,6 +25,34 @@ NEEDS_CUDA = pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason="aot_dispatch/torch.compile over a Triton op needs CUDA: the interpreter touches data pointers",
 )
+
+
+def test_kernels_are_interpreted_and_triton_interpret_does_not_leak(triton_interpret_before):
+    import triton
+    import triton.language.standard
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    kernels = [syrk._syrk_kernel, cg_step._cg_dots_kernel, cg_step._cg_update_kernel, cg_step._cg_direction_kernel]
+    for kernel in kernels:
+        assert isinstance(kernel, InterpretedFunction), (
+            f"{kernel} is compiled: the kernel modules were imported before tests/kernels/conftest.py "
+            "without TRITON_INTERPRET=1, and cannot run on CPU tensors"
+        )
+    # triton's own device functions, which the kernels call (tl.sum).
+    assert isinstance(triton.language.standard.sum, InterpretedFunction), (
+        "triton was imported before tests/kernels/conftest.py without TRITON_INTERPRET=1: "
+        "interpreted kernels cannot call its compiled device functions"
+    )
+    # The variable is back to what it was (unset, unless the caller set it)...
+    assert os.environ.get("TRITON_INTERPRET") == triton_interpret_before
+    if triton_interpret_before is None:
+        # ...so a kernel decorated from now on, in any later module, is compiled.
+        @triton.jit
+        def probe(x_ptr):
+            pass
+
+        assert isinstance(probe, JITFunction)
 
 
 def _tol(dtype):

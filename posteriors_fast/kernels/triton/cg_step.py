@@ -12,6 +12,15 @@ Three kernels, one per data-dependent pass: (1) per-block partial sums of p·ap
 r·r; (3) the p update. The partials are summed with torch, and the scalars
 (α, α·damping, the gamma ratio) stay on the device as small tensors loaded
 inside the kernels: no ``.item()``, no host synchronisation.
+
+Offsets: Triton's integers are 32-bit, and a block's first element
+``pid·BLOCK`` passes 2^31 for vectors of 2^31 elements or more (8 GiB of
+float32). Each program therefore moves its pointers to its block once, by an
+int64 start; the offsets inside the block stay int32, which is safe since they
+are below ``BLOCK`` (the vectors are contiguous), and so is the count of
+elements left in the block (``min(N - start, BLOCK)``, formed in int64 once)
+that the mask compares them with: the per-element integer work is that of
+32-bit offsets.
 """
 
 import torch
@@ -28,10 +37,14 @@ BLOCK = 1024
 def _cg_dots_kernel(p_ptr, ap_ptr, part_ptr, N, HAS_DAMPING: tl.constexpr, BLOCK: tl.constexpr):
     """part[0, pid] = Σ p·ap and, if damped, part[1, pid] = Σ p·p over the block."""
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-    ap = tl.load(ap_ptr + offs, mask=mask, other=0.0)
+    # This block's pointers from an int64 start (see the module docstring).
+    start = pid.to(tl.int64) * BLOCK
+    p_ptr += start
+    ap_ptr += start
+    lanes = tl.arange(0, BLOCK)
+    mask = lanes < tl.minimum(N - start, BLOCK).to(tl.int32)
+    p = tl.load(p_ptr + lanes, mask=mask, other=0.0)
+    ap = tl.load(ap_ptr + lanes, mask=mask, other=0.0)
     tl.store(part_ptr + pid, tl.sum(p * ap, axis=0))
     if HAS_DAMPING:
         tl.store(part_ptr + tl.num_programs(0) + pid, tl.sum(p * p, axis=0))
@@ -43,20 +56,25 @@ def _cg_update_kernel(
 ):
     """x += α p; r -= α ap + (α·damping) p; part[pid] = Σ r·r (new r)."""
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
+    start = pid.to(tl.int64) * BLOCK
+    x_ptr += start
+    r_ptr += start
+    p_ptr += start
+    ap_ptr += start
+    lanes = tl.arange(0, BLOCK)
+    mask = lanes < tl.minimum(N - start, BLOCK).to(tl.int32)
     alpha = tl.load(scal_ptr)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-    ap = tl.load(ap_ptr + offs, mask=mask, other=0.0)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    r = tl.load(r_ptr + offs, mask=mask, other=0.0)
+    p = tl.load(p_ptr + lanes, mask=mask, other=0.0)
+    ap = tl.load(ap_ptr + lanes, mask=mask, other=0.0)
+    x = tl.load(x_ptr + lanes, mask=mask, other=0.0)
+    r = tl.load(r_ptr + lanes, mask=mask, other=0.0)
     x = x + alpha * p
     r = r - alpha * ap
     if HAS_DAMPING:
         alpha_damping = tl.load(scal_ptr + 1)
         r = r - alpha_damping * p
-    tl.store(x_ptr + offs, x, mask=mask)
-    tl.store(r_ptr + offs, r, mask=mask)
+    tl.store(x_ptr + lanes, x, mask=mask)
+    tl.store(r_ptr + lanes, r, mask=mask)
     # Masked lanes loaded 0, so they add nothing.
     tl.store(part_ptr + pid, tl.sum(r * r, axis=0))
 
@@ -64,13 +82,15 @@ def _cg_update_kernel(
 @triton.jit
 def _cg_direction_kernel(p_ptr, r_ptr, ratio_ptr, N, BLOCK: tl.constexpr):
     """p ← r + ratio·p."""
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    p_ptr += start
+    r_ptr += start
+    lanes = tl.arange(0, BLOCK)
+    mask = lanes < tl.minimum(N - start, BLOCK).to(tl.int32)
     ratio = tl.load(ratio_ptr)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-    r = tl.load(r_ptr + offs, mask=mask, other=0.0)
-    tl.store(p_ptr + offs, r + ratio * p, mask=mask)
+    p = tl.load(p_ptr + lanes, mask=mask, other=0.0)
+    r = tl.load(r_ptr + lanes, mask=mask, other=0.0)
+    tl.store(p_ptr + lanes, r + ratio * p, mask=mask)
 
 
 def check_cg_step_args(

@@ -12,11 +12,13 @@ loaded, so NaN or garbage in it is ignored.
 Registered as the custom op ``posteriors_fast::syrk_triton``.
 """
 
+import contextlib
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 #: Tile edges. Output tiles are square (BLOCK_M == BLOCK_N).
 BLOCK_MN = 32
@@ -58,21 +60,32 @@ def _syrk_kernel(
     mask_m = rm < P
     mask_n = rn < P
 
+    # Element offsets are int64. Triton's integers are 32-bit, and index·stride
+    # passes 2^31 once P ≥ 46,341 (a row of out or C: rm·P) or K·P ≥ 2^31 (A,
+    # B); the strides are arbitrary (views), so not even an offset inside one
+    # tile is provably below 2^31. Hence every index is widened before it
+    # meets a stride (plain int64, no 32-bit in-tile part). The indices
+    # themselves stay int32 (below P + BLOCK_M and K + BLOCK_K). The int64
+    # products are formed once per program: the K loop advances its pointers
+    # by a 64-bit scalar, so the loop body does the same integer work as with
+    # 32-bit offsets (adding an offset to a pointer is 64-bit either way).
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    rk64 = rk.to(tl.int64)
+    a_ptrs = a_ptr + rk64[:, None] * stride_ak + rm64[None, :] * stride_ap
+    b_ptrs = b_ptr + rk64[:, None] * stride_bk + rn64[None, :] * stride_bp
+    # tl.cast, not .to: a stride equal to 1 is specialised to a constexpr.
+    a_step = tl.cast(stride_ak, tl.int64) * BLOCK_K
+    b_step = tl.cast(stride_bk, tl.int64) * BLOCK_K
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=dtype)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + rk
-        mask_k = ks < K
-        a = tl.load(
-            a_ptr + ks[:, None] * stride_ak + rm[None, :] * stride_ap,
-            mask=mask_k[:, None] & mask_m[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + ks[:, None] * stride_bk + rn[None, :] * stride_bp,
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
-        )
+        mask_k = (k0 + rk) < K
+        a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc += tl.dot(tl.trans(a), b, input_precision="ieee")
+        a_ptrs += a_step
+        b_ptrs += b_step
 
     # alpha and beta are float64 scalars (python floats would be fp32 on GPU):
     # the epilogue runs in the promoted type and is cast once at the store.
@@ -80,15 +93,15 @@ def _syrk_kernel(
     # Global row <= col: the whole tile when j > i, the upper half on the diagonal.
     upper = (rm[:, None] <= rn[None, :]) & mask_m[:, None] & mask_n[None, :]
     if HAS_C:
-        c = tl.load(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, mask=upper, other=0.0)
+        c = tl.load(c_ptr + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn, mask=upper, other=0.0)
         value += beta * c
     value = value.to(dtype)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, value, mask=upper)
+    tl.store(out_ptr + rm64[:, None] * stride_om + rn64[None, :] * stride_on, value, mask=upper)
     if MIRROR:
         # out[col, row] = value[row, col] for row < col: swapping the strides
         # stores the transpose without moving data in registers.
         strict = (rm[:, None] < rn[None, :]) & mask_m[:, None] & mask_n[None, :]
-        tl.store(out_ptr + rm[:, None] * stride_on + rn[None, :] * stride_om, value, mask=strict)
+        tl.store(out_ptr + rm64[:, None] * stride_on + rn64[None, :] * stride_om, value, mask=strict)
 
 
 def _is_interpreted(kernel) -> bool:
@@ -99,22 +112,50 @@ def _is_interpreted(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+def kernel_device(tensors) -> Optional[torch.device]:
+    """The one device of a launch's tensor arguments (``None`` if there are
+    none); ``ValueError`` if they are on several. The ops check their own
+    arguments first, with messages naming them; this also covers the scratch
+    tensors and every launch."""
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        names = ", ".join(sorted(str(d) for d in devices))
+        raise ValueError(f"a Triton kernel's tensors must be on one device, got {names}")
+    return next(iter(devices), None)
+
+
+def device_guard(device: Optional[torch.device]):
+    """``torch.cuda.device(device)`` for a CUDA device, else a no-op context.
+
+    Triton launches on the current CUDA device, with its current stream,
+    whatever device the pointers belong to: tensors on ``cuda:1`` while
+    ``cuda:0`` is current would be read by a kernel running on ``cuda:0``.
+    The guard costs a device exchange on entry and one on exit, microseconds
+    against the tens a Triton launch takes from Python.
+    """
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """``torch.library.wrap_triton(kernel)[grid](*args, **kwargs)``, except that
-    under ``TRITON_INTERPRET=1`` with fake (or meta) tensors nothing is launched.
+    """``torch.library.wrap_triton(kernel)[grid](*args, **kwargs)`` on the
+    device of the tensor arguments (:func:`device_guard`), except that under
+    ``TRITON_INTERPRET=1`` with fake (or meta) tensors nothing is launched.
 
     Compiled kernels go through ``wrap_triton``'s higher-order op, whose fake
     implementation is a no-op (a mutation changes no metadata). Interpreted
     kernels are returned by ``wrap_triton`` as they are and would read the fake
     tensors' data pointers, so the same no-op is done here for plain fake-tensor
     propagation; inside a graph trace (proxy or functionalization mode) the
-    kernel could not be captured, so that raises instead of dropping it.
+    kernel could not be captured, so that raises instead of dropping it. No
+    device guard is entered for fake or meta tensors: nothing runs, and a graph
+    being traced does not record it (the compiled graph guards its own device).
     """
-    if _is_interpreted(kernel):
-        from torch._subclasses.fake_tensor import is_fake
-
-        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-        if any(is_fake(t) or t.is_meta for t in tensors):
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    device = kernel_device(tensors)
+    if any(is_fake(t) or t.is_meta for t in tensors):
+        if _is_interpreted(kernel):
             modes = (torch._C._TorchDispatchModeKey.PROXY, torch._C._TorchDispatchModeKey.FUNCTIONAL)
             if any(torch._C._get_dispatch_mode(key) is not None for key in modes):
                 # A graph being traced would silently lose the kernel.
@@ -123,7 +164,10 @@ def launch(kernel, grid, *args, **kwargs) -> None:
                     "aot_dispatch / torch.compile over a Triton op needs CUDA"
                 )
             return
-    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+        return
+    with device_guard(device):
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 def check_factor(name: str, t: torch.Tensor, shape_doc: str) -> None:
