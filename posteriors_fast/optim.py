@@ -15,12 +15,15 @@ from posteriors_fast._internal.checks import blame_batch, finite_params, first_n
 from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast._internal.state import write_field
 from posteriors_fast.tree_utils import tree_insert_  # noqa: F401  (posteriors 0.0.5 exposes it here)
-from posteriors_fast.backends import resolve
+from posteriors_fast.backends import neutral, resolve
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 
 
 class InplaceOnlyError(NotImplementedError):
     """``posteriors_fast.optim.update`` was asked for ``inplace=False``."""
+
+
+neutral("optim", "torch.optim steps the parameters itself")
 
 
 def build(

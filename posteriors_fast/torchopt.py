@@ -13,11 +13,14 @@ from posteriors_fast._internal.checks import blame_batch, finite_params
 from posteriors_fast._internal.errors import CatchAuxError  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast._internal.state import write_field
 from posteriors_fast._internal.torchopt_step import step
-from posteriors_fast.backends import resolve
+from posteriors_fast.backends import neutral, resolve
 from posteriors_fast.tree_utils import tree_insert_  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 
 torchopt = optional.load("torchopt")  # posteriors 0.0.5 exposes the module here (None if absent)
+
+
+neutral("torchopt", "the step's cost is the user's loss and its gradient")
 
 
 def build(loss_fn: LogProbFn, optimizer: Any, backend: str | None = None) -> Transform:

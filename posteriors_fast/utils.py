@@ -18,7 +18,7 @@ from posteriors_fast._internal.cholesky import CholeskyError
 from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast._internal.jacobian import output_jacobian
 from posteriors_fast._internal.loss_hessian import loss_hessian_times
-from posteriors_fast.backends import resolve
+from posteriors_fast.backends import neutral, resolve
 from posteriors_fast.ops.sample_jacobian import sample_jacobian
 from posteriors_fast.ops.separable_jacobian import separable_output_jacobian
 from posteriors_fast.tree_utils import tree_size
@@ -139,7 +139,8 @@ def hvp(
         primals: Tuple of arguments (tensors or pytrees) at which to evaluate.
         tangents: Tuple of the same structure as ``primals``.
         has_aux: Whether ``f`` returns ``(value, aux)``.
-        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        backend: Accepted for a uniform API and validated: both backends run
+            the same code (plain autograd, or ``torch.func`` where it is needed).
 
     Returns:
         ``(gradient, hvp_out)``, or ``(gradient, hvp_out, aux)`` with has_aux.
@@ -148,6 +149,11 @@ def hvp(
     if products.applicable(primals, tangents):
         return products.hvp(f, primals[0], tangents[0], has_aux)
     return jvp(grad(f, has_aux=has_aux), primals, tangents, has_aux=has_aux)
+
+
+_PRODUCTS = "one product costs a few passes of the user's model, which a fixed kernel cannot serve"
+for _name in ("hvp", "fvp", "ggnvp"):
+    neutral(f"utils.{_name}", _PRODUCTS)
 
 
 def _leading_dim(tree) -> int:
@@ -173,7 +179,8 @@ def fvp(
         has_aux: Whether ``f`` returns ``(value, aux)``.
         normalize: Divide by the size of the output's leading dimension (the
             batch size).
-        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        backend: Accepted for a uniform API and validated: both backends run
+            the same code (plain autograd, or ``torch.func`` where it is needed).
 
     Returns:
         ``(output, fvp_out)``, or ``(output, fvp_out, aux)`` with has_aux; the
@@ -298,7 +305,8 @@ def ggnvp(
         forward_has_aux: Whether ``forward`` returns ``(z, aux)``.
         loss_has_aux: Whether ``loss`` returns ``(value, aux)``.
         normalize: Divide by the leading dimension of z (the batch size).
-        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        backend: Accepted for a uniform API and validated: both backends run
+            the same code (plain autograd, or ``torch.func`` where it is needed).
 
     Returns:
         ``((z, grad_z loss), ggnvp_out)``, followed by the forward aux and/or the

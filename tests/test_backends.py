@@ -98,7 +98,7 @@ def test_compiled_policy_prefers_an_available_family_and_skips_unavailable():
     calls = []
     backends.register("_probe", "eager", lambda: calls.append("eager"), doc="test op")
     backends.register("_probe", "cpp", lambda: calls.append("cpp"), devices=("cpu",),
-                      available=lambda: (False, "extension not built"))
+                      available=lambda device: (False, "extension not built"))
     assert backends.report("_probe", "compiled", "cpu") == (
         "eager", "fell back to eager torch (triton: not implemented for this op; cpp: "
         "extension not built; torch_compile: not implemented for this op)")
@@ -126,3 +126,80 @@ def test_compiled_policy_prefers_an_available_family_and_skips_unavailable():
 )
 def test_every_hot_util_takes_backend_and_backends_agree(call):
     torch.testing.assert_close(call("eager"), call("compiled"))
+
+
+def _fresh_probe_op(name, cpp_ok):
+    from posteriors_fast.backends import registry
+
+    backends.register(name, "eager", lambda: "eager", doc="test op")
+    backends.register(name, "cpp", lambda: "cpp", devices=("cpu",),
+                      available=lambda device: (cpp_ok, "" if cpp_ok else "extension not built"))
+    return registry
+
+
+def test_first_fallback_of_an_op_warns_once_and_a_declined_op_never(caplog):
+    registry = _fresh_probe_op("_probe_warn", cpp_ok=False)
+    backends.register("_probe_declined", "eager", lambda: "eager", doc="test op")
+    for family in ("triton", "cpp", "torch_compile"):
+        backends.decline("_probe_declined", family, "one GEMM already")
+    try:
+        with caplog.at_level("WARNING", logger="posteriors_fast"):
+            for _ in range(3):
+                assert backends.implementation("_probe_warn", "compiled", "cpu")() == "eager"
+                assert backends.implementation("_probe_declined", "compiled", "cpu")() == "eager"
+        warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1
+        assert "_probe_warn on cpu under backend='compiled'" in warnings[0].getMessage()
+        assert "extension not built" in warnings[0].getMessage()
+    finally:
+        for op in ("_probe_warn", "_probe_declined"):
+            registry._OPS.pop(op, None)
+            for key in [k for k in registry._CACHE if k[0] == op]:
+                del registry._CACHE[key]
+
+
+def test_torch_compile_on_cuda_needs_triton(monkeypatch):
+    from posteriors_fast.backends import families
+
+    monkeypatch.setattr(families, "_triton_importable", lambda: False)
+    family, reason = backends.report("cg_step", "compiled", "cuda")
+    assert family == "eager"
+    assert "torch.compile on CUDA generates Triton kernels, and triton is not installed" in reason
+    assert backends.report("ggn_diag", "compiled", "cuda")[0] == "eager"
+    # The CPU is unaffected: Inductor's CPU code needs a C++ compiler, not triton.
+    assert backends.report("ggn_diag", "compiled", "cpu")[0] == "torch_compile"
+
+
+def test_failing_compile_falls_back_with_one_warning(monkeypatch, caplog):
+    from posteriors_fast.backends.compile_policy import GuardedCompile
+    from posteriors_fast.ops import ggn_diag
+
+    def broken_compile(fn, **options):
+        def compiled(*args):
+            raise RuntimeError("backend compiler failed: no triton\nmore")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    guarded = GuardedCompile(ggn_diag.ggn_diag_eager, "the GGN diagonal", dynamic=True)
+    monkeypatch.setattr(ggn_diag, "_compiled", guarded)
+    monkeypatch.setattr(ggn_diag, "COMPILE_MIN_NUMEL", 0)
+    jac, hj = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="posteriors_fast"):
+        for _ in range(3):
+            torch.testing.assert_close(ggn_diag.ggn_diag_torch_compile(jac, hj), (jac * hj).sum(0))
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert messages == ["posteriors_fast: torch.compile of the GGN diagonal failed (RuntimeError: "
+                        "backend compiler failed: no triton); running it eagerly"]
+
+
+def test_explain_says_which_functions_ignore_backend_and_what_is_unmeasured_on_cuda(monkeypatch):
+    text = backends.explain(device="cpu")
+    for name in ("utils.hvp", "utils.fvp", "utils.ggnvp", "vi.diag", "vi.dense", "optim", "torchopt",
+                 "laplace.dense_hessian"):
+        assert f"  {name}: " in text.split("functions whose backend= selects nothing")[1]
+    from posteriors_fast.backends import registry
+
+    for op in ("syrk", "cov_downdate", "cg_step"):  # as if triton and a GPU were here
+        monkeypatch.setattr(registry._OPS[op].impls["triton"], "available", lambda device: (True, ""))
+        family, reason = backends.report(op, "compiled", "cuda")
+        assert family == "triton" and "unmeasured" in reason

@@ -28,10 +28,12 @@ from posteriors_fast.backends.selection import (
 )
 from posteriors_fast.backends.families import BackendUnavailableError
 from posteriors_fast.backends.registry import (
+    UNMEASURED_ON_CUDA,
     decline,
     device_type_of,
     explain,
     implementation,
+    neutral,
     register,
     report,
 )
@@ -48,6 +50,8 @@ __all__ = [
     "report",
     "explain",
     "decline",
+    "neutral",
+    "UNMEASURED_ON_CUDA",
     "device_type_of",
     "BackendUnavailableError",
     "FAMILY_BACKENDS",

@@ -128,3 +128,33 @@ class TieredCompile:
                 self._name, type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "",
             )
             return result
+
+
+class GuardedCompile:
+    """``torch.compile(fn, **options)`` built on first use for a fixed
+    computation (no user code inside): if compiling or running the compiled
+    code raises, one warning is logged and ``fn`` runs eagerly from then on,
+    so a machine that cannot compile (no triton on CUDA, a broken compiler)
+    loses speed, never the result."""
+
+    def __init__(self, fn: Callable, name: str, **options) -> None:
+        self._fn = fn
+        self._name = name
+        self._options = options
+        self._compiled: Optional[Callable] = None
+        self._failed = False
+
+    def __call__(self, *args):
+        if self._failed:
+            return self._fn(*args)
+        if self._compiled is None:
+            self._compiled = torch.compile(self._fn, **self._options)
+        try:
+            return self._compiled(*args)
+        except Exception as err:
+            self._failed = True
+            logger.warning(
+                "posteriors_fast: torch.compile of %s failed (%s: %s); running it eagerly",
+                self._name, type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "",
+            )
+            return self._fn(*args)

@@ -2,15 +2,17 @@
 
 A family is a way of implementing hot ops: ``"eager"`` (pure torch, always),
 ``"triton"`` (CUDA), ``"cpp"`` (the extension built from ``csrc/``, CPU) and
-``"torch_compile"``. Each check returns ``(ok, reason)``; ``reason`` says what
-is missing and how to get it, so the same text serves :func:`explain` and the
-error raised when a user asks for an unavailable family explicitly.
+``"torch_compile"``. Each check takes the device type an op would run on
+(None: any device the family serves) and returns ``(ok, reason)``; ``reason``
+says what is missing and how to get it, so the same text serves
+:func:`explain` and the error raised when a user asks for an unavailable
+family explicitly.
 """
 
 import functools
 import importlib.util
 import shutil
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -26,7 +28,7 @@ def _triton_importable() -> bool:
         return False
 
 
-def triton_available() -> Tuple[bool, str]:
+def triton_available(device_type: Optional[str] = None) -> Tuple[bool, str]:
     if not _triton_importable():
         return False, "triton is not installed (pip install 'posteriors_fast[triton]')"
     if not torch.cuda.is_available():
@@ -34,22 +36,28 @@ def triton_available() -> Tuple[bool, str]:
     return True, ""
 
 
-def cpp_available() -> Tuple[bool, str]:
+def cpp_available(device_type: Optional[str] = None) -> Tuple[bool, str]:
     return _library.load_extension()
 
 
-def torch_compile_available() -> Tuple[bool, str]:
+def torch_compile_available(device_type: Optional[str] = None) -> Tuple[bool, str]:
+    """Inductor generates C++ for the CPU (needs a compiler) and Triton for
+    CUDA (needs triton): what is needed depends on the device."""
+    if device_type == "cuda":
+        if not _triton_importable():
+            return False, "torch.compile on CUDA generates Triton kernels, and triton is not installed"
+        return True, ""
     if not any(shutil.which(cc) for cc in ("cc", "gcc", "g++", "clang")):
         return False, "no C/C++ compiler on PATH (torch.compile's CPU code generation needs one)"
     return True, ""
 
 
-def eager_available() -> Tuple[bool, str]:
+def eager_available(device_type: Optional[str] = None) -> Tuple[bool, str]:
     return True, ""
 
 
-#: family -> availability check.
-AVAILABILITY: Dict[str, Callable[[], Tuple[bool, str]]] = {
+#: family -> availability check, called with the device type.
+AVAILABILITY: Dict[str, Callable[[Optional[str]], Tuple[bool, str]]] = {
     "eager": eager_available,
     "triton": triton_available,
     "cpp": cpp_available,

@@ -26,6 +26,12 @@ from posteriors_fast.backends.selection import BACKENDS, _validate
 
 logger = logging.getLogger("posteriors_fast")
 
+#: The note of the CUDA kernels chosen without a GPU run to measure them.
+UNMEASURED_ON_CUDA = (
+    "unmeasured: no GPU has compared it with the eager cuBLAS/torch code yet "
+    "(benchmarks/gpu_check.sh does)"
+)
+
 #: Order in which the compiled policy tries the faster families.
 COMPILED_PREFERENCE = ("triton", "cpp", "torch_compile")
 FAMILIES = ("eager",) + COMPILED_PREFERENCE
@@ -35,7 +41,8 @@ FAMILIES = ("eager",) + COMPILED_PREFERENCE
 class _Impl:
     fn: Callable
     devices: Tuple[str, ...]
-    available: Callable[[], Tuple[bool, str]]
+    available: Callable[[str], Tuple[bool, str]]
+    note: str = ""
 
 
 @dataclass
@@ -44,9 +51,19 @@ class _Op:
     impls: Dict[str, _Impl] = field(default_factory=dict)
     declined: Dict[str, str] = field(default_factory=dict)  # family -> why not
 
+    def has_faster(self, backend: str, device_type: str) -> bool:
+        """Whether a faster family than eager is registered for the device
+        under ``backend`` (available or not): then running eager is a
+        fallback, not the op's design."""
+        families = COMPILED_PREFERENCE if backend == "compiled" else (backend.split(":", 1)[-1],)
+        return any(f in self.impls and device_type in self.impls[f].devices for f in families)
+
 
 _OPS: Dict[str, _Op] = {}
 _CACHE: Dict[Tuple[str, str, str], Tuple[Callable, str, str]] = {}
+#: Public functions that take ``backend=`` but have no hot op to dispatch:
+#: name -> why both backends run the same code.
+_NEUTRAL: Dict[str, str] = {}
 
 
 def register(
@@ -56,7 +73,8 @@ def register(
     *,
     doc: str = "",
     devices: Tuple[str, ...] = ("cpu", "cuda"),
-    available: Callable[[], Tuple[bool, str]] | None = None,
+    available: Callable[[str], Tuple[bool, str]] | None = None,
+    note: str = "",
 ) -> Callable:
     """Register ``fn`` as the ``family`` implementation of hot op ``op``.
 
@@ -66,9 +84,11 @@ def register(
         fn: The implementation; all families of one op share a signature.
         doc: One line describing the op (taken from the first registration).
         devices: Device types the implementation runs on.
-        available: Returns ``(ok, reason)``; ``reason`` says what is missing.
-            Defaults to the family's own check
+        available: ``available(device_type) -> (ok, reason)``; ``reason`` says
+            what is missing. Defaults to the family's own check
             (:data:`posteriors_fast.backends.families.AVAILABILITY`).
+        note: Shown by :func:`explain` when this implementation is chosen
+            (e.g. that the choice has not been measured on that device).
 
     Returns:
         ``fn`` unchanged, so this can be used as a decorator helper.
@@ -77,10 +97,16 @@ def register(
         raise ValueError(f"family={family!r} is not one of {FAMILIES}")
     entry = _OPS.setdefault(op, _Op(doc=doc))
     entry.doc = entry.doc or doc
-    entry.impls[family] = _Impl(fn, tuple(devices), available or AVAILABILITY[family])
+    entry.impls[family] = _Impl(fn, tuple(devices), available or AVAILABILITY[family], note)
     for key in [k for k in _CACHE if k[0] == op]:
         del _CACHE[key]
     return fn
+
+
+def neutral(name: str, why: str) -> None:
+    """Record that the public function ``name`` accepts ``backend=`` but runs
+    the same code under every backend, and why (shown by :func:`explain`)."""
+    _NEUTRAL[name] = why
 
 
 def decline(op: str, family: str, reason: str) -> None:
@@ -112,9 +138,10 @@ def _choose(op: str, backend: str, device_type: str) -> Tuple[Callable, str, str
             why = _OPS[op].declined.get(family, f"not for {device_type}")
             missing.append(f"{family}: {why}")
             continue
-        ok, why = impl.available()
+        ok, why = impl.available(device_type)
         if ok:
-            return impl.fn, family, f"best available compiled family on {device_type}"
+            reason = f"best available compiled family on {device_type}"
+            return impl.fn, family, f"{reason}; {impl.note}" if impl.note else reason
         missing.append(f"{family}: {why}")
     reasons = {m.split(": ", 1)[1] for m in missing}
     if len(missing) > 1 and len(reasons) == 1:  # one reason for every family
@@ -139,8 +166,10 @@ def implementation(op: str, backend: str, device_type: str) -> Callable:
     if hit is None:
         hit = _choose(op, backend, device_type)
         _CACHE[key] = hit
-        if backend != "eager" and hit[1] == "eager":
-            logger.info("posteriors_fast: %s on %s: %s", op, device_type, hit[2])
+        if backend != "eager" and hit[1] == "eager" and _OPS[op].has_faster(backend, device_type):
+            # WARNING, once per (op, backend, device): a user who asked for a
+            # compiled backend sees that this op runs eager torch, and why.
+            logger.warning("posteriors_fast: %s on %s under backend=%r: %s", op, device_type, backend, hit[2])
     return hit[0]
 
 
@@ -169,4 +198,7 @@ def explain(device: str | None = None, backend: str | None = None) -> str:
         for b in backends:
             family, reason = report(op, b, device)
             lines.append(f"    backend={b!r:<11} -> {family:<13} {reason}")
+    if _NEUTRAL:
+        lines.append("functions whose backend= selects nothing (every backend runs the same torch code):")
+        lines.extend(f"  {name}: {why}" for name, why in sorted(_NEUTRAL.items()))
     return "\n".join(lines)

@@ -24,11 +24,14 @@ from torch.func import jacfwd, jacrev
 
 from posteriors_fast._internal import checks
 from posteriors_fast._internal.errors import CatchAuxError
-from posteriors_fast.backends import resolve
+from posteriors_fast.backends import neutral, resolve
 from posteriors_fast.laplace import _dense
 from posteriors_fast.tree_utils import tree_size  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 from posteriors_fast.utils import is_scalar  # noqa: F401  (as above)
+
+
+neutral("laplace.dense_hessian", "the cost is the user's P forward-over-reverse products (torch.func.jacfwd of jacrev)")
 
 
 def build(

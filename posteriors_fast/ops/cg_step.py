@@ -18,14 +18,14 @@ once, in ``utils.cg``); the one host synchronisation per iteration is the
 convergence test.
 """
 
-import functools
 import importlib
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from posteriors_fast import _library
-from posteriors_fast.backends import decline, implementation, register
+from posteriors_fast.backends import UNMEASURED_ON_CUDA, decline, implementation, register
+from posteriors_fast.backends.compile_policy import GuardedCompile
 
 
 def cg_step_eager(x, r, p, ap, gamma, damping: float) -> torch.Tensor:
@@ -56,20 +56,18 @@ def cg_step_triton(x, r, p, ap, gamma, damping: float) -> torch.Tensor:
     return kernels.cg_step_triton(x, r, p, ap, gamma, float(damping))
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_step():
-    # One graph for all sizes (dynamic=True) so CG on a new problem size does
-    # not recompile; damping is specialised (0 or not), at most two graphs.
-    return torch.compile(cg_step_eager, dynamic=True, fullgraph=True)
+# One graph for all sizes (dynamic=True) so CG on a new problem size does not
+# recompile; damping is specialised (0 or not), at most two graphs per dtype.
+_compiled_step = GuardedCompile(cg_step_eager, "the CG step", dynamic=True, fullgraph=True)
 
 
 def cg_step_torch_compile(x, r, p, ap, gamma, damping: float) -> torch.Tensor:
-    """The eager formulas fused by ``torch.compile``."""
-    return _compiled_step()(x, r, p, ap, gamma, float(damping))
+    """The eager formulas fused by ``torch.compile`` (eager if that fails)."""
+    return _compiled_step(x, r, p, ap, gamma, float(damping))
 
 
 register("cg_step", "cpp", cg_step_cpp, devices=("cpu",))
-register("cg_step", "triton", cg_step_triton, devices=("cuda",))
+register("cg_step", "triton", cg_step_triton, devices=("cuda",), note=UNMEASURED_ON_CUDA)
 # benchmarks/bench_cg_step.py: torch.compile of the step on the CPU runs at
 # 0.5x eager at P = 10⁴ (call overhead) and 1.0x at P = 10⁷, where the C++
 # step runs at 2.8x and 1.3x; so the compiled policy never picks it there.

@@ -1,11 +1,10 @@
 """``ggn_diag``: the diagonal of ``Jᵀ H J`` from J (d, P) and ``H J`` (d, P),
 column by column, without forming the (P, P) matrix."""
 
-import functools
-
 import torch
 
 from posteriors_fast.backends import implementation, register
+from posteriors_fast.backends.compile_policy import GuardedCompile
 
 
 def ggn_diag_eager(jac: torch.Tensor, hess_jac: torch.Tensor) -> torch.Tensor:
@@ -33,9 +32,7 @@ register(
 COMPILE_MIN_NUMEL = 1 << 23
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled():
-    return torch.compile(ggn_diag_eager, dynamic=True, fullgraph=True)
+_compiled = GuardedCompile(ggn_diag_eager, "the GGN diagonal", dynamic=True, fullgraph=True)
 
 
 def ggn_diag_torch_compile(jac: torch.Tensor, hess_jac: torch.Tensor) -> torch.Tensor:
@@ -45,7 +42,7 @@ def ggn_diag_torch_compile(jac: torch.Tensor, hess_jac: torch.Tensor) -> torch.T
         torch.is_grad_enabled() and (jac.requires_grad or hess_jac.requires_grad)
     ):
         return ggn_diag_eager(jac, hess_jac)
-    return _compiled()(jac, hess_jac)
+    return _compiled(jac, hess_jac)
 
 
 register("ggn_diag", "torch_compile", ggn_diag_torch_compile)

@@ -30,7 +30,7 @@ import importlib
 import torch
 
 from posteriors_fast import _library
-from posteriors_fast.backends import decline, implementation, register
+from posteriors_fast.backends import UNMEASURED_ON_CUDA, decline, implementation, register
 from posteriors_fast._internal.native import accepts
 from posteriors_fast.ops.new_matrix import new_matrix
 
@@ -135,7 +135,7 @@ decline(
     "syrk", "torch_compile",
     "not provided: Inductor emits one extern GEMM per tile, no fusion to gain over the native kernels",
 )
-register("syrk", "triton", syrk_triton, devices=("cuda",))
+register("syrk", "triton", syrk_triton, devices=("cuda",), note=UNMEASURED_ON_CUDA)
 
 
 def syrk_(

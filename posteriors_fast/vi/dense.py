@@ -22,13 +22,16 @@ from posteriors_fast._internal.errors import CatchAuxError  # noqa: F401  (poste
 from posteriors_fast._internal.sampling import unravel_draws
 from posteriors_fast._internal.state import write_field
 from posteriors_fast._internal.torchopt_step import step
-from posteriors_fast.backends import resolve
+from posteriors_fast.backends import neutral, resolve
 from posteriors_fast.tree_utils import tree_insert_, tree_size  # noqa: F401  (posteriors 0.0.5 exposes them here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 from posteriors_fast.utils import L_from_flat, L_to_flat, is_scalar
 from posteriors_fast.vi._settings import check_settings
 
 torchopt = optional.load("torchopt")  # posteriors 0.0.5 exposes the module here (None if absent)
+
+
+neutral("vi.dense", "the step's cost is the user's log posterior and its gradient")
 
 
 def build(

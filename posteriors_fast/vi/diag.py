@@ -23,13 +23,16 @@ from posteriors_fast._internal import optional
 from posteriors_fast._internal.errors import CatchAuxError  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast._internal.state import write_field
 from posteriors_fast._internal.torchopt_step import step
-from posteriors_fast.backends import resolve
+from posteriors_fast.backends import neutral, resolve
 from posteriors_fast.tree_utils import tree_insert_  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 from posteriors_fast.utils import diag_normal_log_prob, diag_normal_sample, is_scalar
 from posteriors_fast.vi._settings import check_settings
 
 torchopt = optional.load("torchopt")  # posteriors 0.0.5 exposes the module here (None if absent)
+
+
+neutral("vi.diag", "the step's cost is the user's log posterior and its gradient")
 
 
 def build(
