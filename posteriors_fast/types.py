@@ -2,10 +2,14 @@
 
 from typing import Any, Callable, NamedTuple, Protocol, Tuple, TypeAlias
 
+from optree import registry
 from optree.typing import PyTreeTypeVar
 from torch import Tensor
 
 TensorTree: TypeAlias = PyTreeTypeVar("TensorTree", Tensor)  # type: ignore
+
+#: optree's global registry namespace (posteriors 0.0.5's ``types.namespace``).
+namespace = registry.__GLOBAL_NAMESPACE
 
 #: ``log_prob(params, batch) -> (value, aux)``
 LogProbFn = Callable[[TensorTree, TensorTree], Tuple[float, TensorTree]]

@@ -2,20 +2,23 @@
 API of ``posteriors.utils`` 0.0.5 plus a ``backend=`` keyword on the functions
 that have hot paths (see :mod:`posteriors_fast.backends`)."""
 
+import contextlib  # noqa: F401  (posteriors 0.0.5 exposes it here)
 import math
+import operator  # noqa: F401  (as above)
 from functools import partial, wraps
 from typing import Any, Callable, Sequence, Tuple
 
 import torch
-from optree import tree_leaves, tree_map, tree_reduce
+from optree import tree_flatten, tree_leaves, tree_map, tree_reduce  # noqa: F401  (tree_flatten: as above)
 from optree.integrations.torch import tree_ravel
-from torch.func import functional_call, grad, jvp, vjp
+from torch.distributions import Normal  # noqa: F401  (as above)
+from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vjp  # noqa: F401  (jacfwd, jacrev: as above)
 
 from posteriors_fast import ops
 from posteriors_fast._internal import checks as _checks
 from posteriors_fast._internal import products
 from posteriors_fast._internal.cholesky import CholeskyError
-from posteriors_fast._internal.errors import CatchAuxError
+from posteriors_fast._internal.errors import NO_AUX_ERROR_MSG, NON_TENSOR_AUX_ERROR_MSG, CatchAuxError
 from posteriors_fast._internal.jacobian import output_jacobian
 from posteriors_fast._internal.loss_hessian import loss_hessian_times
 from posteriors_fast.backends import neutral, resolve
@@ -25,6 +28,8 @@ from posteriors_fast.tree_utils import tree_size
 from posteriors_fast.types import ForwardFn, Tensor, TensorTree
 
 __all__ = [
+    "NO_AUX_ERROR_MSG",
+    "NON_TENSOR_AUX_ERROR_MSG",
     "CatchAuxError",
     "model_to_function",
     "linearized_forward_diag",

@@ -54,3 +54,60 @@ def test_module_functions_and_states(ref, name):
             assert mine._fields == obj._fields, f"{name}.{attr}"
             for field, default in obj._field_defaults.items():
                 assert _same_default(mine._field_defaults[field], default), f"{name}.{attr}.{field}"
+
+
+#: (module, name) of posteriors 0.0.5 deliberately not in posteriors_fast, with
+#: the reason. Empty: every public module-level name is importable from the
+#: same place.
+LEFT_OUT: dict = {}
+
+
+def _reference_modules(ref):
+    import pkgutil
+
+    return [ref.__name__] + [m.name for m in pkgutil.walk_packages(ref.__path__, ref.__name__ + ".")]
+
+
+def _defined_by_reference(obj) -> bool:
+    return (getattr(obj, "__module__", None) or "").startswith("posteriors.") or (
+        inspect.ismodule(obj) and obj.__name__.startswith("posteriors")
+    )
+
+
+def test_every_public_module_level_name_of_the_reference_is_importable_from_the_same_place(ref):
+    """Walks every module of the installed posteriors 0.0.5: constants,
+    classes, helpers and the names it imports from other libraries (code may
+    import them from posteriors) all exist in the matching posteriors_fast
+    module; constants have equal values, and another library's object is that
+    very object."""
+    checked, problems = 0, []
+    for module_name in _reference_modules(ref):
+        theirs = importlib.import_module(module_name)
+        ours = importlib.import_module(module_name.replace("posteriors", "posteriors_fast", 1))
+        for name, obj in vars(theirs).items():
+            if name.startswith("_") or (module_name, name) in LEFT_OUT:
+                continue
+            checked += 1
+            if not hasattr(ours, name):
+                problems.append(f"{module_name}.{name} is missing")
+                continue
+            mine = getattr(ours, name)
+            if isinstance(obj, (str, int, float, bool, tuple)) and not isinstance(obj, type):
+                if mine != obj:
+                    problems.append(f"{module_name}.{name} = {mine!r}, posteriors 0.0.5 has {obj!r}")
+            elif not _defined_by_reference(obj) and not callable(getattr(obj, "_fields", None)):
+                # Another library's function, class or module: the same object.
+                if mine is not obj and not (inspect.ismodule(obj) and getattr(mine, "__name__", None) == obj.__name__):
+                    problems.append(f"{module_name}.{name} is not {obj!r}")
+    assert problems == []
+    assert checked > 150  # the walk saw the whole package
+
+
+def test_reference_constants_keep_their_meaning():
+    from posteriors_fast import utils
+
+    assert utils.NO_AUX_ERROR_MSG == "should be a tuple: (output, aux) if has_aux is True"
+    assert utils.NON_TENSOR_AUX_ERROR_MSG == "Expected tensors, got unsupported type"
+    with pytest.raises(RuntimeError, match="Auxiliary output not found"):
+        with utils.CatchAuxError():
+            raise RuntimeError("... " + utils.NO_AUX_ERROR_MSG + " ...")

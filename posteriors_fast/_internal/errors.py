@@ -3,9 +3,9 @@
 import contextlib
 
 # Fragments of the messages torch.func raises when has_aux=True is given a
-# function without a well-formed aux output.
-_NO_AUX = "should be a tuple: (output, aux) if has_aux is True"
-_NON_TENSOR_AUX = "Expected tensors, got unsupported type"
+# function without a well-formed aux output (posteriors 0.0.5's names).
+NO_AUX_ERROR_MSG = "should be a tuple: (output, aux) if has_aux is True"
+NON_TENSOR_AUX_ERROR_MSG = "Expected tensors, got unsupported type"
 
 MISSING_AUX_MESSAGE = (
     "Auxiliary output not found: the function must return a pair (value, aux). "
@@ -25,9 +25,9 @@ class CatchAuxError(contextlib.AbstractContextManager):
         if exc_type is None:
             return False
         text = str(exc_value)
-        if _NO_AUX in text:
+        if NO_AUX_ERROR_MSG in text:
             raise RuntimeError(MISSING_AUX_MESSAGE) from exc_value
-        if _NON_TENSOR_AUX in text:
+        if NON_TENSOR_AUX_ERROR_MSG in text:
             raise RuntimeError(BAD_AUX_MESSAGE) from exc_value
         return False
 
