@@ -73,7 +73,7 @@ struct Portable {
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 struct Avx512 {
-  // Only call after cpu_has_v4() (multiversion.h) said yes.
+  // Only call at the avx512 ISA level (active_isa(), multiversion.h).
   PF_TARGET_V4 static void block(uint64_t first, uint64_t seed, uint32_t* words) {
     constexpr int kGroups = kLanes / 16;
     const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
