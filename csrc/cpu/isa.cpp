@@ -96,20 +96,22 @@ Isa supported_isa() {
   return s.supported;
 }
 
-bool set_isa_cap(Isa cap, bool no_cap, Isa* previous) {
+bool set_isa_cap(Isa cap, bool no_cap, Isa* previous, bool* previous_no_cap) {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mutex);
-  *previous = active_isa();
+  *previous = s.cap;
+  *previous_no_cap = s.cap == Isa::kAvx512;  // the top level caps nothing
   if (!no_cap && cap > s.supported) return false;
   s.cap = no_cap ? Isa::kAvx512 : cap;
   isa_detail::active.store(s.level(), std::memory_order_relaxed);
   return true;
 }
 
-bool simulate_cpu_isa(Isa level, bool no_cap, Isa* previous) {
+bool simulate_cpu_isa(Isa level, bool no_cap, Isa* previous, bool* previous_real) {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mutex);
   *previous = s.supported;
+  *previous_real = s.supported == s.hardware;
   if (!no_cap && level > s.hardware) return false;
   s.supported = no_cap ? s.hardware : level;
   isa_detail::active.store(s.level(), std::memory_order_relaxed);

@@ -91,12 +91,13 @@ bool parse_isa(const char* text, Isa* out, bool* no_cap);
 // pretends so (tests).
 Isa supported_isa();
 // Sets the cap (no_cap: none); false, and nothing changes, if `cap` is above
-// supported_isa(). *previous = the active level before.
-bool set_isa_cap(Isa cap, bool no_cap, Isa* previous);
+// supported_isa(). *previous / *previous_no_cap = the cap before, so that
+// set_isa_cap(*previous, *previous_no_cap, ...) restores it.
+bool set_isa_cap(Isa cap, bool no_cap, Isa* previous, bool* previous_no_cap);
 // Tests: pretend the CPU has at most `level` (no_cap: the real CPU again);
 // false if `level` is above what the CPU really has. *previous = the
-// supported level before.
-bool simulate_cpu_isa(Isa level, bool no_cap, Isa* previous);
+// supported level before, *previous_real: it was the real CPU's.
+bool simulate_cpu_isa(Isa level, bool no_cap, Isa* previous, bool* previous_real);
 // Messages for the load of the Python module: an invalid
 // POSTERIORS_FAST_CPU_ISA, or the retired POSTERIORS_FAST_PORTABLE_KERNELS being set.
 const char* isa_env_problem();
