@@ -40,6 +40,24 @@
 
 #define PF_EXPAND_(...) __VA_ARGS__
 
+// PF_EXACT_FP_BEGIN ... PF_EXACT_FP_END: no FMA contraction for the functions
+// between them. With it, a + b·c rounds the product and the sum as written at
+// every level, so code without reductions gives the same bits with AVX-512,
+// AVX2 (both have FMA; gcc contracts by default, -ffp-contract=fast) and
+// baseline x86-64 (no FMA). The contraction mode of the function being
+// compiled applies to what is inlined into it, so both the callers and the
+// always_inline bodies are marked.
+#if defined(__clang__)
+#define PF_EXACT_FP_BEGIN _Pragma("STDC FP_CONTRACT OFF")
+#define PF_EXACT_FP_END _Pragma("STDC FP_CONTRACT ON")
+#elif defined(__GNUC__)
+#define PF_EXACT_FP_BEGIN _Pragma("GCC push_options") _Pragma("GCC optimize(\"fp-contract=off\")")
+#define PF_EXACT_FP_END _Pragma("GCC pop_options")
+#else
+#define PF_EXACT_FP_BEGIN
+#define PF_EXACT_FP_END
+#endif
+
 // PF_ISA_VARIANTS(TEMPLATE, RET, NAME, (params...), (args...)): from
 // `TEMPLATE RET NAME_body(params...)` (always_inline), defines NAME_avx512,
 // NAME_avx2, NAME_baseline and the dispatcher `TEMPLATE RET NAME(Isa, params...)`.

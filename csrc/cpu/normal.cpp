@@ -18,6 +18,9 @@
 namespace posteriors_fast {
 namespace {
 
+// Same draws at every ISA level: no FMA contraction here or in philox.h.
+PF_EXACT_FP_BEGIN
+
 template <typename T, typename Engine>
 PF_ALWAYS_INLINE void fill_impl(T* out, int64_t n, uint64_t seed, int64_t b, int64_t e) {
   using Block = philox::NormalBlock<T, Engine>;
@@ -47,6 +50,8 @@ PF_ALWAYS_INLINE void fill_body(T* out, int64_t n, uint64_t seed, int64_t b, int
 }
 PF_ISA_VARIANTS_V4(template <typename T>, void, fill, fill_v4, (T* out, int64_t n, uint64_t seed, int64_t b, int64_t e),
                    (out, n, seed, b, e))
+
+PF_EXACT_FP_END
 
 }  // namespace
 

@@ -24,6 +24,10 @@ struct Coefficients {
   T step, keep, lr, scale;
 };
 
+// The same step at every ISA level: no FMA contraction here or in philox.h, so
+// θ' and m' round each product and sum as written (the noise is the same too).
+PF_EXACT_FP_BEGIN
+
 template <typename T, typename Engine>
 PF_ALWAYS_INLINE void leaf_impl(const T* theta, const T* m, const T* g, T* theta_out, T* m_out, int64_t n,
                                 uint64_t seed, Coefficients<T> c, int64_t b, int64_t e) {
@@ -50,7 +54,8 @@ PF_ALWAYS_INLINE void leaf_impl(const T* theta, const T* m, const T* g, T* theta
 #if PF_HAVE_V4_KERNELS
 // float32 on AVX-512: whole, aligned blocks are written with streaming stores,
 // so the new θ and m (fresh buffers, read by the next step, not this one) are
-// not first read into cache. The arithmetic is leaf_impl's, in the same order.
+// not first read into cache. The arithmetic is leaf_impl's, in the same order
+// and without FMAs (the same bits as at avx2 and baseline).
 // Measured on the SG-MCMC benchmark (10⁶ parameters, 2 threads), whole step in
 // the suite's steady state: 1.05-1.11 → 0.69-0.83 ms; this kernel alone in a
 // warm chained loop 0.295 → 0.286 ms.
@@ -71,9 +76,9 @@ PF_TARGET_V4 void leaf_v4(const float* th, const float* m, const float* g, float
     Block::fill(static_cast<uint64_t>(blk), seed, z);
     for (int64_t i = base; i < base + Block::kSize; i += 16) {
       const __m512 mi = _mm512_loadu_ps(m + i);
-      _mm512_stream_ps(tho + i, _mm512_fmadd_ps(step, mi, _mm512_loadu_ps(th + i)));
-      const __m512 kept = _mm512_fmadd_ps(lr, _mm512_loadu_ps(g + i), _mm512_mul_ps(keep, mi));
-      _mm512_stream_ps(mo + i, _mm512_fmadd_ps(scale, _mm512_load_ps(z + (i - base)), kept));
+      _mm512_stream_ps(tho + i, _mm512_add_ps(_mm512_loadu_ps(th + i), _mm512_mul_ps(step, mi)));
+      const __m512 kept = _mm512_add_ps(_mm512_mul_ps(keep, mi), _mm512_mul_ps(lr, _mm512_loadu_ps(g + i)));
+      _mm512_stream_ps(mo + i, _mm512_add_ps(kept, _mm512_mul_ps(scale, _mm512_load_ps(z + (i - base)))));
     }
   }
   _mm_sfence();  // the streamed lines are visible before the parallel region ends
@@ -94,6 +99,8 @@ PF_ISA_VARIANTS_V4(template <typename T>, void, leaf, leaf_v4,
                    (const T* th, const T* m, const T* g, T* tho, T* mo, int64_t n, uint64_t seed, Coefficients<T> c,
                     int64_t b, int64_t e),
                    (th, m, g, tho, mo, n, seed, c, b, e))
+
+PF_EXACT_FP_END
 
 void check_leaves(const at::TensorList& params, const at::TensorList& momenta, const at::TensorList& grads) {
   TORCH_CHECK(momenta.size() == params.size() && grads.size() == params.size(),
