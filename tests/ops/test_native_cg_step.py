@@ -1,5 +1,6 @@
-"""posteriors_fast::cg_step_ (C++) against the formulas in float64, opcheck, and
-the fused CG loops of every family against eager CG."""
+"""posteriors_fast::cg_step_ (C++) at every ISA level against the formulas in
+float64 and against each other, opcheck, and the fused CG loops of every
+family against eager CG."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch
 import posteriors_fast as pf
 from posteriors_fast import _library
 from posteriors_fast.ops import cg as cg_ops
-from tests.ops._native import close, needs_ext
+from tests.ops._native import at_each_isa, close, needs_ext
 
 OPS = _library.OPS
 
@@ -22,21 +23,67 @@ def _oracle(x, r, p, ap, gamma, damping):
     return x, r, p, gamma_new
 
 
-@needs_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("size", [1, 1000, 40_001])  # 40_001 spans several parallel chunks
-@pytest.mark.parametrize("damping", [0.0, 0.3])
-def test_cg_step_matches_float64_formulas(dtype, size, damping):
+def _inputs(dtype, size):
     gen = torch.Generator().manual_seed(size)
     x, r, ap = (torch.randn(size, dtype=dtype, generator=gen) for _ in range(3))
     p = r + 0.1 * torch.randn(size, dtype=dtype, generator=gen)
     ap = ap.abs() + p  # keep p·ap away from zero
-    gamma = torch.dot(r, r)
+    return x, r, p, ap, torch.dot(r, r)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+# Ragged against every vector width (2-16 lanes) and the 1024-element blocks;
+# 70_001 spans several parallel chunks (65_536 each).
+@pytest.mark.parametrize("size", [1, 7, 1000, 1025, 70_001])
+@pytest.mark.parametrize("damping", [0.0, 0.3])
+def test_cg_step_matches_float64_formulas(dtype, size, damping, isa):
+    x, r, p, ap, gamma = _inputs(dtype, size)
     ex, er, ep, eg = _oracle(x, r, p, ap, gamma, damping)
     got = OPS.cg_step_(x, r, p, ap, gamma, damping)
     assert got.shape == () and got.dtype == dtype
     for actual, expected in ((x, ex), (r, er), (p, ep), (got, eg)):
         close(actual, expected, dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_isa_levels_agree_with_each_other(dtype):
+    """Same inputs at every ISA level this CPU has: x, r, p and r·r within the
+    oracle tolerance of each other (not bit for bit: the vector width orders
+    the sums of the dot products, and avx2/avx512 contract to FMAs)."""
+    inputs = _inputs(dtype, 70_001)
+
+    def run():
+        x, r, p, ap, gamma = (t.clone() for t in inputs)
+        rr = OPS.cg_step_(x, r, p, ap, gamma, 0.3)
+        # A second step from the first one's state: differences do not grow.
+        rr2 = OPS.cg_step_(x, r, p, ap, rr.clone(), 0.3)
+        return x, r, p, rr, rr2
+
+    results = at_each_isa(run)
+    if dtype == torch.float64:
+        # The switch reaches the loops: each level sums in its own order (and
+        # baseline without FMAs), so after two steps no two levels agree bit for bit.
+        xs = [outs[0] for outs in results.values()]
+        assert not any(torch.equal(a, b) for i, a in enumerate(xs) for b in xs[i + 1:])
+    reference = results.pop(next(iter(results)))
+    for outs in results.values():
+        for got, want in zip(outs, reference):
+            close(got, want.double(), dtype)
+
+
+@needs_ext
+def test_fused_cg_loop_at_each_isa_level_agrees_with_eager_cg(isa):
+    gen = torch.Generator().manual_seed(8)
+    m = torch.randn(300, 300, dtype=torch.float64, generator=gen)
+    a = m @ m.T / 300 + torch.eye(300, dtype=torch.float64)
+    b = torch.randn(300, dtype=torch.float64, generator=gen)
+    args = (lambda v: a @ v, b, torch.zeros(300, dtype=torch.float64), 40, 0.1, 1e-10, 0.0, None)
+    x_e, info_e = cg_ops.cg_eager(*args)
+    x_f, info_f = cg_ops.cg_cpp(*args)
+    close(x_f, x_e, torch.float64)
+    assert info_f["niter"] == info_e["niter"]
 
 
 @needs_ext
