@@ -13,9 +13,13 @@
 // a cap). The cap comes from POSTERIORS_FAST_CPU_ISA (avx512, avx2, baseline;
 // unset or auto: no cap), read once at load (isa.cpp), and can be changed at
 // run time with posteriors_fast._C.set_cpu_isa (module.cpp), so the tests run
-// every level on one machine. At a level below avx512 the kernels take exactly
-// the code a CPU of that level takes. Ops read active_isa() once per call (a
-// relaxed atomic load) and pass the level down; nothing checks it per element.
+// every level on one machine. At a level below avx512 our kernels take exactly
+// the code a CPU of that level takes; what they call picks its own code from
+// the real CPU (ATen/MKL GEMMs of syrk_ and symm_jt below avx512, glibc's
+// libmvec and libm, e.g. the SSE4 log for the baseline build here, where a
+// CPU without SSE4.1 gets glibc's SSE2 one). Ops read active_isa() once per
+// call (a relaxed atomic load) and pass the level down; nothing checks it per
+// element.
 //
 // Other compilers and architectures: one build of each loop, the baseline
 // variant, and the only level is baseline.
