@@ -7,10 +7,12 @@
 // The eager torch loop makes 7 passes and ~10 dispatches per iteration.
 // Schema and semantics: posteriors_fast/_library.py.
 //
-// The loops are plain C++ written for auto-vectorisation; target_clones builds
-// an AVX-512, an AVX2 and a baseline version of each and picks one at load
-// time, so the binary runs on any x86-64. Dot products accumulate in the
-// vector's dtype within blocks of kBlock elements and in double across blocks.
+// The loops are plain C++ written for auto-vectorisation, built for AVX-512,
+// AVX2 and baseline x86-64 (PF_ISA_VARIANTS, multiversion.h); the op runs the
+// build of the active ISA level, so the binary runs on any x86-64. Dot
+// products accumulate in the vector's dtype within blocks of kBlock elements
+// and in double across blocks (the vector width, so the level, sets the order
+// of the sums within a block: the levels agree to rounding, not bit for bit).
 // Measured at P = 10⁷ float32 (2 threads): scalar double accumulation 9.5 ms,
 // this form is in benchmarks/bench_cg_step.py.
 #include <ATen/ATen.h>
@@ -34,7 +36,7 @@ constexpr int64_t kBlock = 1024;
 using Pair = std::pair<double, double>;
 
 template <typename T>
-inline __attribute__((always_inline)) Pair dots_impl(const T* p, const T* ap, int64_t n) {
+PF_ALWAYS_INLINE Pair dots_body(const T* p, const T* ap, int64_t n) {
   double pap = 0.0, pp = 0.0;
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t e = std::min(n, b + kBlock);
@@ -51,8 +53,7 @@ inline __attribute__((always_inline)) Pair dots_impl(const T* p, const T* ap, in
 }
 
 template <typename T>
-inline __attribute__((always_inline)) double update_impl(T* x, T* r, const T* p, const T* ap, int64_t n,
-                                                         T alpha, T alpha_damping) {
+PF_ALWAYS_INLINE double update_body(T* x, T* r, const T* p, const T* ap, int64_t n, T alpha, T alpha_damping) {
   double rr = 0.0;
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t e = std::min(n, b + kBlock);
@@ -70,27 +71,19 @@ inline __attribute__((always_inline)) double update_impl(T* x, T* r, const T* p,
 }
 
 template <typename T>
-inline __attribute__((always_inline)) void direction_impl(T* p, const T* r, int64_t n, T ratio) {
+PF_ALWAYS_INLINE void direction_body(T* p, const T* r, int64_t n, T ratio) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     p[i] = r[i] + ratio * p[i];
   }
 }
 
-// Non-template entry points, one per dtype, so that target_clones applies.
-PF_MULTIVERSION Pair dots(const float* p, const float* ap, int64_t n) { return dots_impl(p, ap, n); }
-PF_MULTIVERSION Pair dots(const double* p, const double* ap, int64_t n) { return dots_impl(p, ap, n); }
-PF_MULTIVERSION double update(float* x, float* r, const float* p, const float* ap, int64_t n, float a, float ad) {
-  return update_impl(x, r, p, ap, n, a, ad);
-}
-PF_MULTIVERSION double update(double* x, double* r, const double* p, const double* ap, int64_t n, double a,
-                              double ad) {
-  return update_impl(x, r, p, ap, n, a, ad);
-}
-PF_MULTIVERSION void direction(float* p, const float* r, int64_t n, float ratio) { direction_impl(p, r, n, ratio); }
-PF_MULTIVERSION void direction(double* p, const double* r, int64_t n, double ratio) {
-  direction_impl(p, r, n, ratio);
-}
+// dots(isa, ...), update(isa, ...), direction(isa, ...): one build per ISA level.
+PF_ISA_VARIANTS(template <typename T>, Pair, dots, (const T* p, const T* ap, int64_t n), (p, ap, n))
+PF_ISA_VARIANTS(template <typename T>, double, update,
+                (T* x, T* r, const T* p, const T* ap, int64_t n, T alpha, T alpha_damping),
+                (x, r, p, ap, n, alpha, alpha_damping))
+PF_ISA_VARIANTS(template <typename T>, void, direction, (T* p, const T* r, int64_t n, T ratio), (p, r, n, ratio))
 
 template <typename scalar_t>
 at::Tensor cg_step_impl(at::Tensor& x, at::Tensor& r, at::Tensor& p, const at::Tensor& ap,
@@ -101,11 +94,12 @@ at::Tensor cg_step_impl(at::Tensor& x, at::Tensor& r, at::Tensor& p, const at::T
   scalar_t* pd = p.mutable_data_ptr<scalar_t>();
   const scalar_t* ad = ap.const_data_ptr<scalar_t>();
   const double gamma = gamma_t.item<double>();
+  const Isa isa = active_isa();
 
   const Pair d = at::parallel_reduce(
       0, n, kGrain, Pair{0.0, 0.0},
       [&](int64_t b, int64_t e, Pair acc) {
-        const Pair part = dots(pd + b, ad + b, e - b);
+        const Pair part = dots(isa, pd + b, ad + b, e - b);
         return Pair{acc.first + part.first, acc.second + part.second};
       },
       [](Pair u, Pair v) { return Pair{u.first + v.first, u.second + v.second}; });
@@ -115,11 +109,13 @@ at::Tensor cg_step_impl(at::Tensor& x, at::Tensor& r, at::Tensor& p, const at::T
   const scalar_t ad_s = static_cast<scalar_t>(alpha * damping);
   const double rr = at::parallel_reduce(
       0, n, kGrain, 0.0,
-      [&](int64_t b, int64_t e, double acc) { return acc + update(xd + b, rd + b, pd + b, ad + b, e - b, a_s, ad_s); },
+      [&](int64_t b, int64_t e, double acc) {
+        return acc + update(isa, xd + b, rd + b, pd + b, ad + b, e - b, a_s, ad_s);
+      },
       [](double u, double v) { return u + v; });
 
   const scalar_t ratio = static_cast<scalar_t>(rr / gamma);
-  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) { direction(pd + b, rd + b, e - b, ratio); });
+  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) { direction(isa, pd + b, rd + b, e - b, ratio); });
   return at::scalar_tensor(rr, x.options());
 }
 

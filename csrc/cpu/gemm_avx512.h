@@ -1,6 +1,7 @@
 // AVX-512 GEMM building blocks (x86-64-v4 CPUs) and the body of
 // posteriors_fast::syrk_; symm_jt.cpp builds its product from the same parts.
-// The ops pick these at run time with cpu_has_v4(), else ATen GEMMs.
+// The ops run these at the avx512 ISA level (active_isa(), multiversion.h),
+// else ATen GEMMs.
 //
 // Own micro-kernel rather than ATen GEMMs because MKL runs its AVX2 kernels on
 // AMD CPUs: on this AMD EPYC machine one core reaches 135 GFMA/s with AVX-512

@@ -18,8 +18,11 @@
 namespace posteriors_fast {
 namespace {
 
+// Same draws at every ISA level: no FMA contraction here or in philox.h.
+PF_EXACT_FP_BEGIN
+
 template <typename T, typename Engine>
-inline __attribute__((always_inline)) void fill_impl(T* out, int64_t n, uint64_t seed, int64_t b, int64_t e) {
+PF_ALWAYS_INLINE void fill_impl(T* out, int64_t n, uint64_t seed, int64_t b, int64_t e) {
   using Block = philox::NormalBlock<T, Engine>;
   alignas(64) T z[Block::kSize];
   for (int64_t blk = b; blk < e; ++blk) {
@@ -29,13 +32,8 @@ inline __attribute__((always_inline)) void fill_impl(T* out, int64_t n, uint64_t
   }
 }
 
-PF_MULTIVERSION void fill_portable(float* out, int64_t n, uint64_t seed, int64_t b, int64_t e) {
-  fill_impl<float, philox::Portable>(out, n, seed, b, e);
-}
-PF_MULTIVERSION void fill_portable(double* out, int64_t n, uint64_t seed, int64_t b, int64_t e) {
-  fill_impl<double, philox::Portable>(out, n, seed, b, e);
-}
 #if PF_HAVE_V4_KERNELS
+// avx512: the hand-written Philox engine.
 PF_TARGET_V4 void fill_v4(float* out, int64_t n, uint64_t seed, int64_t b, int64_t e) {
   fill_impl<float, philox::Avx512>(out, n, seed, b, e);
 }
@@ -44,13 +42,16 @@ PF_TARGET_V4 void fill_v4(double* out, int64_t n, uint64_t seed, int64_t b, int6
 }
 #endif
 
+// fill(isa, ...): blocks b .. e of the draws; avx2 and baseline build the
+// portable engine for their target.
 template <typename T>
-void fill(T* out, int64_t n, uint64_t seed, int64_t b, int64_t e) {
-#if PF_HAVE_V4_KERNELS
-  if (cpu_has_v4()) return fill_v4(out, n, seed, b, e);
-#endif
-  fill_portable(out, n, seed, b, e);
+PF_ALWAYS_INLINE void fill_body(T* out, int64_t n, uint64_t seed, int64_t b, int64_t e) {
+  fill_impl<T, philox::Portable>(out, n, seed, b, e);
 }
+PF_ISA_VARIANTS_V4(template <typename T>, void, fill, fill_v4, (T* out, int64_t n, uint64_t seed, int64_t b, int64_t e),
+                   (out, n, seed, b, e))
+
+PF_EXACT_FP_END
 
 }  // namespace
 
@@ -63,8 +64,9 @@ void normal_(at::Tensor out, int64_t seed) {
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "normal_", [&] {
     constexpr int64_t size = philox::NormalBlock<scalar_t>::kSize;
     scalar_t* d = out.mutable_data_ptr<scalar_t>();
+    const Isa isa = active_isa();
     at::parallel_for(0, (n + size - 1) / size, 64, [&](int64_t b, int64_t e) {
-      fill(d, n, static_cast<uint64_t>(seed), b, e);
+      fill(isa, d, n, static_cast<uint64_t>(seed), b, e);
     });
   });
 }

@@ -24,10 +24,13 @@ struct Coefficients {
   T step, keep, lr, scale;
 };
 
+// The same step at every ISA level: no FMA contraction here or in philox.h, so
+// θ' and m' round each product and sum as written (the noise is the same too).
+PF_EXACT_FP_BEGIN
+
 template <typename T, typename Engine>
-inline __attribute__((always_inline)) void leaf_impl(const T* theta, const T* m, const T* g, T* theta_out, T* m_out,
-                                                     int64_t n, uint64_t seed, Coefficients<T> c, int64_t b,
-                                                     int64_t e) {
+PF_ALWAYS_INLINE void leaf_impl(const T* theta, const T* m, const T* g, T* theta_out, T* m_out, int64_t n,
+                                uint64_t seed, Coefficients<T> c, int64_t b, int64_t e) {
   using Block = philox::NormalBlock<T, Engine>;
   alignas(64) T z[Block::kSize];
   for (int64_t blk = b; blk < e; ++blk) {
@@ -48,18 +51,11 @@ inline __attribute__((always_inline)) void leaf_impl(const T* theta, const T* m,
   }
 }
 
-PF_MULTIVERSION void leaf_portable(const float* th, const float* m, const float* g, float* tho, float* mo, int64_t n,
-                                   uint64_t seed, Coefficients<float> c, int64_t b, int64_t e) {
-  leaf_impl<float, philox::Portable>(th, m, g, tho, mo, n, seed, c, b, e);
-}
-PF_MULTIVERSION void leaf_portable(const double* th, const double* m, const double* g, double* tho, double* mo,
-                                   int64_t n, uint64_t seed, Coefficients<double> c, int64_t b, int64_t e) {
-  leaf_impl<double, philox::Portable>(th, m, g, tho, mo, n, seed, c, b, e);
-}
 #if PF_HAVE_V4_KERNELS
 // float32 on AVX-512: whole, aligned blocks are written with streaming stores,
 // so the new θ and m (fresh buffers, read by the next step, not this one) are
-// not first read into cache. The arithmetic is leaf_impl's, in the same order.
+// not first read into cache. The arithmetic is leaf_impl's, in the same order
+// and without FMAs (the same bits as at avx2 and baseline).
 // Measured on the SG-MCMC benchmark (10⁶ parameters, 2 threads), whole step in
 // the suite's steady state: 1.05-1.11 → 0.69-0.83 ms; this kernel alone in a
 // warm chained loop 0.295 → 0.286 ms.
@@ -80,9 +76,9 @@ PF_TARGET_V4 void leaf_v4(const float* th, const float* m, const float* g, float
     Block::fill(static_cast<uint64_t>(blk), seed, z);
     for (int64_t i = base; i < base + Block::kSize; i += 16) {
       const __m512 mi = _mm512_loadu_ps(m + i);
-      _mm512_stream_ps(tho + i, _mm512_fmadd_ps(step, mi, _mm512_loadu_ps(th + i)));
-      const __m512 kept = _mm512_fmadd_ps(lr, _mm512_loadu_ps(g + i), _mm512_mul_ps(keep, mi));
-      _mm512_stream_ps(mo + i, _mm512_fmadd_ps(scale, _mm512_load_ps(z + (i - base)), kept));
+      _mm512_stream_ps(tho + i, _mm512_add_ps(_mm512_loadu_ps(th + i), _mm512_mul_ps(step, mi)));
+      const __m512 kept = _mm512_add_ps(_mm512_mul_ps(keep, mi), _mm512_mul_ps(lr, _mm512_loadu_ps(g + i)));
+      _mm512_stream_ps(mo + i, _mm512_add_ps(kept, _mm512_mul_ps(scale, _mm512_load_ps(z + (i - base)))));
     }
   }
   _mm_sfence();  // the streamed lines are visible before the parallel region ends
@@ -93,14 +89,18 @@ PF_TARGET_V4 void leaf_v4(const double* th, const double* m, const double* g, do
 }
 #endif
 
+// leaf(isa, ...): avx2 and baseline build the portable engine for their target.
 template <typename T>
-void leaf(const T* th, const T* m, const T* g, T* tho, T* mo, int64_t n, uint64_t seed, Coefficients<T> c, int64_t b,
-          int64_t e) {
-#if PF_HAVE_V4_KERNELS
-  if (cpu_has_v4()) return leaf_v4(th, m, g, tho, mo, n, seed, c, b, e);
-#endif
-  leaf_portable(th, m, g, tho, mo, n, seed, c, b, e);
+PF_ALWAYS_INLINE void leaf_body(const T* th, const T* m, const T* g, T* tho, T* mo, int64_t n, uint64_t seed,
+                                Coefficients<T> c, int64_t b, int64_t e) {
+  leaf_impl<T, philox::Portable>(th, m, g, tho, mo, n, seed, c, b, e);
 }
+PF_ISA_VARIANTS_V4(template <typename T>, void, leaf, leaf_v4,
+                   (const T* th, const T* m, const T* g, T* tho, T* mo, int64_t n, uint64_t seed, Coefficients<T> c,
+                    int64_t b, int64_t e),
+                   (th, m, g, tho, mo, n, seed, c, b, e))
+
+PF_EXACT_FP_END
 
 void check_leaves(const at::TensorList& params, const at::TensorList& momenta, const at::TensorList& grads) {
   TORCH_CHECK(momenta.size() == params.size() && grads.size() == params.size(),
@@ -130,6 +130,7 @@ void update_leaves(const std::vector<size_t>& ks, const std::vector<at::Tensor>&
                    const std::vector<at::Tensor>& g, std::vector<at::Tensor>& tho, std::vector<at::Tensor>& mo,
                    const std::vector<uint64_t>& seeds, Coefficients<T> c) {
   constexpr int64_t size = philox::NormalBlock<T>::kSize;
+  const Isa isa = active_isa();
   std::vector<int64_t> first(ks.size() + 1, 0);
   for (size_t i = 0; i < ks.size(); ++i) first[i + 1] = first[i] + (th[ks[i]].numel() + size - 1) / size;
   at::parallel_for(0, first.back(), 64, [&](int64_t b, int64_t e) {
@@ -137,7 +138,7 @@ void update_leaves(const std::vector<size_t>& ks, const std::vector<at::Tensor>&
     for (; b < e; ++i) {
       const size_t k = ks[i];
       const int64_t stop = std::min(e, first[i + 1]);
-      leaf(th[k].const_data_ptr<T>(), m[k].const_data_ptr<T>(), g[k].const_data_ptr<T>(),
+      leaf(isa, th[k].const_data_ptr<T>(), m[k].const_data_ptr<T>(), g[k].const_data_ptr<T>(),
            tho[k].mutable_data_ptr<T>(), mo[k].mutable_data_ptr<T>(), th[k].numel(), seeds[k], c, b - first[i],
            stop - first[i]);
       b = stop;

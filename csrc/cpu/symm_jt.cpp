@@ -7,8 +7,8 @@
 // and Jᵀ, packed once, the vector operand. Each task is a band of kRows
 // output rows, all R columns; its S panel is packed chunk by chunk, so S is
 // read once. Measured at P = 4890, R = 64, float32, 2 threads: 11-12 ms against
-// 18 ms for torch.mm (MKL's AVX2 kernels on this AMD CPU). Elsewhere, or
-// for an S that is not row-major, one ATen GEMM.
+// 18 ms for torch.mm (MKL's AVX2 kernels on this AMD CPU). Below the avx512
+// ISA level (multiversion.h), or for an S that is not row-major, one ATen GEMM.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -102,7 +102,7 @@ at::Tensor symm_jt(const at::Tensor& s, const at::Tensor& j) {
   at::Tensor out = at::empty({j.size(1), j.size(0)}, s.options());
   if (out.numel() == 0) return out;
 #if PF_HAVE_V4_KERNELS
-  if (cpu_has_v4() && s.stride(1) == 1) {
+  if (active_isa() == Isa::kAvx512 && s.stride(1) == 1) {
     AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "symm_jt_avx512", [&] { symm_jt_run<scalar_t>(out, s, j); });
     return out;
   }

@@ -1,9 +1,9 @@
 // posteriors_fast::syrk_ and posteriors_fast::cov_downdate_ on the CPU.
 //
 // out ← beta·C + alpha·AᵀB on the upper triangle, optionally mirrored onto
-// the lower triangle (about half the FLOPs of a full AᵀB). On x86-64-v4 CPUs
-// the packed AVX-512 micro-kernel of gemm_avx512.h; elsewhere (or for a C
-// that is not row-major) one ATen GEMM per upper tile, below. Schemas and
+// the lower triangle (about half the FLOPs of a full AᵀB). At the avx512 ISA
+// level (multiversion.h) the packed AVX-512 micro-kernel of gemm_avx512.h;
+// below it (or for a C that is not row-major) one ATen GEMM per upper tile. Schemas and
 // semantics: posteriors_fast/_library.py.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -103,7 +103,7 @@ void syrk_(at::Tensor out, const at::Tensor& a, const std::optional<at::Tensor>&
   // C == out (in place) unless a separate C is given; with beta == 0 C is never read.
   const at::Tensor c = c_opt.has_value() ? *c_opt : out;
 #if PF_HAVE_V4_KERNELS
-  if (cpu_has_v4() && (c.stride(1) == 1 || beta == 0.0)) {
+  if (active_isa() == Isa::kAvx512 && (c.stride(1) == 1 || beta == 0.0)) {
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "syrk_avx512",
                                [&] { gemm_v4::syrk_run<scalar_t>(out, a, b, c, alpha, beta, mirror); });
     return;

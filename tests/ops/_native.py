@@ -1,10 +1,7 @@
-"""Helpers shared by the native-op tests: tolerances, the extension skip, and
-a run of the portable kernels in a child process."""
+"""Helpers shared by the native-op tests: tolerances, the extension skip, the
+ISA level the CPU kernels run at, and ULP distances."""
 
-import os
-import subprocess
-import sys
-import tempfile
+import contextlib
 
 import pytest
 import torch
@@ -17,6 +14,22 @@ TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-11, 1e-11)}
 EXT_LOADED, EXT_REASON = _library.load_extension()
 needs_ext = pytest.mark.skipif(not EXT_LOADED, reason=f"extension not built: {EXT_REASON}")
 
+#: float64 normal draws at two ISA levels are at most this many ULP apart: the
+#: same uniforms (identical generator words) through glibc's vector log/sin,
+#: whose SSE4, AVX2 and AVX-512 builds differ from each other in the last bits
+#: (measured over 10⁶ draws: at most 3 ULP).
+F64_ISA_ULPS = 16
+
+#: The ISA levels of the CPU kernels, best first (csrc/cpu/multiversion.h), and
+#: those this CPU can run.
+ISAS = ("avx512", "avx2", "baseline")
+if EXT_LOADED:
+    from posteriors_fast import _C
+
+    SUPPORTED_ISAS = tuple(_C.supported_cpu_isas())
+else:
+    _C, SUPPORTED_ISAS = None, ()
+
 
 def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
     rtol, atol = TOL[dtype]
@@ -24,18 +37,34 @@ def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> N
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale)
 
 
-def run_portable(body: str, inputs):
-    """Run ``body`` in a child process with POSTERIORS_FAST_PORTABLE_KERNELS=1
-    (the code CPUs without AVX-512 take). ``body`` sees ``inputs`` (saved with
-    ``torch.save``) as ``cases`` and the extension's ops as ``OPS``, and must
-    assign ``out``, which is returned."""
-    code = (
-        "import sys, torch; from posteriors_fast import _library; _library.load_extension(); "
-        "OPS = _library.OPS; cases = torch.load(sys.argv[1])\n" + body + "\ntorch.save(out, sys.argv[2])"
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = os.path.join(tmp, "in.pt"), os.path.join(tmp, "out.pt")
-        torch.save(inputs, paths[0])
-        env = dict(os.environ, POSTERIORS_FAST_PORTABLE_KERNELS="1")
-        subprocess.run([sys.executable, "-c", code, *paths], env=env, check=True)
-        return torch.load(paths[1])
+@contextlib.contextmanager
+def cpu_isa(name: str):
+    """Run the CPU kernels at ISA level ``name`` inside the block; the level
+    before is restored however the block ends."""
+    previous = _C.set_cpu_isa(name)
+    try:
+        yield name
+    finally:
+        _C.set_cpu_isa(previous)
+
+
+def at_each_isa(fn):
+    """``{level: fn()}`` for every level this CPU can run."""
+    results = {}
+    for name in SUPPORTED_ISAS:
+        with cpu_isa(name):
+            results[name] = fn()
+    return results
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Units in the last place between equal-shaped float tensors, elementwise
+    (int64): how many representable values lie from a to b."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    itype, sign_bit = {torch.float32: (torch.int32, 31), torch.float64: (torch.int64, 63)}[a.dtype]
+
+    def line(x):  # sign-magnitude bits -> a monotone integer line (-0 and +0 -> 0)
+        i = x.contiguous().view(itype).long()
+        return torch.where(i < 0, -(i & ((1 << sign_bit) - 1)), i)
+
+    return (line(a) - line(b)).abs()

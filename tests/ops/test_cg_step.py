@@ -1,5 +1,6 @@
-"""``cg_step``: every family's step against the formulas in float64, opcheck,
-and the CG loop of every family against the general loop."""
+"""``cg_step``: every family's step against the formulas in float64 (the C++
+kernel at every ISA level, and the levels against each other), opcheck, and
+the CG loop of every family against the general loop."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import posteriors_fast as pf
 from posteriors_fast import _library
 from posteriors_fast.ops import cg_step
 from tests._compare import assert_close_to_oracle
-from tests.ops._native import needs_ext
+from tests.ops._native import at_each_isa, needs_ext
 
 OPS = _library.OPS
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -24,30 +25,76 @@ def _oracle(x, r, p, ap, gamma, damping):
     return x, r, p, gamma_new
 
 
-STEPS = [
-    pytest.param(cg_step.cg_step_eager, id="eager"),
-    pytest.param(cg_step.cg_step_cpp, marks=needs_ext, id="cpp"),
-    pytest.param(cg_step.cg_step_torch_compile, id="torch_compile"),
-]
-
-
-@pytest.mark.parametrize("step", STEPS)
-@DTYPES
-@pytest.mark.parametrize("size", [1, 1000, 40_001])  # 40_001 spans several parallel chunks
-@pytest.mark.parametrize("damping", [0.0, 0.3])
-def test_step_matches_float64_formulas(step, dtype, size, damping):
-    if step is cg_step.cg_step_torch_compile and size == 1:
-        pytest.skip("torch.compile specialises size 1: one more graph per dtype and damping, for nothing")
+def _inputs(dtype, size):
     gen = torch.Generator().manual_seed(size)
     x, r, ap = (torch.randn(size, dtype=dtype, generator=gen) for _ in range(3))
     p = r + 0.1 * torch.randn(size, dtype=dtype, generator=gen)
     ap = ap.abs() + p  # keep p·ap away from zero
-    gamma = torch.dot(r, r)
+    return x, r, p, ap, torch.dot(r, r)
+
+
+def _check_step(step, dtype, size, damping):
+    x, r, p, ap, gamma = _inputs(dtype, size)
     ex, er, ep, eg = _oracle(x, r, p, ap, gamma, damping)
     got = step(x, r, p, ap, gamma, damping)
     assert got.shape == () and got.dtype == dtype
     for actual, expected in ((x, ex), (r, er), (p, ep), (got, eg)):
         assert_close_to_oracle(actual, expected, dtype)
+
+
+# Ragged against every vector width (2-16 lanes) and the 1024-element blocks;
+# 70_001 spans several parallel chunks (65_536 each).
+SIZES = pytest.mark.parametrize("size", [1, 7, 1025, 70_001])
+DAMPING = pytest.mark.parametrize("damping", [0.0, 0.3])
+
+
+@needs_ext
+@DTYPES
+@SIZES
+@DAMPING
+def test_cpp_step_at_each_isa_level_matches_float64_formulas(dtype, size, damping, isa):
+    _check_step(cg_step.cg_step_cpp, dtype, size, damping)
+
+
+@DTYPES
+@SIZES
+@DAMPING
+def test_eager_step_matches_float64_formulas(dtype, size, damping):
+    _check_step(cg_step.cg_step_eager, dtype, size, damping)
+
+
+@DTYPES
+@pytest.mark.parametrize("size", [1025, 70_001])  # tiny sizes are specialised: more graphs for nothing
+@DAMPING
+def test_compiled_step_matches_float64_formulas(dtype, size, damping):
+    _check_step(cg_step.cg_step_torch_compile, dtype, size, damping)
+
+
+@needs_ext
+@DTYPES
+def test_isa_levels_agree_with_each_other(dtype):
+    """Same inputs at every ISA level this CPU has: x, r, p and r·r within the
+    oracle tolerance of each other (not bit for bit: the vector width orders
+    the sums of the dot products, and avx2/avx512 contract to FMAs)."""
+    inputs = _inputs(dtype, 70_001)
+
+    def run():
+        x, r, p, ap, gamma = (t.clone() for t in inputs)
+        rr = OPS.cg_step_(x, r, p, ap, gamma, 0.3)
+        # A second step from the first one's state: differences do not grow.
+        rr2 = OPS.cg_step_(x, r, p, ap, rr.clone(), 0.3)
+        return x, r, p, rr, rr2
+
+    results = at_each_isa(run)
+    if dtype == torch.float64 and len(results) > 1:
+        # The switch reaches the loops: each level sums in its own order (and
+        # baseline without FMAs), so after two steps no two levels agree bit for bit.
+        xs = [outs[0] for outs in results.values()]
+        assert not any(torch.equal(a, b) for i, a in enumerate(xs) for b in xs[i + 1:])
+    reference = results.pop(next(iter(results)))
+    for outs in results.values():
+        for got, want in zip(outs, reference):
+            assert_close_to_oracle(got, want.double(), dtype)
 
 
 @needs_ext

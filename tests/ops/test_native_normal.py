@@ -1,25 +1,22 @@
 """posteriors_fast::normal_ (C++ Philox + Box-Muller): distribution,
-determinism, thread-count invariance, opcheck; and the ``normal`` dispatch."""
+determinism, thread-count invariance and the same draws at every ISA level,
+opcheck; and the ``normal`` dispatch."""
 
 import math
-import os
-import subprocess
-import sys
-import tempfile
 
 import pytest
 import torch
 
 from posteriors_fast import _library
 from posteriors_fast.ops import normal
-from tests.ops._native import needs_ext
+from tests.ops._native import F64_ISA_ULPS, at_each_isa, needs_ext, ulp_distance
 
 OPS = _library.OPS
 
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_moments_and_tails_of_a_large_fill(dtype):
+def test_moments_and_tails_of_a_large_fill(dtype, isa):
     n = 1_000_003  # not a multiple of any block
     x = torch.empty(n, dtype=dtype)
     OPS.normal_(x, 12345)
@@ -48,7 +45,7 @@ def test_neighbouring_draws_are_uncorrelated():
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("n", [1, 255, 257, 70_001])
-def test_same_seed_same_draws_for_any_thread_count_and_a_prefix_property(dtype, n):
+def test_same_seed_same_draws_for_any_thread_count_and_a_prefix_property(dtype, n, isa):
     threads = torch.get_num_threads()
     a, b = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
     OPS.normal_(a, 99)
@@ -93,27 +90,23 @@ def test_dispatch_shapes_seeding_and_fallbacks():
 
 
 @needs_ext
-def test_avx512_and_portable_philox_engines_draw_the_same_bits():
-    """The hand-written AVX-512 Philox (picked on x86-64-v4 CPUs) and the
-    portable one must give identical draws, for normal_ in both dtypes (many
-    blocks, a ragged end) and for sghmc_step; POSTERIORS_FAST_PORTABLE_KERNELS=1
-    forces the portable engine in a child process. (On a CPU without AVX-512
-    both runs take the portable engine and the test is trivially true.)"""
-    code = (
-        "import sys, torch; from posteriors_fast import _library; _library.load_extension(); "
-        "out = []\n"
-        "for dtype in (torch.float32, torch.float64):\n"
-        "    x = torch.empty(70_001, dtype=dtype); _library.OPS.normal_(x, -123456789); out.append(x)\n"
-        "z = [torch.zeros(5000)] * 3\n"
-        "out += list(_library.OPS.sghmc_step(z, z, z, 0.0, 0.0, 0.0, 1.0, 99)[1])\n"
-        "torch.save(out, sys.argv[1])"
-    )
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for portable in ("0", "1"):
-            path = os.path.join(tmp, f"draws{portable}.pt")
-            env = dict(os.environ, POSTERIORS_FAST_PORTABLE_KERNELS=portable)
-            subprocess.run([sys.executable, "-c", code, path], env=env, check=True)
-            results.append(torch.load(path))
-    for fast, portable in zip(*results):
-        assert torch.equal(fast, portable)
+@pytest.mark.parametrize("n", [1, 255, 257, 70_001, 1_000_003])
+def test_every_isa_level_draws_the_same_numbers(n):
+    """The hand-written AVX-512 Philox (avx512) and the portable engine built
+    for AVX2 and for baseline x86-64 give the same generator words, and the
+    float32 Box-Muller transform (no FMA contraction) the same draws bit for
+    bit; float64 agrees to glibc's log/sin (F64_ISA_ULPS)."""
+
+    def draws():
+        out = []
+        for dtype in (torch.float32, torch.float64):
+            x = torch.empty(n, dtype=dtype)
+            OPS.normal_(x, -123456789)
+            out.append(x)
+        return out
+
+    results = at_each_isa(draws)
+    (best_f32, best_f64), *_ = results.values()
+    for level, (f32, f64) in results.items():
+        assert torch.equal(f32, best_f32), level
+        assert int(ulp_distance(f64, best_f64).max()) <= F64_ISA_ULPS, level

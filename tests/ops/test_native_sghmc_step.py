@@ -1,5 +1,6 @@
-"""posteriors_fast::sghmc_step (C++, noise drawn in the kernel) against the
-foreach formulas, its noise distribution, determinism, opcheck, dispatch."""
+"""posteriors_fast::sghmc_step (C++, noise drawn in the kernel) at every ISA
+level against the foreach formulas with its own noise and against each other,
+its noise distribution, determinism, opcheck, dispatch."""
 
 import math
 
@@ -8,10 +9,11 @@ import torch
 
 from posteriors_fast import _library
 from posteriors_fast.ops import sghmc_step as ops
-from tests.ops._native import close, needs_ext
+from tests.ops._native import F64_ISA_ULPS, at_each_isa, close, needs_ext
 
 OPS = _library.OPS
 SHAPES = [(), (1,), (3, 5), (257,), (40, 1000)]
+PHI = 0x9E3779B97F4A7C15  # leaf k draws the normal_ stream seed + k·φ (mod 2⁶⁴)
 
 
 def _leaves(dtype, seed):
@@ -43,8 +45,68 @@ def test_noise_is_standard_normal_and_independent_across_leaves(dtype):
     assert abs(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1]) < 5 * se  # leaves differ
 
 
+def _stream(seed, k):
+    s = (seed + k * PHI) % 2**64
+    return s - 2**64 if s >= 2**63 else s
+
+
+def _realistic_leaves(dtype, seed):
+    """Random θ, m, g; ragged leaf sizes (the noise blocks hold 256 float32 /
+    128 float64 draws, the AVX-512 path streams whole aligned blocks), and a
+    transposed (non-contiguous) leaf."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(), (1,), (3, 5), (257,), (40, 1000), (1000, 3), (70_001,), (513,)]
+    leaves = [[torch.randn(s, dtype=dtype, generator=gen) for s in shapes] for _ in range(3)]
+    for leaf in leaves:
+        leaf[5] = leaf[5].T  # (3, 1000) view of a (1000, 3) tensor
+    return leaves
+
+
+# step = lr·prec, keep = 1 - lr·prec·α, lr, scale as sgmcmc.sghmc passes them
+# (lr = 0.01, prec = 5, α = 1): all nonzero, as in a chain.
+COEFFS = (0.05, 0.95, 0.01, 0.14)
+
+
 @needs_ext
-def test_same_seed_same_step_for_any_thread_count():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_whole_step_matches_the_formulas_with_its_own_noise(dtype, isa):
+    """θ' = θ + step·m and m' = keep·m + lr·g + scale·ξ in float64, where ξ is
+    each leaf's stream drawn by normal_ at the same level."""
+    params, momenta, grads = _realistic_leaves(dtype, 5)
+    step, keep, lr, scale = COEFFS
+    seed = -987654321
+    new_p, new_m = OPS.sghmc_step(params, momenta, grads, step, keep, lr, scale, seed)
+    for k, (p, m, g, p2, m2) in enumerate(zip(params, momenta, grads, new_p, new_m)):
+        assert p2.shape == p.shape and m2.shape == p.shape and p2.dtype == m2.dtype == dtype
+        xi = torch.empty(p.numel(), dtype=dtype)
+        OPS.normal_(xi, _stream(seed, k))
+        xi = xi.reshape(p.shape).double()
+        close(p2, p.double() + step * m.double(), dtype)
+        close(m2, keep * m.double() + lr * g.double() + scale * xi, dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_every_isa_level_takes_the_same_step(dtype):
+    """On realistic inputs: θ' bit for bit at every level (no FMA contraction in
+    the update, also in the AVX-512 streaming path); m' too in float32, whose
+    noise is identical; in float64 the noise agrees to glibc's log/sin
+    (F64_ISA_ULPS), so m' to that times scale."""
+    leaves = _realistic_leaves(dtype, 6)
+    results = at_each_isa(lambda: OPS.sghmc_step(*leaves, *COEFFS, 2024))
+    (best_p, best_m), *_ = results.values()
+    for level, (new_p, new_m) in results.items():
+        for a, b in zip(new_p, best_p):
+            assert torch.equal(a, b), level
+        for a, b in zip(new_m, best_m):
+            if dtype == torch.float32:
+                assert torch.equal(a, b), level
+            else:  # scale·(ξ - ξ_best) with |ξ| < 9, and the rounding of the sum (|m'| < 9)
+                assert float((a - b).abs().max()) <= (F64_ISA_ULPS * COEFFS[3] + 1) * 9 * 2.0**-52, level
+
+
+@needs_ext
+def test_same_seed_same_step_for_any_thread_count(isa):
     params, momenta, grads = _leaves(torch.float32, 1)
     first = OPS.sghmc_step(params, momenta, grads, 0.1, 0.9, 0.01, 0.3, 42)
     threads = torch.get_num_threads()
@@ -80,7 +142,7 @@ def test_dispatch_falls_back_to_the_reference_draws_for_mixed_dtypes():
 
 
 @needs_ext
-def test_leaf_k_draws_the_normal_stream_seed_plus_k_phi_with_mixed_dtypes_in_one_call():
+def test_leaf_k_draws_the_normal_stream_seed_plus_k_phi_with_mixed_dtypes_in_one_call(isa):
     """All leaves run in one parallel region per dtype; each leaf's noise is
     still the stream ``normal_`` draws for seed + k·φ, whatever the other
     leaves are (empty, tiny, another dtype)."""
@@ -90,7 +152,6 @@ def test_leaf_k_draws_the_normal_stream_seed_plus_k_phi_with_mixed_dtypes_in_one
     seed = 123
     _, noise = OPS.sghmc_step(zeros, zeros, zeros, 0.0, 0.0, 0.0, 1.0, seed)
     for k, (z, d) in enumerate(zip(noise, dtypes)):
-        stream = (seed + k * 0x9E3779B97F4A7C15) % 2**64
         expected = torch.empty(z.numel(), dtype=d)
-        OPS.normal_(expected, stream - 2**64 if stream >= 2**63 else stream)
+        OPS.normal_(expected, _stream(seed, k))
         assert z.dtype == d and torch.equal(z.reshape(-1), expected)

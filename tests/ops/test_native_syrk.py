@@ -1,13 +1,14 @@
-"""posteriors_fast::syrk_ and ::cov_downdate_: the C++ CPU kernels (the
-AVX-512 micro-kernel and the portable ATen-GEMM tiles) against a float64
-oracle, opcheck, declared non-differentiability, and dispatch."""
+"""posteriors_fast::syrk_ and ::cov_downdate_: the C++ CPU kernels at every
+ISA level (the AVX-512 micro-kernel at avx512, the ATen-GEMM tiles that CPUs
+without AVX-512 run at avx2 and baseline) against a float64 oracle and each
+other, opcheck, declared non-differentiability, and dispatch."""
 
 import pytest
 import torch
 
 from posteriors_fast import _library
 from posteriors_fast.ops import cov_downdate, syrk
-from tests.ops._native import close, needs_ext, run_portable
+from tests.ops._native import at_each_isa, close, needs_ext
 
 OPS = _library.OPS
 # P around the tiles (240 for the AVX-512 kernel, 256/512 for the portable
@@ -25,7 +26,7 @@ def _sym(p, dtype, gen):
 @pytest.mark.parametrize("k,p", SHAPES)
 @pytest.mark.parametrize("mirror", [True, False])
 @pytest.mark.parametrize("variant", ["inplace", "separate_c", "beta0_nan", "with_b"])
-def test_syrk_matches_float64_oracle(dtype, k, p, mirror, variant):
+def test_syrk_matches_float64_oracle(dtype, k, p, mirror, variant, isa):
     gen = torch.Generator().manual_seed(k * 1000 + p)
     a = torch.randn(k, p, dtype=dtype, generator=gen)
     b, c, alpha, beta = None, None, -0.7, 1.0
@@ -57,7 +58,7 @@ def test_syrk_matches_float64_oracle(dtype, k, p, mirror, variant):
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("r,p", [(1, 1), (1, 600), (8, 1030)])
-def test_cov_downdate_matches_oracle_and_is_symmetric(dtype, r, p):
+def test_cov_downdate_matches_oracle_and_is_symmetric(dtype, r, p, isa):
     gen = torch.Generator().manual_seed(r + p)
     m = torch.randn(p + 2, p, dtype=torch.float64, generator=gen)
     cov = (m.T @ m / p + torch.eye(p, dtype=torch.float64)).to(dtype)
@@ -70,7 +71,7 @@ def test_cov_downdate_matches_oracle_and_is_symmetric(dtype, r, p):
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_empty_k_gives_beta_c(dtype):
+def test_empty_k_gives_beta_c(dtype, isa):
     c = _sym(50, dtype, torch.Generator().manual_seed(3))
     out = torch.full((50, 50), float("nan"), dtype=dtype)
     OPS.syrk_(out, torch.zeros(0, 50, dtype=dtype), None, c, 1.0, 2.0, True)
@@ -81,31 +82,49 @@ def test_empty_k_gives_beta_c(dtype):
 
 
 @needs_ext
-def test_portable_path_matches_the_oracle():
-    """The ATen-GEMM tiles that CPUs without AVX-512 run, forced in a child
-    process (POSTERIORS_FAST_PORTABLE_KERNELS=1), on the shapes and variants
-    above. (On such a CPU both paths are the portable one.)"""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_isa_levels_agree_with_each_other(dtype):
+    """The same calls at every ISA level this CPU has (AVX-512 micro-kernel,
+    ATen tiles): results within the oracle tolerance of each other, exactly
+    symmetric when mirrored, the lower triangle untouched when not."""
     gen = torch.Generator().manual_seed(7)
-    cases, expected = [], []
-    for dtype in (torch.float32, torch.float64):
-        for k, p in [(5, 513), (64, 300), (129, 241)]:
-            a = torch.randn(k, p, dtype=dtype, generator=gen)
-            c = _sym(p, dtype, gen)
-            b = (_sym(k, torch.float64, gen).to(dtype)) @ a
-            cases.append((c.clone(), a, None, None, -0.7, 1.0, True))
-            expected.append(c.double() - 0.7 * a.double().T @ a.double())
-            cases.append((torch.full((p, p), float("nan"), dtype=dtype), a, b, c, 0.5, 2.0, True))
-            expected.append(2.0 * c.double() + 0.5 * a.double().T @ b.double())
-    body = "out = []\nfor o, a, b, c, alpha, beta, mirror in cases:\n    OPS.syrk_(o, a, b, c, alpha, beta, mirror); out.append(o)"
-    results = run_portable(body, cases)
-    for result, want, case in zip(results, expected, cases):
-        upper = torch.ones(want.shape, dtype=torch.bool).triu()
-        close(result[upper], want[upper], case[1].dtype)
-        assert torch.equal(result, result.T)
+    cases = []
+    for k, p in [(5, 513), (64, 300), (129, 241), (300, 481)]:
+        a = torch.randn(k, p, dtype=dtype, generator=gen)
+        c = _sym(p, dtype, gen)
+        b = _sym(k, torch.float64, gen).to(dtype) @ a
+        cases.append((c.clone(), a, None, None, -0.7, 1.0, True))
+        cases.append((torch.full((p, p), float("nan"), dtype=dtype), a, b, c, 0.5, 2.0, True))
+        cases.append((torch.full((p, p), 3.0, dtype=dtype), a, None, c, 1.5, -1.0, False))
+
+    def run():
+        outs = []
+        for out, a, b, c, alpha, beta, mirror in cases:
+            out = out.clone()
+            OPS.syrk_(out, a, b, c, alpha, beta, mirror)
+            outs.append(out)
+        cov = cases[0][0].clone()
+        OPS.cov_downdate_(cov, cases[0][1] / 10)
+        return outs + [cov]
+
+    results = at_each_isa(run)
+    if {"avx512", "avx2"} <= results.keys():  # the switch reaches the kernel: its own rounding, not ATen's
+        assert not all(torch.equal(a, b) for a, b in zip(results["avx512"], results["avx2"]))
+    if {"avx2", "baseline"} <= results.keys():  # both levels run ATen's GEMMs: the same code, the same bits
+        assert all(torch.equal(a, b) for a, b in zip(results["avx2"], results["baseline"]))
+    reference = results.pop(next(iter(results)))
+    for outs in results.values():
+        for got, want, case in zip(outs, reference, cases + [cases[0]]):
+            upper = torch.ones(want.shape, dtype=torch.bool).triu()
+            close(got[upper], want[upper].double(), dtype)
+            if case[-1]:
+                assert torch.equal(got, got.T)
+            else:
+                assert torch.equal(got[~upper], torch.full_like(got[~upper], 3.0))
 
 
 @needs_ext
-def test_non_contiguous_a_and_strided_out():
+def test_non_contiguous_a_and_strided_out(isa):
     a = torch.randn(40, 9).T  # (9, 40) view with strides (1, 9)
     big = torch.zeros(40, 50)
     out = big[:, 5:45]  # row-major with stride 50

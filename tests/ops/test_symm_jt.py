@@ -1,13 +1,14 @@
-"""symm_jt (S·Jᵀ for a symmetric S): each backend and the C++ kernel (its
-AVX-512 path and, in a child process, the portable ATen GEMM) against a
-float64 oracle; opcheck, no-autograd guard, bad input, dispatch."""
+"""symm_jt (S·Jᵀ for a symmetric S): each backend and the C++ kernel at every
+ISA level (the AVX-512 micro-kernel at avx512, the ATen GEMM that CPUs without
+AVX-512 run at avx2 and baseline) against a float64 oracle and each other;
+opcheck, no-autograd guard, bad input, dispatch."""
 
 import pytest
 import torch
 
 from posteriors_fast import _library
 from posteriors_fast.ops import symm_jt
-from tests.ops._native import close, needs_ext, run_portable
+from tests.ops._native import at_each_isa, close, needs_ext
 
 OPS = _library.OPS
 # P around the 96-row tasks and 128-deep chunks; R around the 64-wide
@@ -30,7 +31,7 @@ def _inputs(p, r, dtype, seed, j_layout="rows"):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("p,r", SHAPES)
 @pytest.mark.parametrize("j_layout", ["rows", "columns"])
-def test_kernel_matches_float64_oracle(dtype, p, r, j_layout):
+def test_kernel_matches_float64_oracle(dtype, p, r, j_layout, isa):
     s, j = _inputs(p, r, dtype, p * 100 + r, j_layout)
     out = OPS.symm_jt(s, j)
     assert out.shape == (p, r) and out.dtype == dtype and out.is_contiguous()
@@ -38,7 +39,7 @@ def test_kernel_matches_float64_oracle(dtype, p, r, j_layout):
 
 
 @needs_ext
-def test_s_that_is_not_row_major_takes_the_aten_path():
+def test_s_that_is_not_row_major_takes_the_aten_path(isa):
     s, j = _inputs(50, 7, torch.float32, 1)
     s_t = s.T.contiguous().T  # same values (symmetric), column-major storage
     close(OPS.symm_jt(s_t, j), s.double() @ j.double().T, torch.float32)
@@ -51,13 +52,18 @@ def test_empty_shapes():
 
 
 @needs_ext
-def test_portable_path_matches_the_oracle():
-    """The ATen GEMM that CPUs without AVX-512 run, forced in a child process
-    (POSTERIORS_FAST_PORTABLE_KERNELS=1)."""
-    cases = [_inputs(p, r, dtype, 7) for dtype in (torch.float32, torch.float64) for p, r in [(97, 65), (300, 129)]]
-    results = run_portable("out = [OPS.symm_jt(s, j) for s, j in cases]", cases)
-    for (s, j), result in zip(cases, results):
-        close(result, s.double() @ j.double().T, s.dtype)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_isa_levels_agree_with_each_other(dtype):
+    cases = [_inputs(p, r, dtype, 7, layout) for p, r in [(97, 65), (300, 129), (1100, 64)] for layout in ("rows", "columns")]
+    results = at_each_isa(lambda: [OPS.symm_jt(s, j) for s, j in cases])
+    if {"avx512", "avx2"} <= results.keys():  # the switch reaches the kernel: its own rounding, not ATen's
+        assert not all(torch.equal(a, b) for a, b in zip(results["avx512"], results["avx2"]))
+    if {"avx2", "baseline"} <= results.keys():  # both levels run ATen's GEMMs: the same code, the same bits
+        assert all(torch.equal(a, b) for a, b in zip(results["avx2"], results["baseline"]))
+    reference = results.pop(next(iter(results)))
+    for outs in results.values():
+        for got, want in zip(outs, reference):
+            close(got, want.double(), dtype)
 
 
 @needs_ext
