@@ -142,3 +142,38 @@ def test_triton_kernels_are_imported_only_where_they_run():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
+def test_every_mutating_op_advances_the_version_of_what_it_writes(mode):
+    """As torch's in-place ops do, in every grad mode: caches keyed on
+    (tensor, version) and autograd's saved-tensor checks see the write."""
+    ops = _library.OPS
+    a = torch.randn(6, 9)
+    out = torch.zeros(9, 9)
+    cov = torch.eye(9)
+    noise = torch.empty(100)
+    x, r = torch.zeros(20), torch.randn(20)
+    p = r.clone()
+    gamma = torch.dot(r, r)
+    tensors = (out, cov, noise, x, r, p)
+    before = [t._version for t in tensors]
+    context = {"grad": torch.enable_grad(), "no_grad": torch.no_grad(), "inference_mode": torch.inference_mode()}[mode]
+    with context:
+        ops.syrk_(out, a, None, None, 1.0, 0.0, True)
+        ops.cov_downdate_(cov, a / 10)
+        ops.normal_(noise, 7)
+        ops.cg_step_(x, r, p, 2 * p, gamma, 0.0)
+    assert all(t._version > v for t, v in zip(tensors, before))
+    assert a._version == 0 and gamma._version == 0  # arguments only read keep theirs
+
+
+@needs_ext
+def test_autograd_sees_a_native_write_into_a_saved_tensor():
+    w = torch.randn(9, 9, requires_grad=True)
+    cov = torch.eye(9)
+    y = (w * cov).sum()  # saves cov for the backward pass
+    _library.OPS.cov_downdate_(cov, torch.randn(2, 9))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
