@@ -1,7 +1,13 @@
 """Shared fixtures. posteriors 0.0.5 imports ``optree.integration.torch``, which
 current optree calls ``optree.integrations.torch``: alias it before anything
-imports the reference."""
+imports the reference.
 
+``POSTERIORS_FAST_CI=1`` (set by ``.ci/run``) turns the skips that a broken
+install would cause (posteriors 0.0.5, triton or the C++ extension missing)
+into failures: in CI, everything the test extra installs must be there.
+"""
+
+import os
 import sys
 
 import optree
@@ -13,14 +19,26 @@ import torch
 sys.modules.setdefault("optree.integration", optree.integrations)
 sys.modules.setdefault("optree.integration.torch", optree.integrations.torch)
 
+#: In CI a missing dependency is an error, not a skip.
+IN_CI = os.environ.get("POSTERIORS_FAST_CI") == "1"
+
+
+def skip_unless_installed(ok: bool, reason: str) -> None:
+    """Skip (locally) or fail (in CI) when a dependency is missing."""
+    if ok:
+        return
+    if IN_CI:
+        pytest.fail(f"{reason}: in CI every test dependency must be installed", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
 
 @pytest.fixture
 def ref():
     """The reference implementation, posteriors 0.0.5."""
     try:
         import posteriors
-    except ImportError:
-        pytest.skip("posteriors==0.0.5 not installed (pip install -e .[test])")
+    except ImportError as err:
+        skip_unless_installed(False, f"posteriors==0.0.5 does not import ({err}); pip install -e .[test]")
     return posteriors
 
 

@@ -11,6 +11,7 @@ same wrong address here as there.
 """
 
 import ast
+import importlib.util
 import inspect
 import json
 import os
@@ -23,7 +24,9 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton not installed")
+from tests.conftest import skip_unless_installed
+
+skip_unless_installed(importlib.util.find_spec("triton") is not None, "triton not installed")
 
 from posteriors_fast.kernels.triton import cg_step, syrk  # noqa: E402
 

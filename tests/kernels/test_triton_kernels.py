@@ -5,12 +5,15 @@ Triton interpreter, against float64 eager oracles.
 that import only (``triton.jit`` reads it when a kernel is decorated).
 """
 
+import importlib.util
 import os
 
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton not installed")
+from tests.conftest import skip_unless_installed
+
+skip_unless_installed(importlib.util.find_spec("triton") is not None, "triton not installed")
 
 from posteriors_fast.kernels.triton import cg_step, cov_downdate, syrk  # noqa: E402,F401
 
