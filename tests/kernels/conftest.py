@@ -21,6 +21,7 @@ import importlib.util
 import os
 
 import pytest
+import torch
 
 #: The kernel modules (``cov_downdate`` and ``cg_step`` import ``syrk``).
 KERNEL_MODULES = (
@@ -61,8 +62,26 @@ def import_interpreted(names=KERNEL_MODULES):
             os.environ["TRITON_INTERPRET"] = saved
 
 
-if importlib.util.find_spec("triton") is not None:
+#: On a CUDA machine this folder runs only when asked to (its own process):
+#: its interpreted imports would break the compiled kernels of tests/kernels_cuda.
+INTERPRET_HERE = not torch.cuda.is_available() or os.environ.get("POSTERIORS_FAST_TRITON_INTERPRET") == "1"
+
+if importlib.util.find_spec("triton") is not None and INTERPRET_HERE:
     import_interpreted()
+
+
+def pytest_collection_modifyitems(config, items):
+    if INTERPRET_HERE:
+        return
+    skip = pytest.mark.skip(
+        reason="CUDA present: the compiled Triton kernels are tested by tests/kernels_cuda; this folder "
+        "runs them under the interpreter in a process of its own (POSTERIORS_FAST_TRITON_INTERPRET=1, "
+        "as benchmarks/gpu_check.sh does)"
+    )
+    folder = os.path.dirname(os.path.abspath(__file__))
+    for item in items:
+        if str(item.fspath).startswith(folder):
+            item.add_marker(skip)
 
 
 @pytest.fixture
