@@ -64,8 +64,8 @@ SCHEMAS = {
 ALLOC_SCHEMAS = {
     # An uninitialised contiguous tensor of `size` with like's dtype (CPU) whose
     # memory is reused by a later request of the same byte size once it is
-    # freed (csrc/cpu/buffer_pool.cpp), so it is not faulted in afresh.
-    "pooled_empty": "pooled_empty(int[] size, Tensor like) -> Tensor",
+    # freed (csrc/cpu/new_matrix.cpp), so it is not faulted in afresh.
+    "new_matrix": "new_matrix(int[] size, Tensor like) -> Tensor",
     # Bytes idle in that pool; release=True first frees them.
     "pool_idle_bytes": "pool_idle_bytes(bool release) -> int",
 }
@@ -127,8 +127,8 @@ def _sghmc_step_fake(params, momenta, grads, step, keep, lr, scale, seed):
     return [torch.empty_like(p) for p in params], [torch.empty_like(m) for m in momenta]
 
 
-@torch.library.register_fake(f"{NAMESPACE}::pooled_empty")
-def _pooled_empty_fake(size, like):
+@torch.library.register_fake(f"{NAMESPACE}::new_matrix")
+def _new_matrix_fake(size, like):
     return like.new_empty(size)
 
 

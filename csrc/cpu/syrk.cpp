@@ -1,4 +1,4 @@
-// posteriors_fast::syrk_ and posteriors_fast::cov_downdate_ on the CPU.
+// posteriors_fast::syrk_ on the CPU.
 //
 // out ← beta·C + alpha·AᵀB on the upper triangle, optionally mirrored onto
 // the lower triangle (about half the FLOPs of a full AᵀB). At the avx512 ISA
@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "gemm_avx512.h"
+#include "syrk.h"
 #include "tasks.h"
 
 #include <algorithm>
@@ -168,14 +169,6 @@ void syrk_(at::Tensor out, const at::Tensor& a, const std::optional<at::Tensor>&
   });
 }
 
-void cov_downdate_(at::Tensor cov, const at::Tensor& w) {
-  TORCH_CHECK(w.dim() == 2, "posteriors_fast::cov_downdate_: w must be 2-D (R, P), got ", w.sizes());
-  syrk_(cov, w, std::nullopt, std::nullopt, -1.0, 1.0, true);
-}
-
-TORCH_LIBRARY_IMPL(posteriors_fast, CPU, m) {
-  m.impl("syrk_", &syrk_);
-  m.impl("cov_downdate_", &cov_downdate_);
-}
+TORCH_LIBRARY_IMPL(posteriors_fast, CPU, m) { m.impl("syrk_", &syrk_); }
 
 }  // namespace posteriors_fast

@@ -2,7 +2,7 @@
 dense precision or covariance (a P×P matrix every step).
 
 Eager torch allocates it with ``torch.empty``. On the CPU the compiled backend
-takes it from the C++ extension's block pool (``posteriors_fast::pooled_empty``):
+takes it from the C++ extension's block pool (``posteriors_fast::new_matrix``):
 a block freed by the previous step's state is handed out again instead of
 fresh pages, which cost a page fault per 4 KiB on first touch. Measured on a
 4.4 MB matrix (P = 1045) right after an unrelated step that allocated and freed
@@ -28,7 +28,7 @@ def new_matrix_cpp(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     """A pooled block (contiguous, ``like``'s dtype) on the CPU. ``like`` only
     gives the dtype: detached, so a fresh buffer never joins an autograd graph
     (an in-place differentiable write into it still records its own node)."""
-    return _library.OPS.pooled_empty(list(shape), like.detach())
+    return _library.OPS.new_matrix(list(shape), like.detach())
 
 
 register("new_matrix", "eager", new_matrix_eager, doc="uninitialised output matrix of an update (torch.empty)")

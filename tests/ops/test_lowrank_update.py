@@ -3,6 +3,8 @@ float64 dense inverses; writing in place into Σ equals writing a new tensor."""
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from posteriors_fast.ops import syrk
 from posteriors_fast.ops.lowrank_update import lowrank_update
@@ -40,3 +42,28 @@ def test_matches_dense_inverse(backend, dtype, rows, p, transition, monkeypatch)
     in_place = plan.write(cov)
     assert in_place is cov
     torch.testing.assert_close(in_place, fresh, rtol=0, atol=0)
+
+
+def _spd_seeded(p, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(p, p, generator=g, dtype=torch.float64)
+    return a @ a.T / p + 0.3 * torch.eye(p, dtype=torch.float64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 12),
+    size=st.integers(1, 12),
+    beta=st.floats(1e-3, 10.0),
+    q=st.floats(0.0, 2.0),
+    seed=st.integers(0, 2**16),
+)
+def test_lowrank_update_is_the_dense_inverse(rows, size, beta, q, seed):
+    cov = _spd_seeded(size, seed)
+    jac = torch.randn(rows, size, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    plan = lowrank_update(cov, q, jac, beta, backend="eager")
+    want = torch.linalg.inv(torch.linalg.inv(cov + q * torch.eye(size, dtype=torch.float64)) + beta * jac.T @ jac)
+    got = plan.write()
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(plan.mean_step, want @ jac.mean(0), rtol=1e-7, atol=1e-9)
+    assert torch.equal(got, got.T)

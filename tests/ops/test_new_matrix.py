@@ -90,7 +90,7 @@ def test_fake_kernel_gives_the_shape_without_data():
 
     with FakeTensorMode():
         like = torch.empty(3, dtype=torch.float64)
-        out = _library.OPS.pooled_empty([4, 7], like)
+        out = _library.OPS.new_matrix([4, 7], like)
     assert out.shape == (4, 7) and out.dtype == torch.float64
 
 

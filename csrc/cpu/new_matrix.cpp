@@ -1,4 +1,4 @@
-// posteriors_fast::pooled_empty on the CPU: an uninitialised tensor whose
+// posteriors_fast::new_matrix on the CPU: an uninitialised tensor whose
 // memory, once every reference to it is gone, goes back to a small pool for
 // the next request of the same byte size instead of back to malloc.
 //
@@ -95,11 +95,11 @@ Pool& pool() {
 
 }  // namespace
 
-at::Tensor pooled_empty(c10::IntArrayRef size, const at::Tensor& like) {
-  TORCH_CHECK(like.device().is_cpu(), "posteriors_fast::pooled_empty: like must be a CPU tensor");
+at::Tensor new_matrix(c10::IntArrayRef size, const at::Tensor& like) {
+  TORCH_CHECK(like.device().is_cpu(), "posteriors_fast::new_matrix: like must be a CPU tensor");
   int64_t numel = 1;
   for (int64_t s : size) {
-    TORCH_CHECK(s >= 0, "posteriors_fast::pooled_empty: negative size ", size);
+    TORCH_CHECK(s >= 0, "posteriors_fast::new_matrix: negative size ", size);
     numel *= s;
   }
   const size_t bytes = static_cast<size_t>(numel) * like.element_size();
@@ -115,7 +115,7 @@ int64_t pool_idle_bytes(bool release) {
   return static_cast<int64_t>(pool().idle_bytes());
 }
 
-TORCH_LIBRARY_IMPL(posteriors_fast, CPU, m) { m.impl("pooled_empty", &pooled_empty); }
+TORCH_LIBRARY_IMPL(posteriors_fast, CPU, m) { m.impl("new_matrix", &new_matrix); }
 TORCH_LIBRARY_IMPL(posteriors_fast, CompositeExplicitAutograd, m) { m.impl("pool_idle_bytes", &pool_idle_bytes); }
 
 }  // namespace posteriors_fast

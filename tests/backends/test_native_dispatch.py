@@ -121,7 +121,7 @@ def test_setup_skips_the_extension_when_asked(tmp_path):
     import os
     import pathlib
 
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     env = dict(os.environ, POSTERIORS_FAST_BUILD_EXT="0")
     out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env=env,
                          capture_output=True, text=True, timeout=120)
