@@ -10,10 +10,10 @@ from optree.integrations.torch import tree_ravel
 
 import posteriors_fast as pf
 from posteriors_fast import operators
+from tests._compare import assert_tree_close, tol
 
 from .ekf._problem import logits, make_problem
 
-TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-10)}
 
 
 @pytest.fixture
@@ -25,16 +25,12 @@ def setup(dtype):
     return params, batch, v, forward, loss
 
 
-def _close(a, b, dtype):
-    torch.testing.assert_close(tree_ravel(a)[0], tree_ravel(b)[0], **TOL[dtype])
-
-
 @pytest.mark.parametrize("normalize", [False, True])
 def test_ggn_operator_matches_reference_ggnvp(ref, setup, dtype, normalize):
     params, _, v, forward, loss = setup
     op = operators.ggn_operator(lambda p: forward(p), loss, params, normalize=normalize)
     want = ref.ggnvp(lambda p: forward(p), loss, (params,), (v,), normalize=normalize)[1]
-    _close(op(v), want, dtype)
+    assert_tree_close(op(v), want, dtype)
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -45,7 +41,7 @@ def test_fisher_operator_matches_reference_fvp(ref, setup, dtype, normalize):
         return -torch.nn.functional.cross_entropy(forward(p), batch["y"], reduction="none")
 
     op = operators.fisher_operator(per_sample, params, normalize=normalize)
-    _close(op(v), ref.fvp(per_sample, (params,), (v,), normalize=normalize)[1], dtype)
+    assert_tree_close(op(v), ref.fvp(per_sample, (params,), (v,), normalize=normalize)[1], dtype)
 
 
 def test_hessian_operator_matches_reference_hvp(ref, setup, dtype):
@@ -54,7 +50,7 @@ def test_hessian_operator_matches_reference_hvp(ref, setup, dtype):
     def f(p):
         return loss(forward(p))
 
-    _close(operators.hessian_operator(f, params)(v), ref.hvp(f, (params,), (v,))[1], dtype)
+    assert_tree_close(operators.hessian_operator(f, params)(v), ref.hvp(f, (params,), (v,))[1], dtype)
 
 
 def test_operator_falls_back_when_linearize_cannot_trace(setup, dtype, monkeypatch):
@@ -68,7 +64,7 @@ def test_operator_falls_back_when_linearize_cannot_trace(setup, dtype, monkeypat
 
     op = operators.ggn_operator(data_dependent, loss, params)
     want = pf.ggnvp(data_dependent, loss, (params,), (v,))[1]
-    _close(op(v), want, dtype)
+    assert_tree_close(op(v), want, dtype)
 
 
 def test_cg_with_operator_equals_cg_with_closure(setup, dtype, backend):
@@ -80,7 +76,7 @@ def test_cg_with_operator_equals_cg_with_closure(setup, dtype, backend):
 
     x_op, info_op = pf.cg(op, v, maxiter=15, damping=0.1, backend=backend)
     x_cl, info_cl = pf.cg(closure, v, maxiter=15, damping=0.1, backend=backend)
-    _close(x_op, x_cl, dtype)
+    assert_tree_close(x_op, x_cl, dtype)
     assert info_op["niter"] == info_cl["niter"]
 
 
@@ -102,13 +98,13 @@ def test_every_operator_form_agrees(setup, dtype, form, monkeypatch):
     if form == "linearized":
         monkeypatch.setattr(operators, "_use_graph", lambda p: False)
     ggn = operators.ggn_operator(forward, loss, params, normalize=True)
-    _close(ggn(v), pf.ggnvp(forward, loss, (params,), (v,), normalize=True)[1], dtype)
+    assert_tree_close(ggn(v), pf.ggnvp(forward, loss, (params,), (v,), normalize=True)[1], dtype)
 
     def per_sample(p):
         return -torch.nn.functional.cross_entropy(forward(p), batch["y"], reduction="none")
 
     fisher = operators.fisher_operator(per_sample, params, normalize=True)
-    _close(fisher(v), pf.fvp(per_sample, (params,), (v,), normalize=True)[1], dtype)
+    assert_tree_close(fisher(v), pf.fvp(per_sample, (params,), (v,), normalize=True)[1], dtype)
 
 
 @pytest.mark.parametrize("form", ["autograd-graph", "linearized"])
@@ -121,8 +117,8 @@ def test_hessian_operator_forms(ref, setup, dtype, form, monkeypatch):
         return loss(forward(p))
 
     op = operators.hessian_operator(f, params)
-    _close(op(v), ref.hvp(f, (params,), (v,))[1], dtype)
-    _close(op(v), op(v), dtype)  # the kept graph serves repeated products
+    assert_tree_close(op(v), ref.hvp(f, (params,), (v,))[1], dtype)
+    assert_tree_close(op(v), op(v), dtype)  # the kept graph serves repeated products
 
 
 def test_ggn_operator_with_coupled_loss(ref, setup, dtype, monkeypatch):
@@ -133,4 +129,4 @@ def test_ggn_operator_with_coupled_loss(ref, setup, dtype, monkeypatch):
         return z.sum() ** 2 / 100 + (z**2).mean()  # not block diagonal
 
     op = operators.ggn_operator(forward, loss, params, normalize=True)
-    _close(op(v), ref.ggnvp(forward, loss, (params,), (v,), normalize=True)[1], dtype)
+    assert_tree_close(op(v), ref.ggnvp(forward, loss, (params,), (v,), normalize=True)[1], dtype)

@@ -9,26 +9,15 @@ import torch
 from optree import tree_map
 
 import posteriors_fast as pf
+from tests._compare import assert_tree_close, tol
 
 from ._trees import KINDS, forward, random_batch, random_params
 
-TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-11)}
 
 
 @pytest.fixture(params=KINDS)
 def kind(request):
     return request.param
-
-
-def assert_tree_close(got, want, dtype, **override):
-    assert optree.tree_structure(got) == optree.tree_structure(want)
-    tol = {**TOL[dtype], **override}
-    for a, b in zip(optree.tree_leaves(got), optree.tree_leaves(want)):
-        if isinstance(b, torch.Tensor):
-            assert isinstance(a, torch.Tensor) and a.shape == b.shape
-            torch.testing.assert_close(a, b.to(a.dtype), **tol)
-        else:
-            assert a == b
 
 
 def _ll(params, batch):
@@ -233,7 +222,7 @@ def test_diag_normal_log_prob(ref, dtype, kind, normalize, scalar):
     got = pf.diag_normal_log_prob(x, mean, sd, normalize=normalize)
     want = ref.diag_normal_log_prob(x, mean, sd, normalize=normalize)
     assert got.dtype == want.dtype
-    torch.testing.assert_close(got, want, **TOL[dtype])
+    torch.testing.assert_close(got, want, **tol(dtype))
 
 
 @pytest.mark.parametrize("shape", [(), (4,), (2, 3)])

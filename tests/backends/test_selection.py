@@ -95,20 +95,24 @@ def test_explain_lists_every_hot_op_for_both_backends():
 
 
 def test_compiled_policy_prefers_an_available_family_and_skips_unavailable():
-    calls = []
-    backends.register("_probe", "eager", lambda: calls.append("eager"), doc="test op")
-    backends.register("_probe", "cpp", lambda: calls.append("cpp"), devices=("cpu",),
-                      available=lambda device: (False, "extension not built"))
-    assert backends.report("_probe", "compiled", "cpu") == (
-        "eager", "fell back to eager torch (triton: not implemented for this op; cpp: "
-        "extension not built; torch_compile: not implemented for this op)")
-    backends.register("_probe", "torch_compile", lambda: calls.append("tc"))
-    backends.implementation("_probe", "compiled", "cpu")()
-    backends.implementation("_probe", "eager", "cpu")()
-    assert calls == ["tc", "eager"]
     from posteriors_fast.backends import registry
 
-    registry._OPS.pop("_probe")
+    calls = []
+    try:
+        backends.register("_probe", "eager", lambda: calls.append("eager"), doc="test op")
+        backends.register("_probe", "cpp", lambda: calls.append("cpp"), devices=("cpu",),
+                          available=lambda device: (False, "extension not built"))
+        assert backends.report("_probe", "compiled", "cpu") == (
+            "eager", "fell back to eager torch (triton: not implemented for this op; cpp: "
+            "extension not built; torch_compile: not implemented for this op)")
+        backends.register("_probe", "torch_compile", lambda: calls.append("tc"))
+        backends.implementation("_probe", "compiled", "cpu")()
+        backends.implementation("_probe", "eager", "cpu")()
+        assert calls == ["tc", "eager"]
+    finally:
+        registry._OPS.pop("_probe", None)
+        for key in [k for k in registry._CACHE if k[0] == "_probe"]:
+            del registry._CACHE[key]
 
 
 @pytest.mark.parametrize(
@@ -118,14 +122,28 @@ def test_compiled_policy_prefers_an_available_family_and_skips_unavailable():
         lambda b: pf.ggn(lambda p: p[None] * 2, lambda z: (z**2).sum(), backend=b)(torch.ones(3)),
         lambda b: pf.diag_ggn(lambda p: p[None] * 2, lambda z: (z**2).sum(), backend=b)(torch.ones(3)),
         lambda b: pf.cg(lambda x: 2 * x, torch.ones(3), backend=b)[0],
-        lambda b: pf.hvp(lambda p: (p**3).sum(), (torch.ones(3),), (torch.ones(3),), backend=b)[1],
-        lambda b: pf.fvp(lambda p: p**2, (torch.ones(3),), (torch.ones(3),), backend=b)[1],
-        lambda b: pf.ggnvp(lambda p: p * 2, lambda z: (z**2).sum(), (torch.ones(3),), (torch.ones(3),), backend=b)[1],
     ],
-    ids=["empirical_fisher", "ggn", "diag_ggn", "cg", "hvp", "fvp", "ggnvp"],
+    ids=["empirical_fisher", "ggn", "diag_ggn", "cg"],
 )
-def test_every_hot_util_takes_backend_and_backends_agree(call):
-    torch.testing.assert_close(call("eager"), call("compiled"))
+def test_hot_utils_take_backend_and_backends_agree(call):
+    torch.testing.assert_close(call("compiled"), call("eager"))
+
+
+def test_products_take_backend_and_equal_torch_func(monkeypatch):
+    """hvp, fvp and ggnvp have no hot op (explain() lists them): every backend
+    gives the torch.func products."""
+    x, v = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([1.0, 0.3, -0.7])
+    for b in ("eager", "compiled"):
+        torch.testing.assert_close(
+            pf.hvp(lambda p: (p**3).sum(), (x,), (v,), backend=b)[1],
+            torch.func.jvp(torch.func.grad(lambda p: (p**3).sum()), (x,), (v,))[1])
+        jv = torch.func.jvp(lambda p: p**2, (x,), (v,))[1]
+        torch.testing.assert_close(
+            pf.fvp(lambda p: p**2, (x,), (v,), backend=b)[1], torch.func.vjp(lambda p: p**2, x)[1](jv)[0])
+        torch.testing.assert_close(
+            pf.ggnvp(lambda p: p * 2, lambda z: (z**2).sum(), (x,), (v,), backend=b)[1], 8 * v)
+    with pytest.raises(ValueError, match="backend="):
+        pf.hvp(lambda p: (p**3).sum(), (x,), (v,), backend="gpu")
 
 
 def _fresh_probe_op(name, cpp_ok):

@@ -8,6 +8,7 @@ from optree.integrations.torch import tree_ravel
 
 import posteriors_fast as pf
 from posteriors_fast.ekf import dense_fisher
+from tests._compare import assert_tree_close, tol
 
 from ._problem import (
     log_likelihood,
@@ -17,7 +18,6 @@ from ._problem import (
 )
 
 # (mean/cov tolerance) per dtype: float32 loses ~1e-5 relative in the solves.
-TOL = {torch.float32: dict(rtol=2e-4, atol=2e-5), torch.float64: dict(rtol=1e-9, atol=1e-11)}
 P = 28  # parameters of make_problem's model
 
 
@@ -41,20 +41,20 @@ def test_update_matches_dense_formula(backend, dtype, n, per_sample, inplace):
     new = transform.update(state, batch, inplace=inplace)
 
     assert new.cov.dtype == dtype and new.cov.shape == (P, P)
-    torch.testing.assert_close(new.cov, want_cov.to(dtype), **TOL[dtype])
-    torch.testing.assert_close(_flat(new.params), want_mean.to(dtype), **TOL[dtype])
-    torch.testing.assert_close(new.log_likelihood, want_ll.to(dtype), **TOL[dtype])
+    torch.testing.assert_close(new.cov, want_cov.to(dtype), **tol(dtype))
+    torch.testing.assert_close(_flat(new.params), want_mean.to(dtype), **tol(dtype))
+    torch.testing.assert_close(new.log_likelihood, want_ll.to(dtype), **tol(dtype))
     assert new.log_likelihood.shape == ()
     want_aux = (
         log_likelihood_per_sample(params, batch)[1]
         if per_sample
         else torch.stack([log_likelihood(params, tree_map(lambda t: t[i : i + 1], batch))[1] for i in range(n)])
     )
-    torch.testing.assert_close(new.aux, want_aux, **TOL[dtype])
+    torch.testing.assert_close(new.aux, want_aux, **tol(dtype))
     torch.testing.assert_close(new.cov, new.cov.T, rtol=0, atol=0)
     if inplace:
         assert new.cov is state.cov and new.params["w1"] is state.params["w1"]
-        torch.testing.assert_close(state.cov, want_cov.to(dtype), **TOL[dtype])
+        torch.testing.assert_close(state.cov, want_cov.to(dtype), **tol(dtype))
     else:
         torch.testing.assert_close(state.cov, 0.5 * torch.eye(P, dtype=dtype))
         torch.testing.assert_close(state.params["w1"], params["w1"])
@@ -71,8 +71,8 @@ def test_tensor_transition_and_init_cov(backend):
     torch.testing.assert_close(state.cov, init_cov)
     new = transform.update(state, batch)
     want_mean, want_cov, _ = oracle_step(params, init_cov, batch, 0.3, q)
-    torch.testing.assert_close(new.cov, want_cov, **TOL[torch.float64])
-    torch.testing.assert_close(_flat(new.params), want_mean, **TOL[torch.float64])
+    torch.testing.assert_close(new.cov, want_cov, **tol(torch.float64))
+    torch.testing.assert_close(_flat(new.params), want_mean, **tol(torch.float64))
 
 
 def test_many_steps_stay_positive_definite_and_shrink(backend, dtype):
@@ -96,8 +96,8 @@ def test_log_likelihood_and_aux_match_reference(ref, backend, dtype):
     theirs = ref.ekf.dense_fisher.build(log_likelihood, 1e-3, init_cov=1e-2)
     a = ours.update(ours.init(params), batch)
     b = theirs.update(theirs.init(params), batch)
-    torch.testing.assert_close(a.log_likelihood, b.log_likelihood.to(dtype), **TOL[dtype])
-    torch.testing.assert_close(a.aux, b.aux, **TOL[dtype])
+    torch.testing.assert_close(a.log_likelihood, b.log_likelihood.to(dtype), **tol(dtype))
+    torch.testing.assert_close(a.aux, b.aux, **tol(dtype))
     assert type(a).__name__ == type(b).__name__ == "EKFDenseState"
     assert a._fields == b._fields
 

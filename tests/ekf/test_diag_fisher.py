@@ -7,10 +7,10 @@ from optree import tree_leaves, tree_map
 from optree.integrations.torch import tree_ravel
 
 from posteriors_fast.ekf import diag_fisher
+from tests._compare import assert_tree_close, tol
 
 from .._trees import KINDS, forward, random_batch, random_params
 
-TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-11)}
 
 
 def _ll(p, batch):
@@ -25,10 +25,6 @@ def _ll_per_sample(p, batch):
     return -torch.nn.functional.cross_entropy(z, y, reduction="none"), z
 
 
-def _close(a, b, dtype):
-    for x, y in zip(tree_leaves(a), tree_leaves(b)):
-        torch.testing.assert_close(x, y.to(x.dtype), **TOL[dtype])
-
 
 @pytest.mark.parametrize("kind", ["dict", "nested"])
 @pytest.mark.parametrize("per_sample", [False, True])
@@ -42,15 +38,15 @@ def test_matches_reference(ref, backend, dtype, kind, per_sample, inplace):
     b_state = theirs.init(tree_map(torch.clone, params))
     a = ours.update(a_state, batch, inplace=inplace)
     b = theirs.update(b_state, batch, inplace=inplace)
-    _close(a.params, b.params, dtype)
-    _close(a.sd_diag, b.sd_diag, dtype)
-    torch.testing.assert_close(a.log_likelihood, b.log_likelihood, **TOL[dtype])
-    torch.testing.assert_close(a.aux, b.aux, **TOL[dtype])
+    assert_tree_close(a.params, b.params, dtype)
+    assert_tree_close(a.sd_diag, b.sd_diag, dtype)
+    torch.testing.assert_close(a.log_likelihood, b.log_likelihood, **tol(dtype))
+    torch.testing.assert_close(a.aux, b.aux, **tol(dtype))
     if inplace:
         assert a.params is a_state.params
-        _close(a_state.sd_diag, b.sd_diag, dtype)
+        assert_tree_close(a_state.sd_diag, b.sd_diag, dtype)
     else:
-        _close(a_state.params, params, dtype)  # the input state is untouched
+        assert_tree_close(a_state.params, params, dtype)  # the input state is untouched
 
 
 def test_matches_float64_formula(backend):
@@ -78,7 +74,7 @@ def test_sample_same_seed_as_reference(ref, kind):
     a = diag_fisher.sample(state, (5,))
     torch.manual_seed(3)
     b = ref.ekf.diag_fisher.sample(ref.ekf.diag_fisher.init(params, 0.4), (5,))
-    _close(a, b, torch.float32)
+    assert_tree_close(a, b, torch.float32)
     for leaf, p in zip(tree_leaves(a), tree_leaves(params)):
         assert leaf.shape == (5,) + p.shape
 

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from tests._compare import assert_close_to_oracle
 from tests.conftest import skip_unless_installed
 
 skip_unless_installed(importlib.util.find_spec("triton") is not None, "triton not installed")
@@ -54,17 +55,12 @@ def test_kernels_are_interpreted_and_triton_interpret_does_not_leak(triton_inter
         assert isinstance(probe, JITFunction)
 
 
-def _tol(dtype):
-    return 1e-4 if dtype == torch.float32 else 1e-10
-
-
 def _assert_close(actual, expected, dtype, where=""):
-    """``expected`` is float64; tolerance relative to its scale."""
-    tol = _tol(dtype)
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(
-        actual.double(), expected, rtol=tol, atol=tol * scale, msg=lambda m: f"{where}\n{m}" if where else m
-    )
+    """``expected`` is float64: the suite's oracle tolerance (tests/_compare.py)."""
+    try:
+        assert_close_to_oracle(actual, expected, dtype)
+    except AssertionError as err:
+        raise AssertionError(f"{where}\n{err}" if where else str(err)) from err
 
 
 def _sym(size, dtype, gen):

@@ -7,10 +7,10 @@ from optree import tree_leaves, tree_map
 from optree.integrations.torch import tree_ravel
 
 from posteriors_fast import laplace
+from tests._compare import assert_tree_close, tol
 
 from .._trees import forward, random_batch, random_params
 
-TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-10)}
 
 
 def _log_post(p, batch):
@@ -32,10 +32,6 @@ def _forward(p, batch):
 def _outer(z, batch):
     return -torch.nn.functional.cross_entropy(z, batch[1], reduction="sum")
 
-
-def _close(a, b, dtype):
-    for x, y in zip(tree_leaves(a), tree_leaves(b)):
-        torch.testing.assert_close(x, y.to(x.dtype), **TOL[dtype])
 
 
 def _builders(name, per_sample):
@@ -67,15 +63,15 @@ def test_matches_reference(ref, backend, dtype, name, per_sample, kind, inplace)
         a = ours.update(a, batch, inplace=inplace)
         b = theirs.update(b, batch, inplace=inplace)
     if dense:
-        tol = TOL[dtype]
+        tol_ = tol(dtype)
         if name == "dense_hessian" and dtype == torch.float64:
             # The reference's epsilon·I is float32 (0.1 → 0.1000000015): 1.5e-9 per step.
-            tol = dict(rtol=1e-9, atol=1e-8)
-        torch.testing.assert_close(a.prec, b.prec.to(dtype), **tol)
+            tol_ = dict(rtol=1e-9, atol=1e-8)
+        torch.testing.assert_close(a.prec, b.prec.to(dtype), **tol_)
         assert torch.equal(a.prec, a.prec.T)
     else:
-        _close(a.prec_diag, b.prec_diag, dtype)
-    _close(a.aux, b.aux, dtype)
+        assert_tree_close(a.prec_diag, b.prec_diag, dtype)
+    assert_tree_close(a.aux, b.aux, dtype)
     if dense:
         torch.testing.assert_close(prior, 0.5 * torch.eye(size, dtype=dtype))  # init copied it
 
@@ -172,7 +168,7 @@ def test_ggn_with_batch_coupled_forward(ref, name):
     if name == "dense_ggn":
         torch.testing.assert_close(a.prec, b.prec.to(torch.float64), rtol=1e-6, atol=1e-6)
     else:
-        _close(a.prec_diag, b.prec_diag, torch.float64)
+        assert_tree_close(a.prec_diag, b.prec_diag, torch.float64)
 
 
 def _offset_post(p, batch):

@@ -1,4 +1,4 @@
-"""Helpers shared by the native-op tests: tolerances, the extension skip, the
+"""Helpers shared by the native-op tests: the oracle comparison, the extension skip, the
 ISA level the CPU kernels run at, and ULP distances."""
 
 import contextlib
@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from posteriors_fast import _library
+from tests._compare import assert_close_to_oracle
 from tests.conftest import IN_CI
 
-#: dtype -> (rtol, atol) against a float64 oracle.
-TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-11, 1e-11)}
 
 EXT_LOADED, EXT_REASON = _library.load_extension()
 needs_ext = pytest.mark.skipif(not EXT_LOADED and not IN_CI, reason=f"extension not built: {EXT_REASON}")
@@ -32,10 +31,8 @@ else:
     _C, SUPPORTED_ISAS = None, ()
 
 
-def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    rtol, atol = TOL[dtype]
-    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale)
+#: A kernel's result against a float64 oracle (the suite's one tolerance table).
+close = assert_close_to_oracle
 
 
 @contextlib.contextmanager

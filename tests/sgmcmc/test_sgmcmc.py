@@ -6,10 +6,10 @@ import torch
 from optree import tree_leaves, tree_map
 
 from posteriors_fast import sgmcmc
+from tests._compare import assert_tree_close, tol
 
 from .._trees import forward, random_batch, random_params
 
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 METHODS = {
     "sgld": dict(lr=1e-2, beta=0.1, temperature=0.7),
     "sghmc": dict(lr=1e-2, alpha=0.05, beta=0.1, sigma=1.3, temperature=0.7, momenta=0.2),
@@ -23,10 +23,6 @@ def _log_post(p, batch):
     prior = sum((t**2).sum() for t in tree_leaves(p))
     return -torch.nn.functional.cross_entropy(z, y) - 0.01 * prior, z
 
-
-def _close(a, b, dtype):
-    for x, y in zip(tree_leaves(a), tree_leaves(b)):
-        torch.testing.assert_close(x, y.to(x.dtype), **TOL[dtype])
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -47,10 +43,10 @@ def test_same_chain_as_reference_for_same_seed(ref, backend, dtype, name, kind, 
         a = ours.update(a, batch, inplace=inplace)
         torch.manual_seed(step)
         b = theirs.update(b, batch, inplace=False)
-    _close(a.params, b.params, dtype)
-    torch.testing.assert_close(a.log_posterior, b.log_posterior.to(dtype), **TOL[dtype])
+    assert_tree_close(a.params, b.params, dtype)
+    torch.testing.assert_close(a.log_posterior, b.log_posterior.to(dtype), **tol(dtype))
     if name != "sgld":
-        _close(a.momenta, b.momenta, dtype)
+        assert_tree_close(a.momenta, b.momenta, dtype)
     if name == "sgnht":
         torch.testing.assert_close(a.xi.to(torch.float64), b.xi.to(torch.float64), rtol=1e-5, atol=1e-6)
 
@@ -168,7 +164,7 @@ def test_compiled_noise_is_reproducible_under_manual_seed(name):
         torch.manual_seed(3)
         runs.append(transform.update(transform.init(tree_map(torch.clone, params)), batch))
     noisy = "params" if name == "sgld" else "momenta"  # where the first step's noise lands
-    _close(getattr(runs[0], noisy), getattr(runs[1], noisy), torch.float32)
+    assert_tree_close(getattr(runs[0], noisy), getattr(runs[1], noisy), torch.float32)
     torch.manual_seed(4)
     other = transform.update(transform.init(tree_map(torch.clone, params)), batch)
     pairs = zip(tree_leaves(getattr(other, noisy)), tree_leaves(getattr(runs[0], noisy)))
