@@ -31,8 +31,10 @@ def _extension_kwargs() -> dict:
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except Exception as exc:  # no torch in this build environment
-        _say(f"torch not importable at build time ({exc}); skipping the C++ extension "
-             "(use pip install --no-build-isolation)")
+        _say(
+            f"torch not importable at build time ({exc}); skipping the C++ extension "
+            "(use pip install --no-build-isolation)"
+        )
         return {}
 
     class SoftBuildExtension(BuildExtension):

@@ -29,8 +29,12 @@ def _args(argv):
     parser.add_argument("--only", default=None, help="run only cases whose bench or op contains this text")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--providers", default=",".join(PROVIDERS))
-    parser.add_argument("--burst", type=int, default=BURST,
-                        help="consecutive calls per provider and round (1: strict per-call alternation)")
+    parser.add_argument(
+        "--burst",
+        type=int,
+        default=BURST,
+        help="consecutive calls per provider and round (1: strict per-call alternation)",
+    )
     return parser.parse_args(argv)
 
 
@@ -51,10 +55,14 @@ def main(argv=None) -> int:
     if args.only:
         cases = [c for c in cases if args.only in c.bench or args.only in c.op]
     env = report.environment(device)
-    print(f"posteriors_fast benchmarks on {device} ({env['device_name']}), torch {env['torch']}, "
-          f"{env['threads']} threads, commit {env['commit'][:10]}; posteriors {env['posteriors']}")
-    print("models (tanh MLP input-hidden-classes, P): " + ", ".join(
-        f"{k}={'-'.join(map(str, v))} (P={num_params(k)})" for k, v in MODELS.items()))
+    print(
+        f"posteriors_fast benchmarks on {device} ({env['device_name']}), torch {env['torch']}, "
+        f"{env['threads']} threads, commit {env['commit'][:10]}; posteriors {env['posteriors']}"
+    )
+    print(
+        "models (tanh MLP input-hidden-classes, P): "
+        + ", ".join(f"{k}={'-'.join(map(str, v))} (P={num_params(k)})" for k, v in MODELS.items())
+    )
     budget = 1.5 if args.quick else 6.0
     rows, started = [], time.perf_counter()
     for index, case in enumerate(cases, 1):
@@ -65,8 +73,15 @@ def main(argv=None) -> int:
         if hasattr(module, "bytes_moved"):
             case_providers.append("copy")
         baseline = getattr(module, "BASELINE", "posteriors")
-        timings = measure(case, case_providers, device, budget_s=budget, min_reps=3 if args.quick else 5,
-                          max_reps=getattr(module, "MAX_REPS", 30), burst=args.burst)
+        timings = measure(
+            case,
+            case_providers,
+            device,
+            budget_s=budget,
+            min_reps=3 if args.quick else 5,
+            max_reps=getattr(module, "MAX_REPS", 30),
+            burst=args.burst,
+        )
         reference = timings.get(baseline)
         ref_ok = reference is not None and reference.status == "ok"
         ref_median = reference.median if ref_ok else float("nan")
@@ -78,27 +93,44 @@ def main(argv=None) -> int:
             median = timing.median
             moved_gb = _moved(module, case, provider, device) / 1e9 if reports_bytes else None
             speedup = ref_median / median if timing.status == "ok" else float("nan")
-            rows.append({
-                "op": case.op, "model": case.model, "P": case.p or num_params(case.model), "N": case.n,
-                "provider": provider, "status": timing.status, "baseline": baseline,
-                "median_ms": median * 1e3, "p20_ms": timing.quantile(0.2) * 1e3,
-                "p80_ms": timing.quantile(0.8) * 1e3,
-                "speedup": speedup,
-                "after_switch_ms": timing.switch_median * 1e3,
-                "after_switch_speedup": ref_switch / timing.switch_median
-                if timing.status == "ok" else float("nan"),
-                "gflops": flops / median / 1e9 if timing.status == "ok" and median > 0 else float("nan"),
-                "first_call_ms": timing.first_s * 1e3,
-                "compile_s": max(0.0, timing.warm_max_s - median)
-                if provider in ("compiled", "torch_compile") and timing.status == "ok" else float("nan"),
-                "note": timing.note if moved_gb is None or timing.status != "ok" else
-                f"{moved_gb / median:.1f} GB/s of nominal traffic (after switch {moved_gb / timing.switch_median:.1f})",
-            })
+            rows.append(
+                {
+                    "op": case.op,
+                    "model": case.model,
+                    "P": case.p or num_params(case.model),
+                    "N": case.n,
+                    "provider": provider,
+                    "status": timing.status,
+                    "baseline": baseline,
+                    "median_ms": median * 1e3,
+                    "p20_ms": timing.quantile(0.2) * 1e3,
+                    "p80_ms": timing.quantile(0.8) * 1e3,
+                    "speedup": speedup,
+                    "after_switch_ms": timing.switch_median * 1e3,
+                    "after_switch_speedup": ref_switch / timing.switch_median
+                    if timing.status == "ok"
+                    else float("nan"),
+                    "gflops": flops / median / 1e9 if timing.status == "ok" and median > 0 else float("nan"),
+                    "first_call_ms": timing.first_s * 1e3,
+                    "compile_s": max(0.0, timing.warm_max_s - median)
+                    if provider in ("compiled", "torch_compile") and timing.status == "ok"
+                    else float("nan"),
+                    "note": timing.note
+                    if moved_gb is None or timing.status != "ok"
+                    else f"{moved_gb / median:.1f} GB/s of nominal traffic "
+                    f"(after switch {moved_gb / timing.switch_median:.1f})",
+                }
+            )
             if timing.status == "ok":
                 switch = rows[-1]["after_switch_speedup"]
-                summary.append(f"{provider} {median * 1e3:.3f} ms" + (
-                    f" ({speedup:.2f}x; after switch {switch:.2f}x)"
-                    if not math.isnan(speedup) and provider != baseline else ""))
+                summary.append(
+                    f"{provider} {median * 1e3:.3f} ms"
+                    + (
+                        f" ({speedup:.2f}x; after switch {switch:.2f}x)"
+                        if not math.isnan(speedup) and provider != baseline
+                        else ""
+                    )
+                )
             else:
                 summary.append(f"{provider} {timing.status}")
         print(", ".join(summary), flush=True)

@@ -43,8 +43,9 @@ def setup(case, provider, device):
         ok, why = _library.load_extension()
         if not ok or device != "cpu":
             raise ImportError(why or "the C++ kernels run on the CPU")
-    fn = {"eager": cg_step.cg_step_eager, "cpp": cg_step.cg_step_cpp,
-          "torch_compile": cg_step.cg_step_torch_compile}[provider]
+    fn = {"eager": cg_step.cg_step_eager, "cpp": cg_step.cg_step_cpp, "torch_compile": cg_step.cg_step_torch_compile}[
+        provider
+    ]
 
     def step():
         return fn(x, r, p, ap, gamma, 0.0)

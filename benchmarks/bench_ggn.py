@@ -13,7 +13,9 @@ def setup(case, provider, device):
     params = {k: v.to(device) for k, v in mlp_params(case.model).items()}
     x, y = (t.to(device) for t in batch(case.model, case.n))
     fn = lib.ggn if case.op == "ggn" else lib.diag_ggn
-    curvature = fn(partial(forward, x=x), partial(torch.nn.functional.cross_entropy, target=y), normalize=True, **kwargs)
+    curvature = fn(
+        partial(forward, x=x), partial(torch.nn.functional.cross_entropy, target=y), normalize=True, **kwargs
+    )
     return lambda: curvature(params)
 
 

@@ -3,8 +3,8 @@
 import torch
 from optree.integrations.torch import tree_ravel
 
-from benchmarks.workloads import batch, forward, library, log_likelihood, mlp_params, num_params
 from benchmarks.config import MODELS
+from benchmarks.workloads import batch, forward, library, log_likelihood, mlp_params, num_params
 
 
 def _outer(z, batch_):

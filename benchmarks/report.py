@@ -14,17 +14,29 @@ import torch
 logger = logging.getLogger("benchmarks")
 
 COLUMNS = [
-    "op", "model", "P", "N", "provider", "status", "median_ms", "p20_ms", "p80_ms",
-    "speedup", "after_switch_ms", "after_switch_speedup", "baseline", "gflops", "first_call_ms",
-    "compile_s", "note",
+    "op",
+    "model",
+    "P",
+    "N",
+    "provider",
+    "status",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "speedup",
+    "after_switch_ms",
+    "after_switch_speedup",
+    "baseline",
+    "gflops",
+    "first_call_ms",
+    "compile_s",
+    "note",
 ]
 
 
 def environment(device: str) -> Dict:
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     env = {
@@ -53,14 +65,32 @@ def _fmt(value, digits=2) -> str:
 
 
 def markdown(rows: List[Dict]) -> str:
-    shown = ["op", "model", "P", "N", "provider", "median_ms", "p20_ms", "p80_ms",
-             "speedup", "after_switch_ms", "after_switch_speedup", "baseline", "gflops", "compile_s", "status"]
+    shown = [
+        "op",
+        "model",
+        "P",
+        "N",
+        "provider",
+        "median_ms",
+        "p20_ms",
+        "p80_ms",
+        "speedup",
+        "after_switch_ms",
+        "after_switch_speedup",
+        "baseline",
+        "gflops",
+        "compile_s",
+        "status",
+    ]
     ratios = ("speedup", "after_switch_speedup")
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for row in rows:
-        cells = [_fmt(row.get(c, float("nan"))) if c not in ratios else
-                 (f"{row[c]:.1f}x" if isinstance(row.get(c), float) and not math.isnan(row[c]) else "—")
-                 for c in shown]
+        cells = [
+            _fmt(row.get(c, float("nan")))
+            if c not in ratios
+            else (f"{row[c]:.1f}x" if isinstance(row.get(c), float) and not math.isnan(row[c]) else "—")
+            for c in shown
+        ]
         if row["status"] != "ok":
             cells[-1] = f"{row['status']}: {row['note']}"
         lines.append("| " + " | ".join(cells) + " |")
@@ -91,8 +121,11 @@ def _plot(rows: List[Dict], env: Dict, path: str) -> None:
     # (posteriors 0.0.5, or plain torch for the kernel benches).
     groups: Dict[str, Dict[str, float]] = {}
     for row in rows:
-        if row["provider"] in ("eager", "compiled", "cpp") and isinstance(row["speedup"], float) \
-                and not math.isnan(row["speedup"]):
+        if (
+            row["provider"] in ("eager", "compiled", "cpp")
+            and isinstance(row["speedup"], float)
+            and not math.isnan(row["speedup"])
+        ):
             size = f"{row['model']}/N={row['N']}" if row["model"] != "-" else f"P={row['P']}"
             label = f"{row['op']} {size} (vs {row['baseline']})"
             groups.setdefault(label, {})[row["provider"]] = row["speedup"]

@@ -13,8 +13,11 @@ live elsewhere and attach to these names:
   it, which an opaque CPU kernel under the same name would prevent.
 
 None of the ops is differentiable: they serve ``torch.no_grad`` paths (Fisher
-accumulation, the EKF covariance downdate, CG, SG-MCMC noise and steps). Calling one on tensors that require grad, with grad mode on,
-raises a ``RuntimeError`` that says so instead of silently dropping gradients.
+accumulation, the EKF covariance downdate, CG, SG-MCMC noise and steps).
+Calling one on tensors that require grad, with grad mode on, raises a
+``RuntimeError`` that says so instead of silently dropping gradients. An op
+that writes an argument advances its version counter, as torch's in-place
+ops do.
 """
 
 import logging
@@ -79,8 +82,10 @@ OPS = getattr(torch.ops, NAMESPACE)
 
 
 def _square(t: torch.Tensor, name: str, size: int) -> None:
-    torch._check(t.dim() == 2 and t.shape[0] == size and t.shape[1] == size,
-                 lambda: f"{name} must be ({size}, {size}), got {tuple(t.shape)}")
+    torch._check(
+        t.dim() == 2 and t.shape[0] == size and t.shape[1] == size,
+        lambda: f"{name} must be ({size}, {size}), got {tuple(t.shape)}",
+    )
 
 
 @torch.library.register_fake(f"{NAMESPACE}::syrk_")
@@ -111,7 +116,7 @@ def _cov_downdate_fake(cov, w):
 @torch.library.register_fake(f"{NAMESPACE}::cg_step_")
 def _cg_step_fake(x, r, p, ap, gamma, damping):
     for name, t in (("r", r), ("p", p), ("ap", ap)):
-        torch._check(t.shape == x.shape, lambda: f"{name} must match x {tuple(x.shape)}")
+        torch._check(t.shape == x.shape, lambda name=name: f"{name} must match x {tuple(x.shape)}")
     return x.new_empty(())
 
 
@@ -122,8 +127,10 @@ def _normal_fake(out, seed):
 
 @torch.library.register_fake(f"{NAMESPACE}::sghmc_step")
 def _sghmc_step_fake(params, momenta, grads, step, keep, lr, scale, seed):
-    torch._check(len(momenta) == len(params) and len(grads) == len(params),
-                 lambda: "params, momenta and grads must have as many leaves")
+    torch._check(
+        len(momenta) == len(params) and len(grads) == len(params),
+        lambda: "params, momenta and grads must have as many leaves",
+    )
     return [torch.empty_like(p) for p in params], [torch.empty_like(m) for m in momenta]
 
 
@@ -165,7 +172,9 @@ def _bump_versions(name: str) -> None:
     ``(tensor, version)`` and autograd's saved-tensor checks then see the write,
     whichever kernel family ran it."""
     op = getattr(getattr(torch.ops, NAMESPACE), name).default
-    written = [i for i, arg in enumerate(op._schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write]
+    written = [
+        i for i, arg in enumerate(op._schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write
+    ]
     below = torch._C._after_ADInplaceOrView_keyset
 
     def kernel(keyset, *args):

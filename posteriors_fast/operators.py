@@ -99,9 +99,7 @@ def _use_graph(params) -> bool:
     return products.applicable((params,), (params,))
 
 
-def ggn_operator(
-    forward: Callable, loss: Callable, params: TensorTree, normalize: bool = False
-) -> CurvatureOperator:
+def ggn_operator(forward: Callable, loss: Callable, params: TensorTree, normalize: bool = False) -> CurvatureOperator:
     """Generalised Gauss-Newton operator ``v ↦ J_fᵀ H_l J_f v`` at ``params``.
 
     Args:

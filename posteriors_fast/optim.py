@@ -14,8 +14,8 @@ from optree import tree_leaves
 from posteriors_fast._internal.checks import blame_batch, finite_params, first_non_finite
 from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast._internal.state import write_field
-from posteriors_fast.tree_utils import tree_insert_  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast.backends import neutral, resolve
+from posteriors_fast.tree_utils import tree_insert_  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 
 
@@ -123,11 +123,13 @@ def update(
     if bool(torch.isfinite(loss.detach()).all()):
         loss.backward()
     grads = [p.grad for p in _leaves(state.params) if p.grad is not None]
-    bad = first_non_finite([
-        (state.params, "state.params hold a non-finite value (NaN or inf)", "leaf"),
-        (loss.detach(), "loss_fn returned NaN or inf for this batch"),
-        (grads, "the gradient of loss_fn is NaN or inf for this batch", "leaf"),
-    ])
+    bad = first_non_finite(
+        [
+            (state.params, "state.params hold a non-finite value (NaN or inf)", "leaf"),
+            (loss.detach(), "loss_fn returned NaN or inf for this batch"),
+            (grads, "the gradient of loss_fn is NaN or inf for this batch", "leaf"),
+        ]
+    )
     if bad is not None:
         raise ValueError(f"{bad}; no step was taken")
     state.optimizer.step()

@@ -100,9 +100,17 @@ def update(
             return loss_fn(params, batch_)
 
     (params,), opt_state, loss, aux = step(
-        objective, (state.params,), (batch,), state.opt_state, optimizer, inplace=inplace,
-        what="loss_fn", names=("params",), value_label="loss_fn returned NaN or inf for this batch",
-        grad_label="the gradient of loss_fn is NaN or inf for this batch", needed_by="posteriors_fast.torchopt",
+        objective,
+        (state.params,),
+        (batch,),
+        state.opt_state,
+        optimizer,
+        inplace=inplace,
+        what="loss_fn",
+        names=("params",),
+        value_label="loss_fn returned NaN or inf for this batch",
+        grad_label="the gradient of loss_fn is NaN or inf for this batch",
+        needed_by="posteriors_fast.torchopt",
     )
     if not inplace:
         return TorchOptState(params, opt_state, loss, aux)

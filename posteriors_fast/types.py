@@ -43,9 +43,7 @@ class InitFn(Protocol):
 
 class UpdateFn(Protocol):
     @staticmethod
-    def __call__(
-        state: TransformState, batch: Any, inplace: bool = False
-    ) -> TransformState:
+    def __call__(state: TransformState, batch: Any, inplace: bool = False) -> TransformState:
         """``state = update(state, batch, inplace=False)``: one step of the method.
 
         With ``inplace=True`` the tensors of ``state`` are overwritten and the

@@ -292,11 +292,7 @@ def ggnvp(
     loss_has_aux: bool = False,
     normalize: bool = False,
     backend: str | None = None,
-) -> (
-    Tuple[float, TensorTree]
-    | Tuple[float, TensorTree, Any]
-    | Tuple[float, TensorTree, Any, Any]
-):
+) -> Tuple[float, TensorTree] | Tuple[float, TensorTree, Any] | Tuple[float, TensorTree, Any, Any]:
     """Generalised Gauss-Newton-vector product ``J_fᵀ H_l J_f v`` with z = f(θ)
     the output of ``forward`` and H_l the Hessian of the scalar ``loss`` at z.
     For an exponential-family negative log-likelihood in its natural parameter
@@ -319,9 +315,7 @@ def ggnvp(
     """
     resolve(backend)
     if products.applicable(primals, tangents):
-        return products.ggnvp(
-            forward, loss, primals[0], tangents[0], forward_has_aux, loss_has_aux, normalize
-        )
+        return products.ggnvp(forward, loss, primals[0], tangents[0], forward_has_aux, loss_has_aux, normalize)
     forward_out = jvp(forward, primals, tangents, has_aux=forward_has_aux)
     z, jv = forward_out[0], forward_out[1]
     loss_out = jvp(grad(loss, has_aux=loss_has_aux), (z,), (jv,), has_aux=loss_has_aux)
@@ -401,9 +395,7 @@ def ggn(
     backend = resolve(backend)
 
     def dense_ggn(params):
-        jac, hess_jac, _, auxes = _ggn_parts(
-            forward, loss, forward_has_aux, loss_has_aux, normalize, params
-        )
+        jac, hess_jac, _, auxes = _ggn_parts(forward, loss, forward_has_aux, loss_has_aux, normalize, params)
         result = ops.syrk.gram(jac, 1.0, hess_jac, backend=backend)
         return (result, *auxes) if auxes else result
 
@@ -439,9 +431,7 @@ def diag_ggn(
     backend = resolve(backend)
 
     def diagonal_ggn(params):
-        jac, hess_jac, unravel, auxes = _ggn_parts(
-            forward, loss, forward_has_aux, loss_has_aux, normalize, params
-        )
+        jac, hess_jac, unravel, auxes = _ggn_parts(forward, loss, forward_has_aux, loss_has_aux, normalize, params)
         result = unravel(ops.ggn_diag.ggn_diag(jac, hess_jac, backend=backend))
         return (result, *auxes) if auxes else result
 
@@ -512,9 +502,7 @@ def cg(
         def precond(v):
             return tree_ravel(M(unravel(v)))[0]
 
-    x, info = ops.cg_step.solve(
-        matvec, b_flat, x0_flat, maxiter, damping, tol, atol, precond, backend=backend
-    )
+    x, info = ops.cg_step.solve(matvec, b_flat, x0_flat, maxiter, damping, tol, atol, precond, backend=backend)
     return unravel(x), info
 
 

@@ -133,44 +133,100 @@ def _rows():
     for per_sample in (False, True):
         tag = "[per_sample]" if per_sample else ""
         ll = log_likelihood_per_sample if per_sample else log_likelihood
-        rows.append(Method(
-            f"ekf.dense_fisher{tag}", "ekf.dense_fisher", {"log_likelihood": ll},
-            dict(lr=0.3, transition_cov=0.01, init_cov=0.5), per_sample=per_sample, splits_batch=True,
-            reference="posteriors 0.0.5 subtracts the Fisher from the precision (a documented defect); "
-                      "tests/ekf checks this method against a float64 dense formula",
-        ))
-        rows.append(Method(
-            f"ekf.diag_fisher{tag}", "ekf.diag_fisher", {"log_likelihood": ll},
-            dict(lr=0.3, transition_sd=0.01, init_sds=0.7), per_sample=per_sample, splits_batch=True,
-        ))
+        rows.append(
+            Method(
+                f"ekf.dense_fisher{tag}",
+                "ekf.dense_fisher",
+                {"log_likelihood": ll},
+                dict(lr=0.3, transition_cov=0.01, init_cov=0.5),
+                per_sample=per_sample,
+                splits_batch=True,
+                reference="posteriors 0.0.5 subtracts the Fisher from the precision (a documented defect); "
+                "tests/ekf checks this method against a float64 dense formula",
+            )
+        )
+        rows.append(
+            Method(
+                f"ekf.diag_fisher{tag}",
+                "ekf.diag_fisher",
+                {"log_likelihood": ll},
+                dict(lr=0.3, transition_sd=0.01, init_sds=0.7),
+                per_sample=per_sample,
+                splits_batch=True,
+            )
+        )
         lp = log_likelihood_per_sample if per_sample else log_likelihood
-        rows.append(Method(
-            f"laplace.dense_fisher{tag}", "laplace.dense_fisher", {"log_posterior": lp},
-            dict(init_prec=0.5), per_sample=per_sample, splits_batch=True,
-        ))
-        rows.append(Method(
-            f"laplace.diag_fisher{tag}", "laplace.diag_fisher", {"log_posterior": lp},
-            dict(init_prec_diag=0.5), per_sample=per_sample, splits_batch=True,
-        ))
+        rows.append(
+            Method(
+                f"laplace.dense_fisher{tag}",
+                "laplace.dense_fisher",
+                {"log_posterior": lp},
+                dict(init_prec=0.5),
+                per_sample=per_sample,
+                splits_batch=True,
+            )
+        )
+        rows.append(
+            Method(
+                f"laplace.diag_fisher{tag}",
+                "laplace.diag_fisher",
+                {"log_posterior": lp},
+                dict(init_prec_diag=0.5),
+                per_sample=per_sample,
+                splits_batch=True,
+            )
+        )
     ggn = {"forward": forward, "outer_log_likelihood": outer_log_likelihood}
     rows += [
         Method("laplace.dense_ggn", "laplace.dense_ggn", ggn, dict(init_prec=0.5)),
         Method("laplace.diag_ggn", "laplace.diag_ggn", ggn, dict(init_prec_diag=0.5)),
-        Method("laplace.dense_hessian", "laplace.dense_hessian", {"log_posterior": summed_log_posterior},
-               dict(init_prec=0.5, epsilon=0.1),
-               reference_float64="posteriors 0.0.5 adds a float32 epsilon·I (a documented defect): 1.5e-9 per step"),
-        Method("vi.diag", "vi.diag", {"log_posterior": log_posterior},
-               dict(optimizer=_torchopt_adam, init_log_sds=-1.0), noisy=True),
-        Method("vi.dense", "vi.dense", {"log_posterior": log_posterior},
-               # stl=False: the reference's stl keeps the mean live in log q (a documented difference)
-               dict(optimizer=_torchopt_adam, init_L=0.3, stl=False), noisy=True,
-               reference_float64="posteriors 0.0.5 builds a float32 init_L identity, which float64 params reject"),
-        Method("sgmcmc.sgld", "sgmcmc.sgld", {"log_posterior": log_posterior},
-               dict(lr=1e-2, beta=0.1), noisy=True, quiet=dict(temperature=0.0)),
-        Method("sgmcmc.sghmc", "sgmcmc.sghmc", {"log_posterior": log_posterior},
-               dict(lr=1e-2, alpha=0.05, momenta=0.2), noisy=True, quiet=dict(temperature=0.0)),
-        Method("sgmcmc.sgnht", "sgmcmc.sgnht", {"log_posterior": log_posterior},
-               dict(lr=1e-2, alpha=0.05, momenta=0.2), noisy=True, quiet=dict(temperature=0.0)),
+        Method(
+            "laplace.dense_hessian",
+            "laplace.dense_hessian",
+            {"log_posterior": summed_log_posterior},
+            dict(init_prec=0.5, epsilon=0.1),
+            reference_float64="posteriors 0.0.5 adds a float32 epsilon·I (a documented defect): 1.5e-9 per step",
+        ),
+        Method(
+            "vi.diag",
+            "vi.diag",
+            {"log_posterior": log_posterior},
+            dict(optimizer=_torchopt_adam, init_log_sds=-1.0),
+            noisy=True,
+        ),
+        Method(
+            "vi.dense",
+            "vi.dense",
+            {"log_posterior": log_posterior},
+            # stl=False: the reference's stl keeps the mean live in log q (a documented difference)
+            dict(optimizer=_torchopt_adam, init_L=0.3, stl=False),
+            noisy=True,
+            reference_float64="posteriors 0.0.5 builds a float32 init_L identity, which float64 params reject",
+        ),
+        Method(
+            "sgmcmc.sgld",
+            "sgmcmc.sgld",
+            {"log_posterior": log_posterior},
+            dict(lr=1e-2, beta=0.1),
+            noisy=True,
+            quiet=dict(temperature=0.0),
+        ),
+        Method(
+            "sgmcmc.sghmc",
+            "sgmcmc.sghmc",
+            {"log_posterior": log_posterior},
+            dict(lr=1e-2, alpha=0.05, momenta=0.2),
+            noisy=True,
+            quiet=dict(temperature=0.0),
+        ),
+        Method(
+            "sgmcmc.sgnht",
+            "sgmcmc.sgnht",
+            {"log_posterior": log_posterior},
+            dict(lr=1e-2, alpha=0.05, momenta=0.2),
+            noisy=True,
+            quiet=dict(temperature=0.0),
+        ),
         Method("torchopt", "torchopt", {"loss_fn": loss_fn}, dict(optimizer=_torchopt_adam)),
         Method("optim", "optim", {"loss_fn": loss_fn}, inplace_only=True),
     ]

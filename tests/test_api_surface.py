@@ -11,10 +11,23 @@ import torch
 import posteriors_fast as pf
 
 MODULES = [
-    "ekf.dense_fisher", "ekf.diag_fisher",
-    "laplace.dense_fisher", "laplace.dense_ggn", "laplace.dense_hessian", "laplace.diag_fisher", "laplace.diag_ggn",
-    "vi.diag", "vi.dense", "sgmcmc.sgld", "sgmcmc.sghmc", "sgmcmc.sgnht", "optim", "torchopt",
-    "utils", "tree_utils", "types",
+    "ekf.dense_fisher",
+    "ekf.diag_fisher",
+    "laplace.dense_fisher",
+    "laplace.dense_ggn",
+    "laplace.dense_hessian",
+    "laplace.diag_fisher",
+    "laplace.diag_ggn",
+    "vi.diag",
+    "vi.dense",
+    "sgmcmc.sgld",
+    "sgmcmc.sghmc",
+    "sgmcmc.sgnht",
+    "optim",
+    "torchopt",
+    "utils",
+    "tree_utils",
+    "types",
 ]
 
 
@@ -49,7 +62,12 @@ def test_module_functions_and_states(ref, name):
                 assert _same_default(a[k].default, p.default), f"{name}.{attr}({k})"
     for attr in dir(theirs):
         obj = getattr(theirs, attr)
-        if inspect.isclass(obj) and issubclass(obj, tuple) and hasattr(obj, "_fields") and obj.__module__ == theirs.__name__:
+        if (
+            inspect.isclass(obj)
+            and issubclass(obj, tuple)
+            and hasattr(obj, "_fields")
+            and obj.__module__ == theirs.__name__
+        ):
             mine = getattr(ours, attr)
             assert mine._fields == obj._fields, f"{name}.{attr}"
             for field, default in obj._field_defaults.items():

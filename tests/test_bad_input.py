@@ -25,8 +25,11 @@ def _assert_unchanged(state, snapshot):
     assert len(now) == len(snapshot)
     for t, (old, ptr) in zip(now, snapshot):
         assert t.data_ptr() == ptr
-        assert torch.equal(t.detach(), old) or (t.numel() == old.numel() and torch.equal(t.isnan(), old.isnan())
-                                                and torch.equal(t.nan_to_num(), old.nan_to_num()))
+        assert torch.equal(t.detach(), old) or (
+            t.numel() == old.numel()
+            and torch.equal(t.isnan(), old.isnan())
+            and torch.equal(t.nan_to_num(), old.nan_to_num())
+        )
 
 
 def _state_and_batch(method, backend):
@@ -94,7 +97,7 @@ PER_SAMPLE = [m for m in METHODS if m.per_sample]
 @pytest.mark.parametrize("method", PER_SAMPLE, ids=_ids(PER_SAMPLE))
 @pytest.mark.parametrize("shape", ["scalar", "matrix"])
 def test_per_sample_output_of_the_wrong_shape(method, shape, backend):
-    (role, function), = method.functions.items()
+    ((role, function),) = method.functions.items()
 
     def wrong(p, batch):
         value, aux = function(p, batch)
@@ -105,7 +108,10 @@ def test_per_sample_output_of_the_wrong_shape(method, shape, backend):
     state = transform.init(params)
     got = "shape ()" if shape == "scalar" else r"shape \(6, 2\)"
     _failed_update_leaves_state(
-        transform, state, batch, rf"{role} must return one value per sample, a tensor of shape \(6,\).*per_sample=True; got {got}"
+        transform,
+        state,
+        batch,
+        rf"{role} must return one value per sample, a tensor of shape \(6,\).*per_sample=True; got {got}",
     )
 
 
@@ -114,7 +120,7 @@ SPLITTING = [m for m in METHODS if m.per_sample is False]
 
 @pytest.mark.parametrize("method", SPLITTING, ids=_ids(SPLITTING))
 def test_batch_function_returning_one_value_per_sample_without_per_sample(method, backend):
-    (role, function), = method.functions.items()
+    ((role, function),) = method.functions.items()
     per_sample_fn = tree_map(lambda x: x, method.functions)[role]
 
     def vector(p, batch):  # per sample (one sample per call): a vector of 2

@@ -30,10 +30,23 @@ def test_harness_and_report_on_a_tiny_kernel_case(tmp_path):
         assert len(t.samples) == (harness.BURST - 1) * len(t.switch_samples) and t.switch_median > 0
     base = timings["J.T @ J"].median
     rows = [
-        {"op": case.op, "model": case.model, "P": case.p, "N": case.n, "provider": p, "status": t.status,
-         "median_ms": t.median * 1e3, "p20_ms": t.quantile(0.2) * 1e3, "p80_ms": t.quantile(0.8) * 1e3,
-         "speedup": base / t.median if t.status == "ok" else float("nan"), "baseline": "J.T @ J",
-         "gflops": float("nan"), "first_call_ms": t.first_s * 1e3, "compile_s": float("nan"), "note": t.note}
+        {
+            "op": case.op,
+            "model": case.model,
+            "P": case.p,
+            "N": case.n,
+            "provider": p,
+            "status": t.status,
+            "median_ms": t.median * 1e3,
+            "p20_ms": t.quantile(0.2) * 1e3,
+            "p80_ms": t.quantile(0.8) * 1e3,
+            "speedup": base / t.median if t.status == "ok" else float("nan"),
+            "baseline": "J.T @ J",
+            "gflops": float("nan"),
+            "first_call_ms": t.first_s * 1e3,
+            "compile_s": float("nan"),
+            "note": t.note,
+        }
         for p, t in timings.items()
     ]
     table = report.markdown(rows)

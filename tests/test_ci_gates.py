@@ -12,19 +12,39 @@ def _run_with_broken_reference(tmp_path, ci: bool) -> subprocess.CompletedProces
     shadow.mkdir(parents=True, exist_ok=True)
     (shadow / "__init__.py").write_text("raise ImportError('simulated broken posteriors install')\n")
     test = tmp_path / "test_uses_reference.py"
-    test.write_text(textwrap.dedent("""
+    test.write_text(
+        textwrap.dedent("""
         def test_needs_reference(ref):
             assert ref is not None
-    """))
+    """)
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "shadow"), root]))
     env.pop("POSTERIORS_FAST_CI", None)
     if ci:
         env["POSTERIORS_FAST_CI"] = "1"
     return subprocess.run(
-        [sys.executable, "-m", "pytest", str(test), "-q", "-p", "no:cacheprovider", "-rs",
-         "--rootdir", str(tmp_path), "-c", os.devnull, "-p", "tests.conftest"],
-        env=env, cwd=root, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(test),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-rs",
+            "--rootdir",
+            str(tmp_path),
+            "-c",
+            os.devnull,
+            "-p",
+            "tests.conftest",
+        ],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

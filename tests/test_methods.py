@@ -36,7 +36,9 @@ def _comparable(state):
     return state._replace(optimizer=None) if hasattr(state, "optimizer") else state
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if not m.reference], ids=_ids([m for m in METHODS if not m.reference]))
+@pytest.mark.parametrize(
+    "method", [m for m in METHODS if not m.reference], ids=_ids([m for m in METHODS if not m.reference])
+)
 def test_matches_posteriors_005(ref, method, dtype, backend):
     if dtype == torch.float64 and method.reference_float64:
         pytest.skip(method.reference_float64)
@@ -48,7 +50,9 @@ def test_matches_posteriors_005(ref, method, dtype, backend):
     assert_tree_close(_comparable(ours), _comparable(theirs), dtype)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if not m.inplace_only], ids=_ids([m for m in METHODS if not m.inplace_only]))
+@pytest.mark.parametrize(
+    "method", [m for m in METHODS if not m.inplace_only], ids=_ids([m for m in METHODS if not m.inplace_only])
+)
 def test_inplace_equals_functional_and_keeps_the_tensors(method, dtype, backend):
     functional = _run(method, posteriors_fast, dtype, False, backend=backend)
     params, _ = method.problem(dtype)

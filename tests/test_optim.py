@@ -31,7 +31,9 @@ def _trainable(params):
     return tree_map(lambda t: t.clone().requires_grad_(True), params)
 
 
-@pytest.mark.parametrize("opt, kwargs", [(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}), (torch.optim.Adam, {"lr": 0.05})])
+@pytest.mark.parametrize(
+    "opt, kwargs", [(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}), (torch.optim.Adam, {"lr": 0.05})]
+)
 def test_optim_trajectory_matches_reference(ref, dtype, opt, kwargs):
     params = random_params("tuple", dtype)  # torch.optim takes an iterable of tensors
     ours, theirs = pf.optim.build(_loss, opt, **kwargs), ref.optim.build(_loss, opt, **kwargs)
@@ -63,7 +65,9 @@ def test_optim_state_does_not_write_into_shared_default():
     assert state.loss.shape == () and pf.optim.OptimState._field_defaults["loss"].numel() == 0
 
 
-@pytest.mark.parametrize("make", [lambda: torchopt.sgd(0.1, momentum=0.9), lambda: torchopt.adam(0.05)], ids=["sgd", "adam"])
+@pytest.mark.parametrize(
+    "make", [lambda: torchopt.sgd(0.1, momentum=0.9), lambda: torchopt.adam(0.05)], ids=["sgd", "adam"]
+)
 @pytest.mark.parametrize("inplace", [False, True])
 def test_torchopt_trajectory_matches_reference_functional_path(ref, dtype, make, inplace):
     params = random_params("nested", dtype)

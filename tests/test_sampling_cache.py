@@ -28,15 +28,30 @@ def _outer(z, batch):
 
 # (module, build kwargs, matrix field, draws from (mean, matrix, noise))
 METHODS = {
-    "ekf.dense_fisher": (ekf.dense_fisher, dict(log_likelihood=_log_post, lr=0.5, init_cov=1.0), "cov",
-                         lambda m, cov, e: m + e @ torch.linalg.cholesky(cov).mT),
-    "laplace.dense_fisher": (laplace.dense_fisher, dict(log_posterior=_log_post, init_prec=1.0), "prec",
-                             lambda m, prec, e: m + torch.linalg.solve_triangular(
-                                 torch.linalg.cholesky(prec).mT, e.mT, upper=True).mT),
-    "laplace.dense_ggn": (laplace.dense_ggn, dict(forward=_forward, outer_log_likelihood=_outer, init_prec=1.0),
-                          "prec", None),
-    "laplace.dense_hessian": (laplace.dense_hessian, dict(log_posterior=_log_post, init_prec=1.0, epsilon=30.0),
-                              "prec", None),
+    "ekf.dense_fisher": (
+        ekf.dense_fisher,
+        dict(log_likelihood=_log_post, lr=0.5, init_cov=1.0),
+        "cov",
+        lambda m, cov, e: m + e @ torch.linalg.cholesky(cov).mT,
+    ),
+    "laplace.dense_fisher": (
+        laplace.dense_fisher,
+        dict(log_posterior=_log_post, init_prec=1.0),
+        "prec",
+        lambda m, prec, e: m + torch.linalg.solve_triangular(torch.linalg.cholesky(prec).mT, e.mT, upper=True).mT,
+    ),
+    "laplace.dense_ggn": (
+        laplace.dense_ggn,
+        dict(forward=_forward, outer_log_likelihood=_outer, init_prec=1.0),
+        "prec",
+        None,
+    ),
+    "laplace.dense_hessian": (
+        laplace.dense_hessian,
+        dict(log_posterior=_log_post, init_prec=1.0, epsilon=30.0),
+        "prec",
+        None,
+    ),
 }
 
 
@@ -62,8 +77,11 @@ def test_sample_after_inplace_update_uses_the_new_matrix(name, n, backend):
     torch.manual_seed(0)
     # The same standard normals as sample draws: (5, P) for the EKF's one
     # product, (P, 5) for the Laplace methods' one triangular solve.
-    noise = torch.randn(5, mean.numel(), dtype=torch.float64) if name.startswith("ekf") else \
-        torch.randn(mean.numel(), 5, dtype=torch.float64).mT
+    noise = (
+        torch.randn(5, mean.numel(), dtype=torch.float64)
+        if name.startswith("ekf")
+        else torch.randn(mean.numel(), 5, dtype=torch.float64).mT
+    )
     want = draw(mean, matrix, noise)
     got = torch.stack([tree_ravel(tree_map(lambda x, i=i: x[i], got))[0] for i in range(5)])
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

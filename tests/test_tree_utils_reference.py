@@ -104,7 +104,16 @@ def test_tree_map_inplacify_(ref, kind):
 def test_types_match_reference(ref):
     from posteriors_fast import types
 
-    for name in ("TensorTree", "LogProbFn", "ForwardFn", "OuterLogProbFn", "TransformState", "InitFn", "UpdateFn", "Transform"):
+    for name in (
+        "TensorTree",
+        "LogProbFn",
+        "ForwardFn",
+        "OuterLogProbFn",
+        "TransformState",
+        "InitFn",
+        "UpdateFn",
+        "Transform",
+    ):
         assert hasattr(types, name), name
     assert types.Transform._fields == ref.types.Transform._fields
     assert types.TransformState._fields == ref.types.TransformState._fields

@@ -14,13 +14,16 @@ def test_cg_x0_structure_must_match_b():
         pf.cg(lambda x: x, b, x0={"a": torch.ones(3), "b": torch.ones(4)})
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(maxiter=-1), "maxiter must be a non-negative integer"),
-    (dict(maxiter=2.5), "maxiter must be a non-negative integer"),
-    (dict(tol=-1e-3), "tol must be a non-negative number"),
-    (dict(atol=float("nan")), "atol must be a non-negative number"),
-    (dict(damping=-1.0), "damping must be a non-negative number"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(maxiter=-1), "maxiter must be a non-negative integer"),
+        (dict(maxiter=2.5), "maxiter must be a non-negative integer"),
+        (dict(tol=-1e-3), "tol must be a non-negative number"),
+        (dict(atol=float("nan")), "atol must be a non-negative number"),
+        (dict(damping=-1.0), "damping must be a non-negative number"),
+    ],
+)
 def test_cg_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         pf.cg(lambda x: x, torch.ones(3), **kwargs)
@@ -29,11 +32,13 @@ def test_cg_bad_settings(kwargs, match):
 def test_linearized_forward_diag_sd_structure():
     params = {"w": torch.ones(2, 3)}
     with pytest.raises(ValueError, match="sd_diag must have the same pytree structure as params"):
-        pf.linearized_forward_diag(lambda p, x: (x @ p["w"], torch.tensor([])), params, torch.ones(4, 2), {"v": torch.ones(2, 3)})
+        pf.linearized_forward_diag(
+            lambda p, x: (x @ p["w"], torch.tensor([])), params, torch.ones(4, 2), {"v": torch.ones(2, 3)}
+        )
 
 
 def test_per_samplify_batch_leading_dims():
-    f = pf.per_samplify(lambda p, b: (p * b["x"].sum()))
+    f = pf.per_samplify(lambda p, b: p * b["x"].sum())
     with pytest.raises(ValueError, match="batch leaves disagree on the leading"):
         f(torch.ones(2), {"x": torch.ones(4, 2), "y": torch.ones(3)})
 

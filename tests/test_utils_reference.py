@@ -14,7 +14,6 @@ from tests._compare import assert_tree_close, tol
 from ._trees import KINDS, forward, random_batch, random_params
 
 
-
 @pytest.fixture(params=KINDS)
 def kind(request):
     return request.param
@@ -55,7 +54,7 @@ def test_empirical_fisher_per_samplified(ref, backend, dtype, kind, has_aux, nor
 
 @pytest.mark.parametrize("normalize", [False, True])
 def test_empirical_fisher_general_function_and_argnums(ref, backend, dtype, kind, normalize):
-    params, (x, y) = random_params(kind, dtype), random_batch(5, dtype)
+    params, (x, _) = random_params(kind, dtype), random_batch(5, dtype)
     scale = torch.tensor([1.5, -0.5, 2.0], dtype=dtype)
 
     def f(p, s):
@@ -204,7 +203,9 @@ def test_cg(ref, backend, dtype, kind, kwargs):
     assert info["niter"] == info_ref["niter"]
     assert bool(info["converged"]) == bool(info_ref["converged"])
     assert info["converged"].shape == info_ref["converged"].shape
-    torch.testing.assert_close(info["error"].to(torch.float64), info_ref["error"].to(torch.float64), rtol=5e-2, atol=1e-6)
+    torch.testing.assert_close(
+        info["error"].to(torch.float64), info_ref["error"].to(torch.float64), rtol=5e-2, atol=1e-6
+    )
 
 
 # --- Gaussian helpers -------------------------------------------------------------
@@ -289,9 +290,24 @@ def test_public_names_and_signatures_match_reference(ref):
     import inspect
 
     names = [n for n in dir(ref.utils) if not n.startswith("_") and callable(getattr(ref.utils, n))]
-    for name in ("CatchAuxError", "model_to_function", "linearized_forward_diag", "hvp", "fvp",
-                 "empirical_fisher", "ggnvp", "ggn", "diag_ggn", "cg", "diag_normal_log_prob",
-                 "diag_normal_sample", "per_samplify", "is_scalar", "L_from_flat", "L_to_flat"):
+    for name in (
+        "CatchAuxError",
+        "model_to_function",
+        "linearized_forward_diag",
+        "hvp",
+        "fvp",
+        "empirical_fisher",
+        "ggnvp",
+        "ggn",
+        "diag_ggn",
+        "cg",
+        "diag_normal_log_prob",
+        "diag_normal_sample",
+        "per_samplify",
+        "is_scalar",
+        "L_from_flat",
+        "L_to_flat",
+    ):
         assert name in names
         assert hasattr(pf, name), name
         if name == "CatchAuxError":

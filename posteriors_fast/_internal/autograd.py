@@ -38,9 +38,7 @@ def linear_product(outputs, inputs, cotangents) -> List[torch.Tensor]:
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
 
 
-def grad_value_aux(
-    fn: Callable, args: Tuple, what: str, static: Tuple = ()
-) -> Tuple[Tuple, torch.Tensor, Any]:
+def grad_value_aux(fn: Callable, args: Tuple, what: str, static: Tuple = ()) -> Tuple[Tuple, torch.Tensor, Any]:
     """``(grads, value, aux)`` of ``fn(*args, *static) -> (value, aux)``,
     differentiated with respect to ``args`` only.
 

@@ -126,9 +126,7 @@ def covariance(
         dtype (not copied if already there).
     """
     need = "positive semi-definite" if allow_zero else "positive definite"
-    if isinstance(value, (int, float)) or (
-        isinstance(value, torch.Tensor) and value.numel() == 1
-    ):
+    if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1):
         c = scalar_value(value, name)
         if not math.isfinite(c) or c < 0 or (c == 0 and not allow_zero):
             bound = ">= 0" if allow_zero else "> 0"

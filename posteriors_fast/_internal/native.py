@@ -21,7 +21,4 @@ def accepts(*tensors: Optional[torch.Tensor], out: Optional[torch.Tensor] = None
         return False
     first = given[0]
     grad = autograd and torch.is_grad_enabled()
-    return all(
-        t.dtype == first.dtype and t.device == first.device and not (grad and t.requires_grad)
-        for t in given
-    )
+    return all(t.dtype == first.dtype and t.device == first.device and not (grad and t.requires_grad) for t in given)

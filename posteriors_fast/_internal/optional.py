@@ -19,8 +19,7 @@ def torchopt(needed_by: str):
     module = load("torchopt")
     if module is None:
         raise ImportError(
-            f"{needed_by} needs the torchopt package: pip install torchopt "
-            "(or pip install 'posteriors_fast[torchopt]')"
+            f"{needed_by} needs the torchopt package: pip install torchopt (or pip install 'posteriors_fast[torchopt]')"
         )
     return module
 

@@ -17,15 +17,6 @@ the utils function).
 :func:`explain` says, per op, what will actually run on this machine and why.
 """
 
-from posteriors_fast.backends.selection import (
-    BACKENDS,
-    ENV_VAR,
-    FAMILY_BACKENDS,
-    get_backend,
-    resolve,
-    set_backend,
-    use_backend,
-)
 from posteriors_fast.backends.families import BackendUnavailableError
 from posteriors_fast.backends.registry import (
     UNMEASURED_ON_CUDA,
@@ -36,6 +27,15 @@ from posteriors_fast.backends.registry import (
     neutral,
     register,
     report,
+)
+from posteriors_fast.backends.selection import (
+    BACKENDS,
+    ENV_VAR,
+    FAMILY_BACKENDS,
+    get_backend,
+    resolve,
+    set_backend,
+    use_backend,
 )
 
 __all__ = [

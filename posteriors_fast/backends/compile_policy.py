@@ -55,10 +55,7 @@ def shape_signature(params: Any, batch: Any) -> Tuple:
         p_spec,
         tuple((x.shape, x.dtype, x.device) for x in p_leaves),
         b_spec,
-        tuple(
-            (x.shape[1:], x.dtype, x.device) if isinstance(x, torch.Tensor) else type(x)
-            for x in b_leaves
-        ),
+        tuple((x.shape[1:], x.dtype, x.device) if isinstance(x, torch.Tensor) else type(x) for x in b_leaves),
     )
 
 
@@ -66,9 +63,7 @@ def _autograd_must_see(args) -> bool:
     """Whether the result must carry an autograd graph back to a tensor of
     ``args``: the compiled graph does not record one through its own reverse
     passes, so such calls stay eager."""
-    return torch.is_grad_enabled() and any(
-        isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves(args)
-    )
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves(args))
 
 
 class TieredCompile:
@@ -125,7 +120,9 @@ class TieredCompile:
             per_owner[signature] = _FAILED
             logger.warning(
                 "posteriors_fast: torch.compile of %s failed (%s: %s); running it eagerly",
-                self._name, type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "",
+                self._name,
+                type(err).__name__,
+                str(err).splitlines()[0][:200] if str(err) else "",
             )
             return result
 
@@ -155,6 +152,8 @@ class GuardedCompile:
             self._failed = True
             logger.warning(
                 "posteriors_fast: torch.compile of %s failed (%s: %s); running it eagerly",
-                self._name, type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "",
+                self._name,
+                type(err).__name__,
+                str(err).splitlines()[0][:200] if str(err) else "",
             )
             return self._fn(*args)

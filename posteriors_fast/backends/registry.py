@@ -28,8 +28,7 @@ logger = logging.getLogger("posteriors_fast")
 
 #: The note of the CUDA kernels chosen without a GPU run to measure them.
 UNMEASURED_ON_CUDA = (
-    "unmeasured: no GPU has compared it with the eager cuBLAS/torch code yet "
-    "(benchmarks/gpu_check.sh does)"
+    "unmeasured: no GPU has compared it with the eager cuBLAS/torch code yet (benchmarks/gpu_check.sh does)"
 )
 
 #: Order in which the compiled policy tries the faster families.

@@ -16,9 +16,7 @@ ENV_VAR = "POSTERIORS_FAST_BACKEND"
 
 # A ContextVar (not a plain global) so that use_backend() in one thread or task
 # does not leak into another.
-_current: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "posteriors_fast_backend", default=None
-)
+_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("posteriors_fast_backend", default=None)
 _global_default: str | None = None
 
 

@@ -169,9 +169,7 @@ def update(
     backend = resolve(backend)
     lr = _checks.positive_finite(lr, "lr")
     flat, unravel = _check_state(state)
-    transition = _checks.covariance(
-        transition_cov, flat.numel(), flat, "transition_cov", allow_zero=True
-    )
+    transition = _checks.covariance(transition_cov, flat.numel(), flat, "transition_cov", allow_zero=True)
     with torch.no_grad(), CatchAuxError():
         jac, values, aux = log_density_jacobian(
             log_likelihood, state.params, batch, per_sample=per_sample, what="log_likelihood", backend=backend
@@ -192,9 +190,7 @@ def update(
     return write_field(state, "log_likelihood", mean_log_lik, aux=aux)
 
 
-def sample(
-    state: EKFDenseState, sample_shape: torch.Size = torch.Size([])
-) -> TensorTree:
+def sample(state: EKFDenseState, sample_shape: torch.Size = torch.Size([])) -> TensorTree:
     """Draw from N(state.params, state.cov).
 
     The Cholesky factor of the covariance is computed once per covariance (an
@@ -228,9 +224,7 @@ def _check_state(state: EKFDenseState):
     size = flat.numel()
     if not isinstance(state.cov, torch.Tensor) or state.cov.shape != (size, size):
         shape = tuple(state.cov.shape) if isinstance(state.cov, torch.Tensor) else type(state.cov).__name__
-        raise ValueError(
-            f"state.cov must be ({size}, {size}) for the {size} parameters of state.params, got {shape}"
-        )
+        raise ValueError(f"state.cov must be ({size}, {size}) for the {size} parameters of state.params, got {shape}")
     return flat, unravel
 
 
@@ -242,8 +236,6 @@ _factors = TensorMemo()
 def _factor(cov: torch.Tensor) -> torch.Tensor:
     chol = _factors.get(cov)
     if chol is None:
-        chol = robust_cholesky(
-            cov, "state.cov", "The covariance must be positive definite to sample from it."
-        )
+        chol = robust_cholesky(cov, "state.cov", "The covariance must be positive definite to sample from it.")
         _factors.put(cov, chol)
     return chol

@@ -69,7 +69,8 @@ def sample(state, sample_shape: torch.Size) -> TensorTree:
     chol = _factors.get(state.prec)
     if chol is None:
         chol = robust_cholesky(
-            state.prec, "state.prec",
+            state.prec,
+            "state.prec",
             "The precision must be positive definite to sample: add a prior precision (init_prec > 0).",
         )
         _factors.put(state.prec, chol)

@@ -23,18 +23,22 @@ def batch_ggn_factors(params, batch, forward, outer_log_likelihood, *, backend: 
     size = tree_ravel(params)[0].numel()
     with checks.blame_batch(batch, "forward"):
         z, aux = forward(params, batch)
-    checks.require_finite([
-        (params, "state.params hold a non-finite value (NaN or inf)", "leaf"),
-        (z, "forward returned NaN or inf"),
-    ])
+    checks.require_finite(
+        [
+            (params, "state.params hold a non-finite value (NaN or inf)", "leaf"),
+            (z, "forward returned NaN or inf"),
+        ]
+    )
     jac = separable_output_jacobian(forward, params, batch, z, backend=backend)
     if jac is None:
         jac, z, aux = output_jacobian(forward, (params, batch), 0, has_aux=True)
     jac = jac.reshape(-1, size)
     with checks.blame_batch(batch, "outer_log_likelihood"):
         hess_jac = loss_hessian_times(lambda z_: -outer_log_likelihood(z_, batch), z.detach(), jac)
-    checks.require_finite([
-        (jac, "the gradient of forward is NaN or inf"),
-        (hess_jac, "the Hessian of outer_log_likelihood is NaN or inf"),
-    ])
+    checks.require_finite(
+        [
+            (jac, "the gradient of forward is NaN or inf"),
+            (hess_jac, "the Hessian of outer_log_likelihood is NaN or inf"),
+        ]
+    )
     return jac, hess_jac, aux

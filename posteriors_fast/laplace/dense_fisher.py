@@ -124,8 +124,13 @@ def update(
     with torch.no_grad(), CatchAuxError():
         # Only the gradients enter the precision: a NaN value alone is no error.
         jac, _, aux = log_density_jacobian(
-            log_posterior, state.params, batch, per_sample=per_sample, what="log_posterior",
-            backend=backend, values_must_be_finite=False,
+            log_posterior,
+            state.params,
+            batch,
+            per_sample=per_sample,
+            what="log_posterior",
+            backend=backend,
+            values_must_be_finite=False,
         )
         jac = jac.to(state.prec.dtype)
         if inplace:

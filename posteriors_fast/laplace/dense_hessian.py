@@ -30,7 +30,6 @@ from posteriors_fast.tree_utils import tree_size  # noqa: F401  (posteriors 0.0.
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 from posteriors_fast.utils import is_scalar  # noqa: F401  (as above)
 
-
 neutral("laplace.dense_hessian", "the cost is the user's P forward-over-reverse products (torch.func.jacfwd of jacrev)")
 
 
@@ -138,11 +137,13 @@ def update(
     if not checks.all_finite([term]):
         with torch.no_grad(), CatchAuxError():
             value = log_posterior(state.params, batch)[0]
-        checks.require_finite([
-            (state.params, "state.params hold a non-finite value (NaN or inf)", "leaf"),
-            (value, "log_posterior returned NaN or inf for this batch"),
-            (term, "the Hessian of log_posterior is NaN or inf for this batch"),
-        ])
+        checks.require_finite(
+            [
+                (state.params, "state.params hold a non-finite value (NaN or inf)", "leaf"),
+                (value, "log_posterior returned NaN or inf for this batch"),
+                (term, "the Hessian of log_posterior is NaN or inf for this batch"),
+            ]
+        )
     return _dense.add_to_prec(state, term, aux, inplace)
 
 

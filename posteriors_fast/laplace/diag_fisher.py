@@ -113,8 +113,13 @@ def update(
     backend = resolve(backend)
     with torch.no_grad(), CatchAuxError():
         jac, _, aux = log_density_jacobian(
-            log_posterior, state.params, batch, per_sample=per_sample, what="log_posterior",
-            backend=backend, values_must_be_finite=False,
+            log_posterior,
+            state.params,
+            batch,
+            per_sample=per_sample,
+            what="log_posterior",
+            backend=backend,
+            values_must_be_finite=False,
         )
         term = jac.square().sum(0)
     return _diag.add_to_prec(state, term, aux, inplace)

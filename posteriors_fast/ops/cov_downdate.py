@@ -13,8 +13,8 @@ import importlib
 import torch
 
 from posteriors_fast import _library
-from posteriors_fast.backends import UNMEASURED_ON_CUDA, decline, implementation, register
 from posteriors_fast._internal.native import accepts
+from posteriors_fast.backends import UNMEASURED_ON_CUDA, decline, implementation, register
 from posteriors_fast.ops.syrk import syrk_eager
 
 
@@ -48,7 +48,8 @@ register(
 )
 register("cov_downdate", "cpp", cov_downdate_cpp, devices=("cpu",))
 decline(
-    "cov_downdate", "torch_compile",
+    "cov_downdate",
+    "torch_compile",
     "not provided: Inductor emits one extern GEMM per tile, no fusion to gain over the native kernels",
 )
 register("cov_downdate", "triton", cov_downdate_triton, devices=("cuda",), note=UNMEASURED_ON_CUDA)

@@ -38,9 +38,7 @@ _compiled = GuardedCompile(ggn_diag_eager, "the GGN diagonal", dynamic=True, ful
 def ggn_diag_torch_compile(jac: torch.Tensor, hess_jac: torch.Tensor) -> torch.Tensor:
     """The eager formula fused by ``torch.compile`` for large J, eager below
     :data:`COMPILE_MIN_NUMEL` (and whenever autograd must see the result)."""
-    if jac.numel() < COMPILE_MIN_NUMEL or (
-        torch.is_grad_enabled() and (jac.requires_grad or hess_jac.requires_grad)
-    ):
+    if jac.numel() < COMPILE_MIN_NUMEL or (torch.is_grad_enabled() and (jac.requires_grad or hess_jac.requires_grad)):
         return ggn_diag_eager(jac, hess_jac)
     return _compiled(jac, hess_jac)
 

@@ -26,10 +26,10 @@ from typing import Optional
 import torch
 
 from posteriors_fast._internal.checks import first_non_finite
-from posteriors_fast.backends import decline, implementation, register
-from posteriors_fast.ops.new_matrix import new_matrix
 from posteriors_fast._internal.cholesky import robust_cholesky
+from posteriors_fast.backends import decline, implementation, register
 from posteriors_fast.ops.cov_downdate import cov_downdate_
+from posteriors_fast.ops.new_matrix import new_matrix
 from posteriors_fast.ops.symm_jt import symm_jt
 from posteriors_fast.ops.syrk import syrk_
 
@@ -114,9 +114,7 @@ def lowrank_update_eager(cov, transition, jac, beta, backend) -> Update:
     pred = _add_transition_(cov.clone(), transition)
     prec = torch.cholesky_inverse(robust_cholesky(pred, "the predicted covariance Σ + Q", _HINT))
     syrk_(prec, jac, None, None, beta, 1.0, backend=backend)
-    new_cov = torch.cholesky_inverse(
-        robust_cholesky(prec, "the updated precision (Σ + Q)⁻¹ + lr·F", _HINT)
-    )
+    new_cov = torch.cholesky_inverse(robust_cholesky(prec, "the updated precision (Σ + Q)⁻¹ + lr·F", _HINT))
     new_cov = torch.add(new_cov, new_cov.mT).mul_(0.5)
     step = torch.mv(new_cov, jac.mean(0))
     _require_finite((new_cov, "the updated covariance"), (step, "the mean update"))
@@ -133,7 +131,8 @@ register(
 
 for _family in ("triton", "cpp", "torch_compile"):
     decline(
-        "lowrank_update", _family,
+        "lowrank_update",
+        _family,
         "composite: its syrk and cov_downdate steps dispatch on their own; the "
         "Cholesky and triangular solve are LAPACK/cuSOLVER calls",
     )
@@ -141,6 +140,4 @@ for _family in ("triton", "cpp", "torch_compile"):
 
 def lowrank_update(cov, transition, jac, beta, *, backend: str) -> Update:
     """Dispatching entry point; ``backend`` must already be resolved."""
-    return implementation("lowrank_update", backend, cov.device.type)(
-        cov, transition, jac, beta, backend
-    )
+    return implementation("lowrank_update", backend, cov.device.type)(cov, transition, jac, beta, backend)

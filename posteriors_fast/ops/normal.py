@@ -16,8 +16,8 @@ from typing import List
 import torch
 
 from posteriors_fast import _library
-from posteriors_fast.backends import decline, implementation, register
 from posteriors_fast._internal.native import accepts
+from posteriors_fast.backends import decline, implementation, register
 
 _SEED_HIGH = 2**62
 
@@ -51,7 +51,11 @@ register(
 )
 register("normal", "cpp", normal_like_cpp, devices=("cpu",))
 decline("normal", "triton", "not provided: CUDA's torch.randn is already a parallel Philox generator")
-decline("normal", "torch_compile", "not provided: the C++ generator serves the CPU and torch.randn is already parallel on CUDA")
+decline(
+    "normal",
+    "torch_compile",
+    "not provided: the C++ generator serves the CPU and torch.randn is already parallel on CUDA",
+)
 
 
 def normal_like(leaves: List[torch.Tensor], *, backend: str) -> List[torch.Tensor]:

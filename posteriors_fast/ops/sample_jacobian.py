@@ -112,23 +112,31 @@ register("sample_jacobian", "torch_compile", sample_jacobian_torch_compile)
 
 
 def sample_jacobian(
-    f: Callable, params: Any, batch: Any, has_aux: bool, keep_aux: bool = True, witness: bool = False,
-    *, backend: str
+    f: Callable, params: Any, batch: Any, has_aux: bool, keep_aux: bool = True, witness: bool = False, *, backend: str
 ) -> Tuple:
     """Dispatching entry point (see :func:`sample_jacobian_eager` for the
     arguments and result); ``backend`` must already be resolved."""
     return implementation("sample_jacobian", backend, device_type_of(params))(
         f, params, batch, has_aux, keep_aux, witness
     )
+
+
 for _family in ("triton", "cpp"):
     decline(
-        "sample_jacobian", _family,
+        "sample_jacobian",
+        _family,
         "the Jacobian runs the user's model: torch.compile traces it, a fixed kernel cannot",
     )
 
 
 def log_density_jacobian(
-    fn: Callable, params: Any, batch: Any, *, per_sample: bool, what: str, backend: str,
+    fn: Callable,
+    params: Any,
+    batch: Any,
+    *,
+    per_sample: bool,
+    what: str,
+    backend: str,
     values_must_be_finite: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, Any]:
     """The per-sample values of a user's log density and their (N, P)
@@ -166,8 +174,7 @@ def log_density_jacobian(
             got = f"shape {tuple(values.shape)}" if isinstance(values, torch.Tensor) else type(values).__name__
             want = f"({n},) for this batch of {n}" if n is not None else "(N,)"
             raise ValueError(
-                f"{what} must return one value per sample, a tensor of shape {want}, "
-                f"when per_sample=True; got {got}"
+                f"{what} must return one value per sample, a tensor of shape {want}, when per_sample=True; got {got}"
             )
         witness = None
     else:

@@ -52,7 +52,8 @@ def separable_parts_torch_compile(forward_func, params, batch, probe):
 register("separable_jacobian", "torch_compile", separable_parts_torch_compile)
 for _family in ("triton", "cpp"):
     decline(
-        "separable_jacobian", _family,
+        "separable_jacobian",
+        _family,
         "the Jacobian runs the user's model: torch.compile traces it, a fixed kernel cannot",
     )
 
@@ -85,8 +86,10 @@ def separable_output_jacobian(forward_func, params, batch, forward_vals, *, back
         return None
     want = forward_vals.detach().reshape(-1)
     probe = torch.randn(
-        want.shape, generator=torch.Generator(device=want.device).manual_seed(0),
-        dtype=want.dtype, device=want.device,
+        want.shape,
+        generator=torch.Generator(device=want.device).manual_seed(0),
+        dtype=want.dtype,
+        device=want.device,
     )
     parts = implementation("separable_jacobian", backend, want.device.type)
     try:
@@ -101,4 +104,3 @@ def separable_output_jacobian(forward_func, params, batch, forward_vals, *, back
     if not bool(agree):
         return None
     return jac.reshape(*forward_vals.shape, jac.shape[-1])
-

@@ -15,8 +15,8 @@ from typing import List, Tuple
 import torch
 
 from posteriors_fast import _library
-from posteriors_fast.backends import decline, implementation, register
 from posteriors_fast._internal.native import accepts
+from posteriors_fast.backends import decline, implementation, register
 from posteriors_fast.ops.normal import normal_like_eager, random_seed
 
 Leaves = List[torch.Tensor]

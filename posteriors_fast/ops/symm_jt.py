@@ -15,8 +15,8 @@ largest entry).
 import torch
 
 from posteriors_fast import _library
-from posteriors_fast.backends import decline, implementation, register
 from posteriors_fast._internal.native import accepts
+from posteriors_fast.backends import decline, implementation, register
 
 
 def symm_jt_eager(s: torch.Tensor, j: torch.Tensor) -> torch.Tensor:

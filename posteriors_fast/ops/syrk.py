@@ -1,6 +1,7 @@
 """``syrk``: symmetric rank-k update, ``out ← β·C + α·AᵀA`` for A of shape
-(K, P) and symmetric C (by default ``out`` itself, i.e. in place). The core of every empirical Fisher (β = 0) and of the Woodbury
-covariance downdate (β = 1, α = -1).
+(K, P) and symmetric C (by default ``out`` itself, i.e. in place). The core
+of every empirical Fisher (β = 0) and of the Woodbury covariance downdate
+(β = 1, α = -1).
 
 Only the upper-triangle tiles are computed, each with one ATen GEMM, and then
 mirrored to the lower triangle, so the result is exactly symmetric and costs
@@ -30,8 +31,8 @@ import importlib
 import torch
 
 from posteriors_fast import _library
-from posteriors_fast.backends import UNMEASURED_ON_CUDA, decline, implementation, register
 from posteriors_fast._internal.native import accepts
+from posteriors_fast.backends import UNMEASURED_ON_CUDA, decline, implementation, register
 from posteriors_fast.ops.new_matrix import new_matrix
 
 #: GEMM tile edge. 1024 measured best of {512, 1024, 2048} at P = 20000, K = 64
@@ -132,7 +133,8 @@ def syrk_triton(out, a, b=None, c=None, alpha=1.0, beta=0.0, mirror=True):
 
 register("syrk", "cpp", syrk_cpp, devices=("cpu",))
 decline(
-    "syrk", "torch_compile",
+    "syrk",
+    "torch_compile",
     "not provided: Inductor emits one extern GEMM per tile, no fusion to gain over the native kernels",
 )
 register("syrk", "triton", syrk_triton, devices=("cuda",), note=UNMEASURED_ON_CUDA)
@@ -154,9 +156,7 @@ def syrk_(
     return implementation("syrk", backend, a.device.type)(out, a, b, c, alpha, beta, mirror)
 
 
-def gram(
-    a: torch.Tensor, scale: float, b: torch.Tensor | None = None, *, backend: str
-) -> torch.Tensor:
+def gram(a: torch.Tensor, scale: float, b: torch.Tensor | None = None, *, backend: str) -> torch.Tensor:
     """``scale · aᵀb`` (``b`` defaults to ``a``; ``aᵀb`` must be symmetric) as a
     new exactly symmetric (P, P) tensor."""
     out = new_matrix((a.shape[1], a.shape[1]), a, backend=backend)

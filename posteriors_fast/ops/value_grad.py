@@ -30,7 +30,9 @@ from posteriors_fast.backends.compile_policy import TieredCompile, shape_signatu
 
 def _witness(value: torch.Tensor, grads: Any, params: Any) -> torch.Tensor:
     # stack promotes mixed dtypes
-    return finite_witness([value.reshape(())] + tree_leaves(grads) + [x for x in tree_leaves(params) if x.is_floating_point()])
+    return finite_witness(
+        [value.reshape(())] + tree_leaves(grads) + [x for x in tree_leaves(params) if x.is_floating_point()]
+    )
 
 
 def value_grad_eager(fn: Callable, params: Any, batch: Any, what: str) -> Tuple[Any, torch.Tensor, Any, torch.Tensor]:
@@ -94,7 +96,9 @@ def value_grad_torch_compile(fn: Callable, params: Any, batch: Any, what: str):
 
 register("value_grad", "torch_compile", value_grad_torch_compile)
 for _family in ("triton", "cpp"):
-    decline("value_grad", _family, "the gradient runs the user's function: torch.compile traces it, a fixed kernel cannot")
+    decline(
+        "value_grad", _family, "the gradient runs the user's function: torch.compile traces it, a fixed kernel cannot"
+    )
 
 
 def value_grad(fn: Callable, params: Any, batch: Any, what: str, *, backend: str):

@@ -82,8 +82,6 @@ class SGHMCState(NamedTuple):
     aux: Any = None
 
 
-
-
 def init(params: TensorTree, momenta: TensorTree | float | None = None) -> SGHMCState:
     """Initial state at ``params`` with ``momenta``.
 

@@ -47,9 +47,7 @@ def build(
     _validate(lr, beta, temperature)
     return Transform(
         init,
-        partial(
-            update, log_posterior=log_posterior, lr=lr, beta=beta, temperature=temperature, backend=backend
-        ),
+        partial(update, log_posterior=log_posterior, lr=lr, beta=beta, temperature=temperature, backend=backend),
     )
 
 
@@ -65,8 +63,6 @@ class SGLDState(NamedTuple):
     params: TensorTree
     log_posterior: torch.tensor = torch.tensor([])
     aux: Any = None
-
-
 
 
 def _validate(lr, beta, temperature) -> float:

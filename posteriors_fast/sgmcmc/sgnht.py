@@ -13,9 +13,8 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import torch
-from optree.integrations.torch import tree_ravel
-
 from optree import tree_flatten, tree_map, tree_unflatten  # noqa: F401  (tree_map: posteriors 0.0.5 exposes it here)
+from optree.integrations.torch import tree_ravel
 from torch.func import grad_and_value  # noqa: F401  (posteriors 0.0.5 exposes it here)
 
 from posteriors_fast._internal import checks as _checks
@@ -92,8 +91,6 @@ class SGNHTState(NamedTuple):
     aux: Any = None
 
 
-
-
 def init(
     params: TensorTree,
     momenta: TensorTree | float | None = None,
@@ -158,8 +155,6 @@ def update(
     if not bool(torch.isfinite(new_xi).all()):
         raise ValueError("the thermostat xi became NaN or inf; the state was not changed")
     if not inplace:
-        return SGNHTState(
-            tree_unflatten(spec, new_params), tree_unflatten(spec, new_momenta), new_xi, value, aux
-        )
+        return SGNHTState(tree_unflatten(spec, new_params), tree_unflatten(spec, new_momenta), new_xi, value, aux)
     copy_leaves_(params + momenta, new_params + new_momenta)
     return write_field(write_field(state, "xi", new_xi), "log_posterior", value, aux=aux)

@@ -158,9 +158,17 @@ def update(
             return nelbo(mean, L_flat, batch, log_posterior, temperature, n_samples, stl)
 
     (mean, L_flat), opt_state, value, aux = step(
-        objective, (state.params, state.L_factor), (), state.opt_state, optimizer, inplace=inplace,
-        what="the negative ELBO", names=("params", "L_factor"), value_label=_VALUE_LABEL,
-        grad_label=_GRAD_LABEL, needed_by="posteriors_fast.vi",
+        objective,
+        (state.params, state.L_factor),
+        (),
+        state.opt_state,
+        optimizer,
+        inplace=inplace,
+        what="the negative ELBO",
+        names=("params", "L_factor"),
+        value_label=_VALUE_LABEL,
+        grad_label=_GRAD_LABEL,
+        needed_by="posteriors_fast.vi",
     )
     if inplace:
         return write_field(state, "nelbo", value, opt_state=opt_state, aux=aux)

@@ -155,9 +155,17 @@ def update(
             return nelbo(mean, tree_map(torch.exp, log_sds), batch, log_posterior, temperature, n_samples, stl)
 
     (mean, log_sds), opt_state, value, aux = step(
-        objective, (state.params, state.log_sd_diag), (), state.opt_state, optimizer, inplace=inplace,
-        what="the negative ELBO", names=("params", "log_sd_diag"), value_label=_VALUE_LABEL,
-        grad_label=_GRAD_LABEL, needed_by="posteriors_fast.vi",
+        objective,
+        (state.params, state.log_sd_diag),
+        (),
+        state.opt_state,
+        optimizer,
+        inplace=inplace,
+        what="the negative ELBO",
+        names=("params", "log_sd_diag"),
+        value_label=_VALUE_LABEL,
+        grad_label=_GRAD_LABEL,
+        needed_by="posteriors_fast.vi",
     )
     if inplace:
         return write_field(state, "nelbo", value, opt_state=opt_state, aux=aux)

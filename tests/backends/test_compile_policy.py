@@ -140,13 +140,15 @@ def test_the_users_own_error_propagates_unchanged(recorder):
 
 
 @pytest.mark.parametrize(
-    "dtype,f,keep_aux", [(torch.float32, log_lik, True), (torch.float64, forward, False)],
+    "dtype,f,keep_aux",
+    [(torch.float32, log_lik, True), (torch.float64, forward, False)],
     ids=["f32-scalar-with-aux", "f64-multi-output"],
 )
 def test_compiled_jacobian_matches_eager_and_does_not_recompile(monkeypatch, dtype, f, keep_aux):
     monkeypatch.setattr(_tiered, "COMPILE_AFTER", 1)
     monkeypatch.setattr(
-        jacobian, "_tiered_sample_jacobian",
+        jacobian,
+        "_tiered_sample_jacobian",
         _tiered.TieredCompile(jacobian.sample_jacobian_eager, "the per-sample Jacobian"),
     )
     params, batch = _mlp(dtype)

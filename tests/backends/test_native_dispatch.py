@@ -68,7 +68,9 @@ def test_fresh_process_without_triton_or_extension_runs_pure_torch():
             for i in range(3):
                 s = t.update(s, (x[i::3], y[i::3]))
             results[backend] = s
-        same = all(torch.equal(getattr(results["eager"], k), getattr(results["compiled"], k)) for k in ("params", "cov"))
+        same = all(
+            torch.equal(getattr(results["eager"], k), getattr(results["compiled"], k)) for k in ("params", "cov")
+        )
         print("SAME", same)
         print("TRITON_IMPORTED", "triton" in sys.modules)
         """
@@ -76,7 +78,10 @@ def test_fresh_process_without_triton_or_extension_runs_pure_torch():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    assert "CPP ('eager', 'fell back to eager torch (triton: not for cpu; cpp: C++ extension posteriors_fast._C not loaded" in text
+    assert (
+        "CPP ('eager', 'fell back to eager torch (triton: not for cpu; cpp: C++ extension posteriors_fast._C not loaded"
+        in text
+    )
     assert "TRITON ('eager'" in text and "triton is not installed" in text
     assert "ERR backend='compiled:cpp' was requested" in text and "--no-build-isolation" in text
     assert "SAME True" in text
@@ -123,8 +128,9 @@ def test_setup_skips_the_extension_when_asked(tmp_path):
 
     root = pathlib.Path(__file__).resolve().parents[2]
     env = dict(os.environ, POSTERIORS_FAST_BUILD_EXT="0")
-    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "setup.py", "--name"], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "POSTERIORS_FAST_BUILD_EXT=0: skipping the C++ extension" in out.stderr
 

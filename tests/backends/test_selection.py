@@ -11,7 +11,21 @@ import posteriors_fast as pf
 from posteriors_fast import _library, backends
 from posteriors_fast.backends import selection
 
-HOT_OPS = {"syrk", "symm_jt", "cov_downdate", "lowrank_update", "ggn_diag", "jsjt", "cg_step", "normal", "sghmc_step", "sample_jacobian", "separable_jacobian", "value_grad", "new_matrix"}
+HOT_OPS = {
+    "syrk",
+    "symm_jt",
+    "cov_downdate",
+    "lowrank_update",
+    "ggn_diag",
+    "jsjt",
+    "cg_step",
+    "normal",
+    "sghmc_step",
+    "sample_jacobian",
+    "separable_jacobian",
+    "value_grad",
+    "new_matrix",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -100,11 +114,18 @@ def test_compiled_policy_prefers_an_available_family_and_skips_unavailable():
     calls = []
     try:
         backends.register("_probe", "eager", lambda: calls.append("eager"), doc="test op")
-        backends.register("_probe", "cpp", lambda: calls.append("cpp"), devices=("cpu",),
-                          available=lambda device: (False, "extension not built"))
+        backends.register(
+            "_probe",
+            "cpp",
+            lambda: calls.append("cpp"),
+            devices=("cpu",),
+            available=lambda device: (False, "extension not built"),
+        )
         assert backends.report("_probe", "compiled", "cpu") == (
-            "eager", "fell back to eager torch (triton: not implemented for this op; cpp: "
-            "extension not built; torch_compile: not implemented for this op)")
+            "eager",
+            "fell back to eager torch (triton: not implemented for this op; cpp: "
+            "extension not built; torch_compile: not implemented for this op)",
+        )
         backends.register("_probe", "torch_compile", lambda: calls.append("tc"))
         backends.implementation("_probe", "compiled", "cpu")()
         backends.implementation("_probe", "eager", "cpu")()
@@ -136,12 +157,13 @@ def test_products_take_backend_and_equal_torch_func(monkeypatch):
     for b in ("eager", "compiled"):
         torch.testing.assert_close(
             pf.hvp(lambda p: (p**3).sum(), (x,), (v,), backend=b)[1],
-            torch.func.jvp(torch.func.grad(lambda p: (p**3).sum()), (x,), (v,))[1])
+            torch.func.jvp(torch.func.grad(lambda p: (p**3).sum()), (x,), (v,))[1],
+        )
         jv = torch.func.jvp(lambda p: p**2, (x,), (v,))[1]
         torch.testing.assert_close(
-            pf.fvp(lambda p: p**2, (x,), (v,), backend=b)[1], torch.func.vjp(lambda p: p**2, x)[1](jv)[0])
-        torch.testing.assert_close(
-            pf.ggnvp(lambda p: p * 2, lambda z: (z**2).sum(), (x,), (v,), backend=b)[1], 8 * v)
+            pf.fvp(lambda p: p**2, (x,), (v,), backend=b)[1], torch.func.vjp(lambda p: p**2, x)[1](jv)[0]
+        )
+        torch.testing.assert_close(pf.ggnvp(lambda p: p * 2, lambda z: (z**2).sum(), (x,), (v,), backend=b)[1], 8 * v)
     with pytest.raises(ValueError, match="backend="):
         pf.hvp(lambda p: (p**3).sum(), (x,), (v,), backend="gpu")
 
@@ -150,8 +172,13 @@ def _fresh_probe_op(name, cpp_ok):
     from posteriors_fast.backends import registry
 
     backends.register(name, "eager", lambda: "eager", doc="test op")
-    backends.register(name, "cpp", lambda: "cpp", devices=("cpu",),
-                      available=lambda device: (cpp_ok, "" if cpp_ok else "extension not built"))
+    backends.register(
+        name,
+        "cpp",
+        lambda: "cpp",
+        devices=("cpu",),
+        available=lambda device: (cpp_ok, "" if cpp_ok else "extension not built"),
+    )
     return registry
 
 
@@ -195,6 +222,7 @@ def test_failing_compile_falls_back_with_one_warning(monkeypatch, caplog):
     def broken_compile(fn, **options):
         def compiled(*args):
             raise RuntimeError("backend compiler failed: no triton\nmore")
+
         return compiled
 
     monkeypatch.setattr(torch, "compile", broken_compile)
@@ -206,14 +234,24 @@ def test_failing_compile_falls_back_with_one_warning(monkeypatch, caplog):
         for _ in range(3):
             torch.testing.assert_close(ggn_diag.ggn_diag_torch_compile(jac, hj), (jac * hj).sum(0))
     messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert messages == ["posteriors_fast: torch.compile of the GGN diagonal failed (RuntimeError: "
-                        "backend compiler failed: no triton); running it eagerly"]
+    assert messages == [
+        "posteriors_fast: torch.compile of the GGN diagonal failed (RuntimeError: "
+        "backend compiler failed: no triton); running it eagerly"
+    ]
 
 
 def test_explain_says_which_functions_ignore_backend_and_what_is_unmeasured_on_cuda(monkeypatch):
     text = backends.explain(device="cpu")
-    for name in ("utils.hvp", "utils.fvp", "utils.ggnvp", "vi.diag", "vi.dense", "optim", "torchopt",
-                 "laplace.dense_hessian"):
+    for name in (
+        "utils.hvp",
+        "utils.fvp",
+        "utils.ggnvp",
+        "vi.diag",
+        "vi.dense",
+        "optim",
+        "torchopt",
+        "laplace.dense_hessian",
+    ):
         assert f"  {name}: " in text.split("functions whose backend= selects nothing")[1]
     from posteriors_fast.backends import registry
 

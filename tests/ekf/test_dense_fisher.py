@@ -8,7 +8,7 @@ from optree.integrations.torch import tree_ravel
 
 import posteriors_fast as pf
 from posteriors_fast.ekf import dense_fisher
-from tests._compare import assert_tree_close, tol
+from tests._compare import tol
 
 from ._problem import (
     log_likelihood,
@@ -32,9 +32,7 @@ def test_update_matches_dense_formula(backend, dtype, n, per_sample, inplace):
     params, batch = make_problem(n, dtype)
     ll = log_likelihood_per_sample if per_sample else log_likelihood
     lr, q = 0.7, 0.05
-    transform = dense_fisher.build(
-        ll, lr, transition_cov=q, per_sample=per_sample, init_cov=0.5, backend=backend
-    )
+    transform = dense_fisher.build(ll, lr, transition_cov=q, per_sample=per_sample, init_cov=0.5, backend=backend)
     state = transform.init(tree_map(torch.clone, params))
     want_mean, want_cov, want_ll = oracle_step(params, state.cov, batch, lr, q)
 
@@ -48,7 +46,7 @@ def test_update_matches_dense_formula(backend, dtype, n, per_sample, inplace):
     want_aux = (
         log_likelihood_per_sample(params, batch)[1]
         if per_sample
-        else torch.stack([log_likelihood(params, tree_map(lambda t: t[i : i + 1], batch))[1] for i in range(n)])
+        else torch.stack([log_likelihood(params, tree_map(lambda t, i=i: t[i : i + 1], batch))[1] for i in range(n)])
     )
     torch.testing.assert_close(new.aux, want_aux, **tol(dtype))
     torch.testing.assert_close(new.cov, new.cov.T, rtol=0, atol=0)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from optree import tree_leaves, tree_map
 
-from posteriors_fast.ekf import dense_fisher
 from posteriors_fast._internal.cholesky import CholeskyError
+from posteriors_fast.ekf import dense_fisher
 
 from ._problem import log_likelihood, make_problem
 

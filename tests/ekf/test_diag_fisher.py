@@ -12,7 +12,6 @@ from tests._compare import assert_tree_close, tol
 from .._trees import KINDS, forward, random_batch, random_params
 
 
-
 def _ll(p, batch):
     x, y = batch
     z = forward(p, x)
@@ -23,7 +22,6 @@ def _ll_per_sample(p, batch):
     x, y = batch
     z = forward(p, x)
     return -torch.nn.functional.cross_entropy(z, y, reduction="none"), z
-
 
 
 @pytest.mark.parametrize("kind", ["dict", "nested"])
@@ -116,7 +114,9 @@ def _nan_ll(p, batch):
     return value * float("nan"), z
 
 
-@pytest.mark.parametrize("ll, match", [(_nan_ll, "log_likelihood returned NaN"), (lambda p, b: _ll(p, b)[0], "Auxiliary output not found")])
+@pytest.mark.parametrize(
+    "ll, match", [(_nan_ll, "log_likelihood returned NaN"), (lambda p, b: _ll(p, b)[0], "Auxiliary output not found")]
+)
 def test_failed_inplace_update_leaves_state_untouched(ll, match):
     params, batch = random_params("nested", torch.float64), random_batch(4, torch.float64)
     state = diag_fisher.update(diag_fisher.init(params, 0.5), batch, _ll, 0.1)

@@ -333,7 +333,7 @@ def test_dispatch_glue_runs_the_triton_kernels(dtype):
     cd_ops.cov_downdate_triton(cov_f, a / 10)
     cd_ops.cov_downdate_eager(cov_e, a / 10)
     _assert_close(cov_f, cov_e.double(), dtype)
-    spd = (a.T @ a / 5 + torch.eye(45, dtype=dtype))
+    spd = a.T @ a / 5 + torch.eye(45, dtype=dtype)
     b = torch.randn(45, dtype=dtype, generator=gen)
     p = b.clone()
     vectors_t = [torch.zeros_like(b), b.clone(), p.clone()]

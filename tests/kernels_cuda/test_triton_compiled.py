@@ -96,8 +96,18 @@ def _opcheck_cases():
     size = 40
     return [
         (syrk_op, (torch.randn(size, size, device=CUDA), a, None, None, 1.0, 0.5, True)),
-        (syrk_op, (torch.empty(size, size, device=CUDA), a, h @ a,
-                   _sym(size, torch.float32, torch.Generator()).cuda(), -1.0, 1.0, False)),
+        (
+            syrk_op,
+            (
+                torch.empty(size, size, device=CUDA),
+                a,
+                h @ a,
+                _sym(size, torch.float32, torch.Generator()).cuda(),
+                -1.0,
+                1.0,
+                False,
+            ),
+        ),
         (cov_downdate_op, (torch.eye(size, device=CUDA) * 4, 0.1 * torch.randn(3, size, device=CUDA))),
         (cg_step_op, (*(torch.randn(size, device=CUDA) for _ in range(4)), torch.tensor(2.0, device=CUDA), 0.3)),
     ]
@@ -137,8 +147,10 @@ def test_syrk_addresses_past_two_to_the_31_elements():
 
 def _problem(dtype):
     g = torch.Generator().manual_seed(0)
-    params = {"w": (0.3 * torch.randn(5, 40, generator=g, dtype=dtype)).cuda(),
-              "v": (0.3 * torch.randn(40, 3, generator=g, dtype=dtype)).cuda()}
+    params = {
+        "w": (0.3 * torch.randn(5, 40, generator=g, dtype=dtype)).cuda(),
+        "v": (0.3 * torch.randn(40, 3, generator=g, dtype=dtype)).cuda(),
+    }
     x = torch.randn(16, 5, generator=g, dtype=dtype).cuda()
     y = torch.randint(0, 3, (16,), generator=g).cuda()
     return params, (x, y)

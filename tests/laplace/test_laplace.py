@@ -12,7 +12,6 @@ from tests._compare import assert_tree_close, tol
 from .._trees import forward, random_batch, random_params
 
 
-
 def _log_post(p, batch):
     x, y = batch
     z = forward(p, x)
@@ -33,7 +32,6 @@ def _outer(z, batch):
     return -torch.nn.functional.cross_entropy(z, batch[1], reduction="sum")
 
 
-
 def _builders(name, per_sample):
     if name in ("dense_fisher", "diag_fisher"):
         return dict(log_posterior=_log_post_per_sample if per_sample else _log_post, per_sample=per_sample)
@@ -42,8 +40,15 @@ def _builders(name, per_sample):
     return dict(forward=_forward, outer_log_likelihood=_outer)
 
 
-CASES = [("dense_fisher", False), ("dense_fisher", True), ("diag_fisher", False), ("diag_fisher", True),
-         ("dense_ggn", False), ("dense_hessian", False), ("diag_ggn", False)]
+CASES = [
+    ("dense_fisher", False),
+    ("dense_fisher", True),
+    ("diag_fisher", False),
+    ("diag_fisher", True),
+    ("dense_ggn", False),
+    ("dense_hessian", False),
+    ("diag_ggn", False),
+]
 
 
 @pytest.mark.parametrize("name, per_sample", CASES)
@@ -56,7 +61,9 @@ def test_matches_reference(ref, backend, dtype, name, per_sample, kind, inplace)
     prior = 0.5 * torch.eye(size, dtype=dtype) if dense else tree_map(lambda t: torch.full_like(t, 0.5), params)
     key = "init_prec" if dense else "init_prec_diag"
     ours = getattr(laplace, name).build(**_builders(name, per_sample), **{key: prior}, backend=backend)
-    theirs = getattr(ref.laplace, name).build(**_builders(name, per_sample), **{key: prior.clone() if dense else tree_map(torch.clone, prior)})
+    theirs = getattr(ref.laplace, name).build(
+        **_builders(name, per_sample), **{key: prior.clone() if dense else tree_map(torch.clone, prior)}
+    )
     a, b = ours.init(params), theirs.init(params)
     for step in range(2):
         batch = random_batch(5, dtype, seed=step)
@@ -199,6 +206,8 @@ def test_compiled_fisher_update_checks_the_gradients_from_the_graphs_witness(mon
     bad_x = x.clone()
     bad_x[3, 0] = float("nan")
     before = state.prec.clone()
-    with pytest.raises(ValueError, match=r"the gradient of log_posterior is NaN or inf \(first at sample 3 of this batch\)"):
+    with pytest.raises(
+        ValueError, match=r"the gradient of log_posterior is NaN or inf \(first at sample 3 of this batch\)"
+    ):
         compiled.update(state, (bad_x, y, offset), inplace=True)
     assert torch.equal(state.prec, before)

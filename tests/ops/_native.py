@@ -10,7 +10,6 @@ from posteriors_fast import _library
 from tests._compare import assert_close_to_oracle
 from tests.conftest import IN_CI
 
-
 EXT_LOADED, EXT_REASON = _library.load_extension()
 needs_ext = pytest.mark.skipif(not EXT_LOADED and not IN_CI, reason=f"extension not built: {EXT_REASON}")
 

@@ -90,7 +90,7 @@ def test_isa_levels_agree_with_each_other(dtype):
         # The switch reaches the loops: each level sums in its own order (and
         # baseline without FMAs), so after two steps no two levels agree bit for bit.
         xs = [outs[0] for outs in results.values()]
-        assert not any(torch.equal(a, b) for i, a in enumerate(xs) for b in xs[i + 1:])
+        assert not any(torch.equal(a, b) for i, a in enumerate(xs) for b in xs[i + 1 :])
     reference = results.pop(next(iter(results)))
     for outs in results.values():
         for got, want in zip(outs, reference):

@@ -12,7 +12,7 @@ from tests.ops._native import _C, ISAS, SUPPORTED_ISAS, cpu_isa, needs_ext
 
 @needs_ext
 def test_supported_levels_are_a_suffix_of_all_levels_and_auto_is_the_best():
-    assert SUPPORTED_ISAS == ISAS[ISAS.index(SUPPORTED_ISAS[0]):]
+    assert SUPPORTED_ISAS == ISAS[ISAS.index(SUPPORTED_ISAS[0]) :]
     with cpu_isa("auto"):
         assert _C.cpu_isa() == SUPPORTED_ISAS[0]
 

@@ -8,8 +8,7 @@ from hypothesis import strategies as st
 
 from posteriors_fast.ops import syrk
 from posteriors_fast.ops.lowrank_update import lowrank_update
-from tests._compare import assert_tree_close, tol
-
+from tests._compare import tol
 
 
 def _spd(p, g, dtype):

@@ -23,7 +23,7 @@ def _oracle(fn, params, batch):
     rows = []
     for i in range(batch[0].shape[0]):
         sample = tuple(t[i : i + 1] for t in batch)
-        rows.append(torch.func.jacrev(lambda fp: fn(unravel(fp), sample)[0].reshape(-1))(flat))
+        rows.append(torch.func.jacrev(lambda fp, sample=sample: fn(unravel(fp), sample)[0].reshape(-1))(flat))
     return torch.cat(rows)
 
 
@@ -56,5 +56,9 @@ def test_separable_output_jacobian_matches_and_detects_coupling(monkeypatch, bac
     want = _oracle(lambda p, s: fwd(p, s), params, batch).reshape(6, 3, -1)
     torch.testing.assert_close(jac, want, **tol(torch.float64))
     with torch.no_grad():
-        assert separable_jacobian.separable_output_jacobian(
-            coupled, params, batch, coupled(params, batch)[0], backend=backend) is None
+        assert (
+            separable_jacobian.separable_output_jacobian(
+                coupled, params, batch, coupled(params, batch)[0], backend=backend
+            )
+            is None
+        )

@@ -54,7 +54,9 @@ def test_empty_shapes():
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_isa_levels_agree_with_each_other(dtype):
-    cases = [_inputs(p, r, dtype, 7, layout) for p, r in [(97, 65), (300, 129), (1100, 64)] for layout in ("rows", "columns")]
+    cases = [
+        _inputs(p, r, dtype, 7, layout) for p, r in [(97, 65), (300, 129), (1100, 64)] for layout in ("rows", "columns")
+    ]
     results = at_each_isa(lambda: [OPS.symm_jt(s, j) for s, j in cases])
     if {"avx512", "avx2"} <= results.keys():  # the switch reaches the kernel: its own rounding, not ATen's
         assert not all(torch.equal(a, b) for a, b in zip(results["avx512"], results["avx2"]))

@@ -5,11 +5,10 @@ other, opcheck, declared non-differentiability, and dispatch."""
 
 import pytest
 import torch
-
-from posteriors_fast import _library
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from posteriors_fast import _library
 from posteriors_fast.ops import syrk
 from tests._compare import tol
 from tests.ops._native import at_each_isa, close, needs_ext
@@ -130,9 +129,26 @@ def test_non_contiguous_a_and_strided_out(isa):
         (lambda: (torch.zeros(3, 3), torch.zeros(3), None, None, 1.0, 0.0, True), "a must be 2-D"),
         (lambda: (torch.zeros(4, 4), torch.zeros(2, 3), None, None, 1.0, 0.0, True), r"out must be \(3, 3\)"),
         (lambda: (torch.zeros(3, 3, dtype=torch.float64), torch.zeros(2, 3), None, None, 1.0, 0.0, True), "out dtype"),
-        (lambda: (torch.zeros(3, 3), torch.zeros(2, 3), torch.zeros(2, 4), None, 1.0, 0.0, True), "b must have a's shape"),
-        (lambda: (torch.zeros(3, 3), torch.zeros(2, 3), None, torch.zeros(2, 2), 1.0, 1.0, True), r"c must be \(3, 3\)"),
-        (lambda: (torch.zeros(3, 3, dtype=torch.int64), torch.zeros(2, 3, dtype=torch.int64), None, None, 1.0, 0.0, True), "float32 or float64"),
+        (
+            lambda: (torch.zeros(3, 3), torch.zeros(2, 3), torch.zeros(2, 4), None, 1.0, 0.0, True),
+            "b must have a's shape",
+        ),
+        (
+            lambda: (torch.zeros(3, 3), torch.zeros(2, 3), None, torch.zeros(2, 2), 1.0, 1.0, True),
+            r"c must be \(3, 3\)",
+        ),
+        (
+            lambda: (
+                torch.zeros(3, 3, dtype=torch.int64),
+                torch.zeros(2, 3, dtype=torch.int64),
+                None,
+                None,
+                1.0,
+                0.0,
+                True,
+            ),
+            "float32 or float64",
+        ),
     ],
     ids=["a_1d", "out_shape", "dtype_mismatch", "b_shape", "c_shape", "int"],
 )
@@ -189,6 +205,7 @@ def test_dispatch_falls_back_for_arguments_the_kernel_does_not_take():
 
 # ---- the eager tiles
 
+
 @pytest.fixture(params=[1024, 7], ids=["block=1024", "block=7"])
 def block(request, monkeypatch):
     # A small block exercises the tiling (P not a multiple of the block) cheaply.
@@ -226,6 +243,7 @@ def test_gram_with_symmetric_product(backend, block):
     got = syrk.gram(a, 2.0, h @ a, backend=backend)
     torch.testing.assert_close(got, 2.0 * a.T @ h @ a)
     assert torch.equal(got, got.T)
+
 
 def _spd(p, seed):
     g = torch.Generator().manual_seed(seed)

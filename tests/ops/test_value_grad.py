@@ -114,7 +114,9 @@ def test_gradient_checks_name_the_culprit(backend):
     with pytest.raises(ValueError, match="log_posterior returned NaN or inf"):
         _step.gradient(nan_value, params, batch, backend)
     zero = {"w": torch.zeros(4, 3, dtype=torch.float64), "b": params["b"]}
-    with pytest.raises(ValueError, match=r"the gradient of log_posterior is NaN or inf for this batch \(leaf \['w'\]\)"):
+    with pytest.raises(
+        ValueError, match=r"the gradient of log_posterior is NaN or inf for this batch \(leaf \['w'\]\)"
+    ):
         _step.gradient(inf_grad, zero, batch, backend)
 
 

@@ -24,7 +24,6 @@ def _log_post(p, batch):
     return -torch.nn.functional.cross_entropy(z, y) - 0.01 * prior, z
 
 
-
 @pytest.mark.parametrize("name", list(METHODS))
 @pytest.mark.parametrize("kind", ["dict", "nested"])
 @pytest.mark.parametrize("inplace", [False, True])
@@ -174,6 +173,7 @@ def test_compiled_noise_is_reproducible_under_manual_seed(name):
 def test_huge_finite_gradients_are_not_mistaken_for_inf():
     """The finiteness check sums each gradient first; a sum that overflows
     must fall back to the exact check instead of raising."""
+
     def log_post(p, batch):
         return (p["x"] * 3e38).sum(), torch.tensor([])  # gradient 3e38 everywhere: sum overflows
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torchopt
 from optree import tree_leaves, tree_map
-from optree.integrations.torch import tree_ravel
 
 from posteriors_fast import vi
 from tests._compare import assert_tree_close, tol
@@ -13,13 +12,11 @@ from tests._compare import assert_tree_close, tol
 from .._trees import forward, random_batch, random_params
 
 
-
 def _log_post(p, batch):
     x, y = batch
     z = forward(p, x)
     prior = sum((t**2).sum() for t in tree_leaves(p))
     return -torch.nn.functional.cross_entropy(z, y) - 0.05 * prior, z
-
 
 
 def _run(module, params, dtype, inplace, seed_offset=0, steps=3, **kwargs):
@@ -109,10 +106,13 @@ def test_identity_on_params_dtype(ref):
         _run(ref.vi.dense, params, torch.float64, False)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(temperature=-1.0), "temperature must be finite and >= 0"),
-    (dict(n_samples=0), "n_samples must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=-1.0), "temperature must be finite and >= 0"),
+        (dict(n_samples=0), "n_samples must be a positive integer"),
+    ],
+)
 @pytest.mark.parametrize("module", ["diag", "dense"])
 def test_bad_settings(module, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -33,8 +33,8 @@ def _syrk_kernel(
     out_ptr,
     P,
     K,
-    alpha: "fp64",
-    beta: "fp64",
+    alpha: "fp64",  # noqa: F821  (Triton's type annotation: float64 scalars)
+    beta: "fp64",  # noqa: F821
     stride_ak,
     stride_ap,
     stride_bk,
