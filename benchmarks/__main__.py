@@ -26,7 +26,9 @@ def _args(argv):
     parser.add_argument("--quick", action="store_true", help="the small set, under 2 minutes on 2 CPU cores")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    parser.add_argument("--only", default=None, help="run only cases whose bench or op contains this text")
+    parser.add_argument(
+        "--only", default=None, help="run only cases whose bench or op contains this text (comma-separated: any of them)"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument(
@@ -53,7 +55,8 @@ def main(argv=None) -> int:
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     cases = [c for c in CASES if (c.quick or not args.quick)]
     if args.only:
-        cases = [c for c in cases if args.only in c.bench or args.only in c.op]
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        cases = [c for c in cases if any(w in c.bench or w in c.op for w in wanted)]
     env = report.environment(device)
     print(
         f"posteriors_fast benchmarks on {device} ({env['device_name']}), torch {env['torch']}, "
@@ -70,7 +73,7 @@ def main(argv=None) -> int:
         module = bench_module(case)
         # Kernel benches bring their own providers and baseline (plain torch).
         case_providers = list(getattr(module, "PROVIDERS", providers))
-        if hasattr(module, "bytes_moved"):
+        if hasattr(module, "copy_bytes"):  # the module times a STREAM-sized copy too
             case_providers.append("copy")
         baseline = getattr(module, "BASELINE", "posteriors")
         timings = measure(

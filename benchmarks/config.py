@@ -62,6 +62,19 @@ def _cases():
         out.append(Case("symm_jt", "symm_jt (Σ·Jᵀ, P×R)", "-", r, quick, p))
     for p, quick in [(10_000, True), (10_000_000, False)]:
         out.append(Case("cg_step", "cg step (vector updates)", "-", 0, quick, p))
+    out.append(Case("cov_downdate", "cov_downdate (Σ − WᵀW)", "-", 64, False, 4890))
+    for d, p in [(640, 4890), (640, 20000)]:
+        out.append(Case("ggn_diag", "ggn_diag (diag JᵀHJ)", "-", d, False, p))
+    out.append(Case("jsjt", "jsjt (J diag(v) Jᵀ per sample)", "-", 256, False, 4890))
+    out.append(Case("lowrank_update", "lowrank_update (EKF covariance step)", "-", 64, False, 4890))
+    for p in (1045, 4890):
+        out.append(Case("new_matrix", "new_matrix (P×P output)", "-", 0, False, p))
+    out.append(Case("normal", "normal (10⁶ draws, 4 leaves)", "-", 0, False, 1_000_000))
+    out.append(Case("sghmc_step", "sghmc_step (10⁶ params, 4 leaves)", "-", 0, False, 1_000_000))
+    for model, n in [("S", 64), ("M", 256)]:
+        out.append(Case("sample_jacobian", "sample_jacobian", model, n, False))
+        out.append(Case("separable_jacobian", "separable_jacobian", model, n, False))
+    out.append(Case("value_grad", "value_grad (10⁶ params, 4 leaves)", "-", 0, False, 1_000_000))
     return tuple(out)
 
 

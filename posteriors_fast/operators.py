@@ -5,8 +5,8 @@ posteriors 0.0.5 API), made for :func:`posteriors_fast.cg`.
 operators do the expensive part once at ``params`` and keep it:
 
 * small problems (d·P ≤ ``MATERIALIZE_ENTRIES``, d the number of outputs): J and
-  H·J are materialised, and a product is two matrix-vector products. At the
-  20-40-5 MLP with N = 64 cg(50) takes about 10 ms this way (96 ms for the
+  H·J are materialised, and a product is two matrix-vector products
+  (``benchmarks/bench_cg.py``, "cg(50) ggn operator" at S/64: about 10x the
   reference's cg with its ggnvp closure);
 * otherwise the autograd graph of one forward pass is kept and each product
   runs backward passes over it (J v by the double-backward trick, Jᵀu by a

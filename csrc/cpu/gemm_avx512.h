@@ -4,10 +4,10 @@
 // else ATen GEMMs.
 //
 // Own micro-kernel rather than ATen GEMMs because MKL runs its AVX2 kernels on
-// AMD CPUs: on this AMD EPYC machine one core reaches 135 GFMA/s with AVX-512
-// FMAs but MKL's sgemm 53 GFMA/s, and with (K, tile) panels as small as here
-// its packing and call overhead cost another third (syrk at P = 1045, K = 64:
-// 0.55 ms in 25 ATen GEMMs, 0.25 ms here).
+// AMD CPUs (one AVX-512 core does more than twice MKL's sgemm FMA rate there),
+// and with (K, tile) panels as small as here its packing and call overhead
+// cost another third (benchmarks/bench_syrk.py and bench_symm_jt.py time the
+// kernels; tests set the ISA level to compare with the ATen tiles).
 //
 // Structure (the usual GEMM blocking, after BLIS):
 //   task   = one tile of the result, handed out to the threads dynamically,
@@ -149,9 +149,8 @@ PF_TARGET_V4 void micro_tile(const T* ap, int64_t a_step, const T* bp, int64_t k
   const bool read_c = first && beta != T(0);
   // The C rows and output rows of the next row block (the same columns, a
   // tile row of micro-tiles later) arrive while these FMAs run: C and the
-  // output are P × P, in L3 or memory. Measured at P = 1045, K = 64 right
-  // after a reference step (caches cold): 0.38-0.41 ms against 0.38-0.51 ms
-  // when each block fetched its own rows.
+  // output are P × P, in L3 or memory: with cold caches this steadies the
+  // time, where each block fetching its own rows varied by a quarter.
   constexpr int64_t kLine = 64 / sizeof(T);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
@@ -257,8 +256,7 @@ PF_TARGET_V4 void mirror_tile(T* out, int64_t ld, int64_t r0, int64_t rows, int6
     {
       // The next block's destination rows (lower triangle: not in cache
       // after other work) are fetched for writing while this block is
-      // copied. Right after a reference step, P = 1045, K = 64: 0.36-0.39 ms
-      // against 0.40-0.43 ms on 2 threads, 0.68-0.70 against 0.73-0.81 on one.
+      // copied (with cold caches about a tenth faster).
       const int64_t next_end = diagonal ? std::min(rows, cb + 2 * B) : rows;
       for (int64_t c = cb + B; c < std::min(cols, cb + 2 * B); ++c) {
         T* dst = out + (c0 + c) * ld + r0;

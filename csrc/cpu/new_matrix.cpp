@@ -5,9 +5,8 @@
 // The methods return a new P×P precision or covariance on every update. glibc
 // serves a block that large from fresh pages whenever its heap was trimmed or
 // the block is above its mmap threshold (always, past 32 MB), and touching
-// fresh pages costs a fault per 4 KiB: measured for a 4.4 MB matrix after an
-// unrelated step had allocated and freed memory, 0.9 ms of a 2.1 ms update.
-// Pooled blocks were touched before, so they fault no more.
+// fresh pages costs a fault per 4 KiB. Pooled blocks were touched before, so
+// they fault no more (benchmarks/bench_new_matrix.py times both).
 //
 // Idle blocks are capped in total bytes (POSTERIORS_FAST_POOL_MB, default 512;
 // 0 turns pooling off) and only blocks of at least 1 MiB are pooled. The pool

@@ -24,9 +24,9 @@ __attribute__((simd("notinbranch"))) double sin(double) noexcept;
 #endif
 
 // No FMA contraction (multiversion.h): the float32 Box-Muller polynomials give
-// the same bits at every ISA level, as the engines give the same words. Cost,
-// measured on one AVX-512 core, 10⁶ float32 draws: 0.69 → 0.80 ms (AVX2 build
-// 2.06 → 2.24 ms; the baseline build has no FMA either way).
+// the same bits at every ISA level, as the engines give the same words, for
+// about a sixth more time per float32 draw at avx512 and a tenth at avx2
+// (benchmarks/bench_normal.py).
 PF_EXACT_FP_BEGIN
 
 namespace posteriors_fast {
@@ -43,8 +43,7 @@ constexpr int64_t kLanes = 64;  // Philox counters per block (4 words each)
 // interleaved round by round (one group's round is a chain of dependent
 // multiplies, shifts and XORs; four independent chains keep the vector units
 // busy). gcc's vectorisation of the portable loop widens every lane to 64 bits
-// instead. Measured, one core, words for 10⁶ float32 draws: portable 0.54 ms,
-// Avx512 one group at a time 0.31 ms, interleaved 0.19 ms.
+// instead, and runs at well under half the speed.
 struct Portable {
   static constexpr bool kVectorU64ToDouble = false;  // (NormalBlock<double>)
   static inline __attribute__((always_inline)) void block(uint64_t first, uint64_t seed, uint32_t* words) {
@@ -164,10 +163,8 @@ inline __attribute__((always_inline)) void sincos_poly(float theta, float* s_out
 
 // float32: each counter gives 4 words = 2 Box-Muller pairs = 4 draws
 // (24-bit uniforms in (0, 1)). The angle is 2π(u2 − ½), uniform on (−π, π),
-// so the polynomial sin/cos need no range reduction. Measured for 10⁶ draws
-// on 2 threads, with the portable engine: libmvec logf/sinf 0.75 ms, these
-// polynomials 0.64 ms, most of it Philox (0.53 ms per 10⁶ draws on one
-// AVX-512 core); with the Avx512 engine 0.25 ms in all.
+// so the polynomial sin/cos need no range reduction; they are faster than
+// libmvec's logf/sinf, and most of the cost is Philox.
 template <typename Engine>
 struct NormalBlock<float, Engine> {
   static constexpr int64_t kSize = 4 * kLanes;
@@ -191,8 +188,8 @@ struct NormalBlock<float, Engine> {
 // The 53-bit integer hi·2²¹ + (lo >> 11) as a double, exactly. x86 has no
 // vector uint64 → double conversion before AVX-512DQ, and with one here gcc
 // left the float64 loop below scalar at avx2 and baseline (a log and two sin
-// calls per pair: 21 ms per 10⁶ draws on one core at either, now 6.2 / 9.4 ms),
-// so the portable engine's builds go through 32-bit pieces, each step exact
+// calls per pair, 2-3x slower than vectorised), so the portable engine's
+// builds go through 32-bit pieces, each step exact
 // (the result is below 2⁵³): the same value. The AVX-512 engine keeps the
 // one-instruction conversion (the pieces cost it 4%).
 template <bool kVectorU64ToDouble>

@@ -55,10 +55,10 @@ PF_ALWAYS_INLINE void leaf_impl(const T* theta, const T* m, const T* g, T* theta
 // float32 on AVX-512: whole, aligned blocks are written with streaming stores,
 // so the new θ and m (fresh buffers, read by the next step, not this one) are
 // not first read into cache. The arithmetic is leaf_impl's, in the same order
-// and without FMAs (the same bits as at avx2 and baseline).
-// Measured on the SG-MCMC benchmark (10⁶ parameters, 2 threads), whole step in
-// the suite's steady state: 1.05-1.11 → 0.69-0.83 ms; this kernel alone in a
-// warm chained loop 0.295 → 0.286 ms.
+// and without FMAs (the same bits as at avx2 and baseline). Skipping the
+// read-for-ownership of the fresh outputs is a fifth less traffic
+// (benchmarks/bench_sghmc_step.py and bench_sgmcmc.py report GB/s against a
+// STREAM copy).
 PF_TARGET_V4 void leaf_v4(const float* th, const float* m, const float* g, float* tho, float* mo, int64_t n,
                           uint64_t seed, Coefficients<float> c, int64_t b, int64_t e) {
   using Block = philox::NormalBlock<float, philox::Avx512>;

@@ -6,8 +6,8 @@
 // broadcast operand of gemm_avx512.h's micro-kernel as stored (no transpose)
 // and Jᵀ, packed once, the vector operand. Each task is a band of kRows
 // output rows, all R columns; its S panel is packed chunk by chunk, so S is
-// read once. Measured at P = 4890, R = 64, float32, 2 threads: 11-12 ms against
-// 18 ms for torch.mm (MKL's AVX2 kernels on this AMD CPU). Below the avx512
+// read once (benchmarks/bench_symm_jt.py: against torch.mm, which runs MKL's
+// AVX2 kernels on AMD CPUs). Below the avx512
 // ISA level (multiversion.h), or for an S that is not row-major, one ATen GEMM.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -68,9 +68,8 @@ void symm_jt_run(at::Tensor& out, const at::Tensor& s, const at::Tensor& j) {
         v4::copy_rows(sp.get(), kRows, sm, k0, kc, r0, rows);
         // The next chunk's S tile (kKc rows, each a short run of `rows`
         // entries) is prefetched into L2 a slice per row block while this one
-        // computes: read in tile order from memory it is latency-bound
-        // (measured 21.8 ms at P = 4890, R = 64 without, against 17.6 ms for
-        // torch.mm).
+        // computes: read in tile order from memory it is latency-bound, and
+        // slower than torch.mm without the prefetch.
         const int64_t next_k0 = k0 + kc, next_kc = std::min(v4::kKc, p - next_k0);
         const int64_t blocks = (rows + kMr - 1) / kMr;
         const int64_t per_block = (next_kc + blocks - 1) / blocks;

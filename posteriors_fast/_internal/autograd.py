@@ -1,11 +1,11 @@
 """Plain reverse-mode autograd on pytrees: the pieces shared by the
-curvature-vector products (:mod:`posteriors_fast.ops.products`) and the
+curvature-vector products (:mod:`posteriors_fast._internal.products`) and the
 per-step gradients of the methods (VI, SG-MCMC, torchopt).
 
 ``torch.func`` transforms give the same numbers but wrap every tensor in
-functorch layers, a fixed few hundred µs per call for small models. Measured
-on the S MLP (P = 1045, N = 64): a vi.diag step 1.45 ms with
-``torch.func.grad_and_value``, 1.04 ms with :func:`grad_value_aux`.
+functorch layers, a fixed cost per call that dominates for small models
+(``benchmarks/bench_value_grad.py`` and ``bench_vi.py`` time it against
+``torch.func.grad_and_value``).
 """
 
 from typing import Any, Callable, List, Tuple

@@ -191,9 +191,9 @@ def finite_witness(tensors) -> torch.Tensor:
 def all_finite(leaves) -> bool:
     """Whether every entry of every leaf is finite, with one host sync.
 
-    Uses :func:`finite_witness`: measured on 1M float32 entries in 4 leaves,
-    0.1 ms, against 0.7 ms for per-leaf ``isfinite().all()`` and 1.4 ms for an
-    inf-norm. Only a non-finite witness pays for the exact check.
+    Uses :func:`finite_witness`, one summing pass (a per-leaf
+    ``isfinite().all()`` writes a boolean temporary per leaf and syncs per
+    leaf). Only a non-finite witness pays for the exact check.
     """
     floats = [g for g in leaves if g.is_floating_point() or g.is_complex()]
     if not floats:

@@ -23,7 +23,7 @@ for _family in ("triton", "cpp", "torch_compile"):
     decline(
         "jsjt",
         _family,
-        "not provided: one batched GEMM; torch.compile measured 1.0x eager (N=256, C=10, P=4890: 21.2 vs 21.7 ms)",
+        "not provided: one batched GEMM already (benchmarks/bench_jsjt.py: it equals einsum's time)",
     )
 
 

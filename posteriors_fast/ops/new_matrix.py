@@ -4,10 +4,11 @@ dense precision or covariance (a P×P matrix every step).
 Eager torch allocates it with ``torch.empty``. On the CPU the compiled backend
 takes it from the C++ extension's block pool (``posteriors_fast::new_matrix``):
 a block freed by the previous step's state is handed out again instead of
-fresh pages, which cost a page fault per 4 KiB on first touch. Measured on a
-4.4 MB matrix (P = 1045) right after an unrelated step that allocated and freed
-memory: the symmetric update into a fresh matrix 2.08 ms, into a reused one
-1.17 ms. Blocks idle in the pool are capped (``POSTERIORS_FAST_POOL_MB``,
+fresh pages, which cost a page fault per 4 KiB on first touch. That is what
+malloc hands out for blocks above its mmap threshold (32 MB at most) and
+whenever its heap was trimmed (``benchmarks/bench_new_matrix.py``: a 95 MB
+matrix, P = 4890, allocated and written about 3x faster from the pool; a
+4.4 MB one, P = 1045, that malloc keeps reusing, about 0.7x). Blocks idle in the pool are capped (``POSTERIORS_FAST_POOL_MB``,
 default 512; 0 disables pooling).
 """
 

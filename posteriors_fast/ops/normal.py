@@ -7,8 +7,9 @@ C++ family draws all leaves at once from a counter-based generator
 (``posteriors_fast::normal_``, Philox + Box-Muller, parallel and vectorised),
 seeded from torch's default generator so ``torch.manual_seed`` still makes runs
 reproducible; the draws are different numbers from the same distribution.
-torch's CPU ``normal_`` is a serial stream: measured for 10⁶ float32 on 2
-threads, 2.6 ms against 0.25 ms (0.40 ms without AVX-512).
+torch's CPU ``normal_`` is one serial stream
+(``benchmarks/bench_normal.py``, 10⁶ float32 draws: the C++ family about 5x
+faster on 2 threads).
 """
 
 from typing import List

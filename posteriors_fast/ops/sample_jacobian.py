@@ -89,9 +89,9 @@ register(
 )
 
 # The per-sample passes are dozens of tiny kernels whose cost is framework
-# overhead; compiled, vmap-of-vjp becomes a few fused GEMMs. Measured, float32,
-# 2 threads, tanh MLP with cross-entropy, ms eager / compiled: P = 1045, N = 64
-# 0.73 / 0.11; P = 4890, N = 256 1.45 / 0.26 (compile 5-7 s, paid once).
+# overhead; compiled, vmap-of-vjp becomes a few fused GEMMs
+# (benchmarks/bench_sample_jacobian.py: S/64 and M/256, compiled 3-6x eager in
+# the steady state; the compile itself is reported as compile_s).
 _tiered_sample_jacobian = TieredCompile(sample_jacobian_eager, "the per-sample Jacobian")
 
 

@@ -36,9 +36,8 @@ register(
     doc="per-sample output Jacobian plus one batch vector-Jacobian product to verify it",
 )
 
-# Both halves are small-kernel overhead, so one compiled graph serves them:
-# linearized_forward_diag at P = 1045, N = 64 took 0.91 ms with only the
-# per-sample Jacobian compiled.
+# Both halves are small-kernel overhead, so one compiled graph serves them
+# (benchmarks/bench_separable_jacobian.py).
 _tiered_separable = TieredCompile(separable_parts_eager, "the per-sample output Jacobian")
 
 

@@ -3,27 +3,17 @@
 of every empirical Fisher (β = 0) and of the Woodbury covariance downdate
 (β = 1, α = -1).
 
-Only the upper-triangle tiles are computed, each with one ATen GEMM, and then
-mirrored to the lower triangle, so the result is exactly symmetric and costs
-about half the FLOPs of ``AᵀA``. Measured on this 2-core CPU, float32, updating
-an existing (P, P) buffer:
+The eager path computes only the upper-triangle tiles, each with one ATen
+GEMM, and mirrors them onto the lower triangle, so the result is exactly
+symmetric and costs about half the FLOPs of ``AᵀA``; a full ``addmm_`` would
+leave the result symmetric only to rounding, and symmetrising it is another
+pass over P² entries (``benchmarks/bench_syrk.py``: the eager tiles against
+``J.T @ J``).
 
-=========  ==========  ==============  ================
-P, K       ``AᵀA``     ``addmm_``      tiles (1024)
-=========  ==========  ==============  ================
-5000, 256  180 ms      104 ms          63 ms (incl. mirror)
-20000, 64  675 ms      291 ms          370 ms (incl. mirror)
-=========  ==========  ==============  ================
-
-``addmm_`` leaves the result unsymmetrised; symmetrising a 20000² matrix with
-``(A + Aᵀ)/2`` costs another 2.7 s there, so the tiled form wins whenever the
-result must be symmetric.
-
-That is the eager path. The C++ op (``"compiled"`` on the CPU) runs its own
-AVX-512 micro-kernel where the CPU has it (``csrc/cpu/gemm_avx512.h``): MKL
-uses its AVX2 kernels on AMD CPUs, and on this one the micro-kernel's
-``prec + JᵀJ`` into a new matrix took 0.26 ms against 0.55 ms for the same
-tiles through ATen at P = 1045, K = 64, and 7.9 against 18 ms at P = 4890.
+The C++ op (``"compiled"`` on the CPU) runs the tiles in parallel in its own
+AVX-512 micro-kernel where the CPU has it (``csrc/cpu/gemm_avx512.h``; MKL
+uses its AVX2 kernels on AMD CPUs), and ATen GEMMs per tile elsewhere
+(``benchmarks/bench_syrk.py``, the ``cpp`` rows).
 """
 
 import importlib
@@ -35,15 +25,14 @@ from posteriors_fast._internal.native import accepts
 from posteriors_fast.backends import UNMEASURED_ON_CUDA, decline, implementation, register
 from posteriors_fast.ops.new_matrix import new_matrix
 
-#: GEMM tile edge. 1024 measured best of {512, 1024, 2048} at P = 20000, K = 64
-#: and close to best (512) at P = 5000, K = 256.
+#: GEMM tile edge of the eager path: the best of 512, 1024 and 2048 tried at
+#: P = 20000, K = 64, and close to the best at P = 5000, K = 256.
 BLOCK = 1024
 
 
 def _mirror_block(size: int) -> int:
-    # Transposed tile copies (lower ← upperᵀ), ms on this machine for
-    # tile 128 / 256 / 512 / 1024: P=1045: 0.9 / 0.6 / 1.0 / 2.4;
-    # P=5000: 29 / 15 / 17 / 29; P=20000: 649 / 262 / 195 / 207.
+    # Transposed tile copies (lower ← upperᵀ): blocks of 256 were fastest at
+    # P = 1045 and 5000, blocks of 512 at P = 20000, of the edges 128-1024 tried.
     return 256 if size < 10000 else 512
 
 
