@@ -27,7 +27,7 @@ def _args(argv):
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument(
-        "--only", default=None, help="run only cases whose bench or op contains this text (comma-separated: any of them)"
+        "--only", default=None, help="run only cases whose bench or op contains this text (comma-separated: any)"
     )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--providers", default=",".join(PROVIDERS))

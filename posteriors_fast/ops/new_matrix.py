@@ -8,8 +8,9 @@ fresh pages, which cost a page fault per 4 KiB on first touch. That is what
 malloc hands out for blocks above its mmap threshold (32 MB at most) and
 whenever its heap was trimmed (``benchmarks/bench_new_matrix.py``: a 95 MB
 matrix, P = 4890, allocated and written about 3x faster from the pool; a
-4.4 MB one, P = 1045, that malloc keeps reusing, about 0.7x). Blocks idle in the pool are capped (``POSTERIORS_FAST_POOL_MB``,
-default 512; 0 disables pooling).
+4.4 MB one, P = 1045, that malloc keeps reusing, about 0.7x). Blocks idle in
+the pool are capped (``POSTERIORS_FAST_POOL_MB``, default 512; 0 disables
+pooling).
 """
 
 from typing import Sequence
