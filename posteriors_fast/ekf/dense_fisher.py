@@ -36,7 +36,7 @@ from posteriors_fast._internal.sampling import unravel_draws
 from posteriors_fast._internal.state import rebind_, rebind_tree_, write_field
 from posteriors_fast.backends import resolve
 from posteriors_fast.ops.lowrank_update import lowrank_update
-from posteriors_fast.ops.sample_jacobian import log_density_jacobian
+from posteriors_fast.ops.separable_jacobian import log_density_jacobian
 from posteriors_fast.tree_utils import tree_insert_, tree_size  # noqa: F401  (posteriors 0.0.5 exposes them here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 from posteriors_fast.utils import empirical_fisher, is_scalar, per_samplify  # noqa: F401  (as above)

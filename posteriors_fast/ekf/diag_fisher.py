@@ -30,7 +30,7 @@ from posteriors_fast._internal import checks as _checks
 from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast._internal.state import rebind_tree_, write_field
 from posteriors_fast.backends import resolve
-from posteriors_fast.ops.sample_jacobian import log_density_jacobian
+from posteriors_fast.ops.separable_jacobian import log_density_jacobian
 from posteriors_fast.tree_utils import flexi_tree_map, tree_insert_  # noqa: F401  (posteriors 0.0.5 exposes them here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 from posteriors_fast.utils import diag_normal_sample, is_scalar, per_samplify  # noqa: F401  (per_samplify: as above)

@@ -29,7 +29,7 @@ from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
 from posteriors_fast.laplace import _dense
 from posteriors_fast.ops.new_matrix import new_matrix
-from posteriors_fast.ops.sample_jacobian import log_density_jacobian
+from posteriors_fast.ops.separable_jacobian import log_density_jacobian
 from posteriors_fast.ops.syrk import syrk_
 from posteriors_fast.tree_utils import tree_size  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform

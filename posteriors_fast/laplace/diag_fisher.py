@@ -22,7 +22,7 @@ from torch.func import jacrev  # noqa: F401  (as above)
 from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
 from posteriors_fast.laplace import _diag
-from posteriors_fast.ops.sample_jacobian import log_density_jacobian
+from posteriors_fast.ops.separable_jacobian import log_density_jacobian
 from posteriors_fast.tree_utils import flexi_tree_map  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 from posteriors_fast.utils import diag_normal_sample, is_scalar, per_samplify  # noqa: F401  (as above)

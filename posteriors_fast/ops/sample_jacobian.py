@@ -18,10 +18,9 @@ from optree import tree_map
 from optree.integrations.torch import tree_ravel
 from torch.func import vjp, vmap
 
-from posteriors_fast._internal import checks
 from posteriors_fast._internal.checks import finite_witness
 from posteriors_fast._internal.errors import split_aux
-from posteriors_fast._internal.jacobian import NO_AUX, output_jacobian, ravel_output
+from posteriors_fast._internal.jacobian import NO_AUX, ravel_output
 from posteriors_fast.backends import decline, device_type_of, implementation, register
 from posteriors_fast.backends.compile_policy import TieredCompile, shape_signature
 
@@ -127,67 +126,3 @@ for _family in ("triton", "cpp"):
         _family,
         "the Jacobian runs the user's model: torch.compile traces it, a fixed kernel cannot",
     )
-
-
-def log_density_jacobian(
-    fn: Callable,
-    params: Any,
-    batch: Any,
-    *,
-    per_sample: bool,
-    what: str,
-    backend: str,
-    values_must_be_finite: bool = True,
-) -> Tuple[torch.Tensor, torch.Tensor, Any]:
-    """The per-sample values of a user's log density and their (N, P)
-    Jacobian, checked, for the methods that need both (EKF, Fisher Laplace).
-
-    Args:
-        fn: ``fn(params, batch) -> (value, aux)``: a scalar for the batch
-            (``per_sample=False``; evaluated one sample at a time, so the batch
-            must be sample-separable, as posteriors' ``per_samplify`` assumes)
-            or one value per sample, shape (N,) (``per_sample=True``).
-        params: Pytree of parameters (the state's).
-        batch: Pytree whose tensor leaves share the leading dimension N.
-        per_sample: See ``fn``.
-        what: The user's name for ``fn`` in messages (``"log_likelihood"``).
-        backend: Resolved backend name.
-        values_must_be_finite: Whether a NaN or inf value (not only gradient)
-            is an error.
-
-    Returns:
-        ``(jac, values, aux)``: ``jac`` (N, P) in ravel order, ``values`` (N,),
-        ``aux`` as ``fn`` returns it (stacked over samples when
-        ``per_sample=False``).
-
-    Raises:
-        ValueError: the batch's leaves disagree on N (``per_sample=False``,
-            or ``fn`` fails on such a batch), ``fn`` returns the wrong shape,
-            or params, the values or the gradients hold NaN or inf (the
-            message says which, and which leaf or sample).
-    """
-    if per_sample:
-        with checks.blame_batch(batch, what):
-            jac, values, aux = output_jacobian(fn, (params, batch), 0, has_aux=True)
-        n = checks.common_leading_dim(batch)
-        if not isinstance(values, torch.Tensor) or values.ndim != 1 or (n is not None and values.shape[0] != n):
-            got = f"shape {tuple(values.shape)}" if isinstance(values, torch.Tensor) else type(values).__name__
-            want = f"({n},) for this batch of {n}" if n is not None else "(N,)"
-            raise ValueError(
-                f"{what} must return one value per sample, a tensor of shape {want}, when per_sample=True; got {got}"
-            )
-        witness = None
-    else:
-        n = checks.batch_leading_dim(batch, "batch")
-        jac, values, aux, witness = sample_jacobian(fn, params, batch, True, witness=True, backend=backend)
-        if values.numel() != n:
-            raise ValueError(
-                f"{what} must return a scalar for a batch when per_sample=False (it is evaluated one "
-                f"sample at a time); got {values.numel() // max(n, 1)} values per sample"
-            )
-    entries = [(params, "state.params hold a non-finite value (NaN or inf)", "leaf")]
-    if values_must_be_finite:
-        entries.append((values, f"{what} returned NaN or inf", "sample"))
-    entries.append((jac, f"the gradient of {what} is NaN or inf", "sample"))
-    checks.require_finite(entries, witness)
-    return jac, values.reshape(-1), aux

@@ -9,14 +9,20 @@ product through the batch forward, with a fixed random cotangent, checks it
 ``"compiled"`` runs them as one graph through the tiered compile policy.
 """
 
+import weakref
+from typing import Any, Callable, Tuple
+
 import torch
 from optree import tree_leaves
 from optree.integrations.torch import tree_ravel
 from torch.func import vjp
 
+from posteriors_fast._internal import checks
+from posteriors_fast._internal.errors import split_aux
+from posteriors_fast._internal.jacobian import output_jacobian
 from posteriors_fast.backends import decline, implementation, register
 from posteriors_fast.backends.compile_policy import TieredCompile
-from posteriors_fast.ops.sample_jacobian import jacobian_signature, sample_jacobian_eager
+from posteriors_fast.ops.sample_jacobian import jacobian_signature, sample_jacobian, sample_jacobian_eager
 
 
 def separable_parts_eager(forward_func, params, batch, probe):
@@ -67,23 +73,36 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float, floor: float) -> torch.
     return ((a - b).abs() <= atol + tol * b.abs()).all()
 
 
-def separable_output_jacobian(forward_func, params, batch, forward_vals, *, backend: str):
-    """(N, C, P) Jacobian of ``forward_func(params, batch)[0]`` (whose value
-    ``forward_vals`` is given) from one reverse pass per sample, or None when
-    the forward is not shown to be sample-separable.
+# What the probe found, per user function (held weakly) and input signature:
+# True (sample-separable), False (coupled), or absent (not probed yet). A
+# function's structure does not change between calls with the same shapes,
+# so one probe serves every later call.
+_verdicts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
-    The per-sample evaluation must reproduce the batch outputs, and one random
-    cotangent u must give the same ``Jᵀu`` through the batch forward as through
-    the per-sample Jacobian. Any coupling of samples (batch statistics, a loss
-    over the batch) fails this check for all but a measure-zero set of u, and
-    the general Jacobian is used instead. O(N·C·P) instead of O(N²·C·P).
-    """
-    if not isinstance(forward_vals, torch.Tensor) or forward_vals.ndim != 2:
+
+def _verdict(fn, signature):
+    try:
+        return _verdicts.get(fn, {}).get(signature)
+    except TypeError:  # no weak references to this callable
         return None
-    sizes = {leaf.shape[0] for leaf in tree_leaves(batch) if isinstance(leaf, torch.Tensor) and leaf.ndim > 0}
-    if sizes != {forward_vals.shape[0]}:
-        return None
-    want = forward_vals.detach().reshape(-1)
+
+
+def _remember(fn, signature, verdict) -> None:
+    try:
+        per_fn = _verdicts.setdefault(fn, {})
+    except TypeError:
+        return
+    if verdict is None:
+        per_fn.pop(signature, None)
+    else:
+        per_fn[signature] = verdict
+
+
+def _probe(forward_func, params, batch, want: torch.Tensor, *, backend: str):
+    """``(jac, values)`` from one reverse pass per sample, checked against the
+    batch: the per-sample values must reproduce ``want`` and one fixed random
+    cotangent u must give the same ``Jᵀu`` through the batch forward. None
+    when they do not agree (or the per-sample evaluation fails)."""
     probe = torch.randn(
         want.shape,
         generator=torch.Generator(device=want.device).manual_seed(0),
@@ -100,6 +119,123 @@ def separable_output_jacobian(forward_func, params, batch, forward_vals, *, back
     agree = _close(values, want.to(values.dtype), tol, 1.0) & _close(
         through_samples, through_batch.to(jac.dtype), tol, 1e-30
     )
-    if not bool(agree):
+    return (jac, values) if bool(agree) else None
+
+
+def _batch_size_matches(batch, n: int) -> bool:
+    sizes = {leaf.shape[0] for leaf in tree_leaves(batch) if isinstance(leaf, torch.Tensor) and leaf.ndim > 0}
+    return sizes == {n}
+
+
+def separable_output_jacobian(forward_func, params, batch, forward_vals, *, backend: str):
+    """(N, C, P) Jacobian of ``forward_func(params, batch)[0]`` (whose value
+    ``forward_vals``, (N, C) or (N,), is given; (N, P) for the latter) from one
+    reverse pass per sample, or None when the forward is not shown to be
+    sample-separable.
+
+    The first call with a function and input signature probes it: the
+    per-sample evaluation must reproduce the batch outputs, and one random
+    cotangent u must give the same ``Jᵀu`` through the batch forward as through
+    the per-sample Jacobian. Any coupling of samples (batch statistics, a loss
+    over the batch) fails this check for all but a measure-zero set of u, and
+    the general Jacobian is used instead. Later calls reuse the verdict and
+    check only that the per-sample values reproduce the batch outputs (one
+    comparison, no second pass). O(N·C·P) instead of O(N²·C·P).
+    """
+    if not isinstance(forward_vals, torch.Tensor) or forward_vals.ndim not in (1, 2):
         return None
+    if not _batch_size_matches(batch, forward_vals.shape[0]):
+        return None
+    want = forward_vals.detach().reshape(-1)
+    signature = (jacobian_signature(params, batch, True, False), tuple(forward_vals.shape), forward_vals.dtype)
+    known = _verdict(forward_func, signature)
+    if known is False:
+        return None
+    if known is True:
+        try:
+            jac, values, _ = sample_jacobian(forward_func, params, batch, True, False, backend=backend)
+        except Exception:
+            jac = None
+        tol = _SEPARABLE_TOL.get(want.dtype, 1e-3)
+        if jac is None or not bool(_close(values, want.to(values.dtype), tol, 1.0)):
+            _remember(forward_func, signature, None)  # probe again next time
+            return None
+    else:
+        found = _probe(forward_func, params, batch, want, backend=backend)
+        _remember(forward_func, signature, found is not None)
+        if found is None:
+            return None
+        jac, _ = found
     return jac.reshape(*forward_vals.shape, jac.shape[-1])
+
+
+def log_density_jacobian(
+    fn: Callable,
+    params: Any,
+    batch: Any,
+    *,
+    per_sample: bool,
+    what: str,
+    backend: str,
+    values_must_be_finite: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+    """The per-sample values of a user's log density and their (N, P)
+    Jacobian, checked, for the methods that need both (EKF, Fisher Laplace).
+
+    Args:
+        fn: ``fn(params, batch) -> (value, aux)``: a scalar for the batch
+            (``per_sample=False``; evaluated one sample at a time, so the batch
+            must be sample-separable, as posteriors' ``per_samplify`` assumes)
+            or one value per sample, shape (N,) (``per_sample=True``; its
+            Jacobian then comes from one reverse pass per sample when ``fn``
+            is found sample-separable, see :func:`separable_output_jacobian`).
+        params: Pytree of parameters (the state's).
+        batch: Pytree whose tensor leaves share the leading dimension N.
+        per_sample: See ``fn``.
+        what: The user's name for ``fn`` in messages (``"log_likelihood"``).
+        backend: Resolved backend name.
+        values_must_be_finite: Whether a NaN or inf value (not only gradient)
+            is an error.
+
+    Returns:
+        ``(jac, values, aux)``: ``jac`` (N, P) in ravel order, ``values`` (N,),
+        ``aux`` as ``fn`` returns it (stacked over samples when
+        ``per_sample=False``).
+
+    Raises:
+        ValueError: the batch's leaves disagree on N (``per_sample=False``,
+            or ``fn`` fails on such a batch), ``fn`` returns the wrong shape,
+            or params, the values or the gradients hold NaN or inf (the
+            message says which, and which leaf or sample).
+    """
+    if per_sample:
+        with checks.blame_batch(batch, what):
+            values, aux = split_aux(fn(params, batch), True)
+        n = checks.common_leading_dim(batch)
+        if not isinstance(values, torch.Tensor) or values.ndim != 1 or (n is not None and values.shape[0] != n):
+            got = f"shape {tuple(values.shape)}" if isinstance(values, torch.Tensor) else type(values).__name__
+            want = f"({n},) for this batch of {n}" if n is not None else "(N,)"
+            raise ValueError(
+                f"{what} must return one value per sample, a tensor of shape {want}, when per_sample=True; got {got}"
+            )
+        # One reverse pass per sample when the function is sample-separable
+        # (as a per-sample log-likelihood is), else the whole output's Jacobian.
+        jac = separable_output_jacobian(fn, params, batch, values, backend=backend)
+        if jac is None:
+            with checks.blame_batch(batch, what):
+                jac, values, aux = output_jacobian(fn, (params, batch), 0, has_aux=True)
+        witness = None
+    else:
+        n = checks.batch_leading_dim(batch, "batch")
+        jac, values, aux, witness = sample_jacobian(fn, params, batch, True, witness=True, backend=backend)
+        if values.numel() != n:
+            raise ValueError(
+                f"{what} must return a scalar for a batch when per_sample=False (it is evaluated one "
+                f"sample at a time); got {values.numel() // max(n, 1)} values per sample"
+            )
+    entries = [(params, "state.params hold a non-finite value (NaN or inf)", "leaf")]
+    if values_must_be_finite:
+        entries.append((values, f"{what} returned NaN or inf", "sample"))
+    entries.append((jac, f"the gradient of {what} is NaN or inf", "sample"))
+    checks.require_finite(entries, witness)
+    return jac, values.reshape(-1), aux
