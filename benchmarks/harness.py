@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 from benchmarks.config import REFERENCE_LIMIT_S, Case
-from posteriors_fast.backends.compile_policy import COMPILE_AFTER
+from posteriors_fast.backends import compile_policy
 
 
 @dataclass
@@ -125,6 +125,14 @@ def burst_size(requested: int, warm_s: List[float]) -> int:
     return min(requested, 2) if warm_s and max(warm_s) > LONG_CALL_S else requested
 
 
+def _warm_calls() -> int:
+    """Warm-up calls that take a compiled provider past its compile: the
+    steady-state cases run with the compile policy's ``after`` mode (see
+    ``benchmarks/__main__.py``); the workflow cases time the default policy."""
+    policy = compile_policy.get_compile_policy()
+    return policy.after if policy.mode == "after" else 1
+
+
 def measure(
     case: Case,
     providers,
@@ -141,7 +149,7 @@ def measure(
 
     ``warmup`` calls follow the first one untimed; by default enough for the
     library's tiered compile to have compiled (it compiles on the
-    ``COMPILE_AFTER``-th call with the same function and shapes), and one for
+    policy's ``after``-th call with the same function and shapes), and one for
     the reference. ``min_reps`` and ``max_reps`` count rounds.
     """
     module = bench_module(case)
@@ -168,7 +176,7 @@ def measure(
             if provider == "posteriors" and timing.first_s > REFERENCE_LIMIT_S:
                 timing.status, timing.note = "DNF", f"reference took {timing.first_s:.0f} s > {REFERENCE_LIMIT_S:.0f} s"
                 continue
-            warm = warmup if warmup is not None else 1 if provider == "posteriors" else COMPILE_AFTER
+            warm = warmup if warmup is not None else 1 if provider == "posteriors" else _warm_calls()
             warm_calls = [_timed(fn, device) for _ in range(warm)]
             timing.warm_max_s = max([timing.first_s] + warm_calls)
             last_warm[provider] = warm_calls[-1] if warm_calls else timing.first_s

@@ -10,6 +10,10 @@ into failures: in CI, everything the test extra installs must be there.
 import os
 import sys
 
+# Compile-cost estimates in memory only: tests neither read nor write the
+# user's cache (backends/compile_policy.py).
+os.environ.setdefault("POSTERIORS_FAST_CACHE_DIR", "off")
+
 import optree
 import optree.integrations
 import optree.integrations.torch
@@ -40,6 +44,18 @@ def ref():
     except ImportError as err:
         skip_unless_installed(False, f"posteriors==0.0.5 does not import ({err}); pip install -e .[test]")
     return posteriors
+
+
+@pytest.fixture
+def compile_after():
+    """``compile_after(n)``: for this test the compiled backend compiles the
+    graphs that run user code on their n-th call (the compile policy's
+    ``after`` mode) instead of by the ski-rental rule."""
+    from posteriors_fast.backends import compile_policy
+
+    saved = compile_policy.get_compile_policy()
+    yield lambda n: compile_policy.set_compile_policy(after=n)
+    compile_policy.set_compile_policy(saved.mode, budget=saved.budget, after=saved.after)
 
 
 @pytest.fixture(params=["eager", "compiled"])

@@ -8,7 +8,6 @@ import torch
 from optree import tree_leaves, tree_map
 
 import posteriors_fast
-from posteriors_fast.backends import compile_policy
 from tests._compare import assert_tree_close
 from tests.methods import METHODS
 
@@ -77,10 +76,10 @@ def test_dtype_and_device_are_kept(method, backend):
 
 
 @pytest.mark.parametrize("method", METHODS, ids=_ids(METHODS))
-def test_compiled_equals_eager_and_the_next_update_does_not_recompile(monkeypatch, method):
+def test_compiled_equals_eager_and_the_next_update_does_not_recompile(compile_after, monkeypatch, method):
     # Compile on the first call, so the second update is the one that must
     # reuse the graphs.
-    monkeypatch.setattr(compile_policy, "COMPILE_AFTER", 1)
+    compile_after(1)
     dtype = torch.float64
     eager = _run(method, posteriors_fast, dtype, method.inplace_only, backend="eager", quiet=True, steps=3)
     params, _ = method.problem(dtype)

@@ -23,7 +23,7 @@ def robust_cholesky(matrix: torch.Tensor, name: str, hint: str = "") -> torch.Te
     """Lower Cholesky factor of the symmetric positive definite ``matrix``.
 
     Tries ``torch.linalg.cholesky_ex`` as is; on failure retries with a diagonal
-    jitter of 1e-8 (float64) or 1e-6 (other dtypes) times the mean diagonal,
+    jitter of 1e-8 (float64), 1e-6 (float32) or 1e-3 (lower precisions) times the mean diagonal,
     growing tenfold per retry, warning once per matrix name.
 
     Args:

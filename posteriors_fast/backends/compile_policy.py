@@ -1,38 +1,224 @@
-"""Tiered ``torch.compile`` of computations that run the user's own function
-(per-sample Jacobians, for example).
+"""When ``backend="compiled"`` compiles a computation with ``torch.compile``.
 
-Such a computation is a few milliseconds of small kernels whose cost is almost
-all framework overhead, which ``torch.compile`` removes, but compiling it costs
-seconds. So it runs eagerly until the same user function has been called
-:data:`COMPILE_AFTER` times with the same input signature (the hot loop of a
-filter or a sampler), and compiled from then on. A one-off call never waits for
-a compile, and a function rebuilt on every call (a fresh lambda) is never
-compiled, so it cannot cause a recompilation storm.
+Graphs that run the user's own function (per-sample Jacobians, the samplers'
+gradients) are milliseconds of small kernels whose cost is framework
+overhead, which ``torch.compile`` removes, but compiling one costs seconds. A
+run of a few hundred calls never earns that back; a long run does. So the
+default policy, ``"auto"``, is the ski-rental rule: a computation runs
+eagerly, and the time it spends is added up per (user function, input
+signature), until that time reaches ``budget`` times the estimated cost of
+compiling it; then it is compiled. Whatever the length of the run, the time
+spent compiling is then at most about ``1/budget`` times the eager time
+already spent (plus the compiled calls, which are faster), so no run is more
+than about ``1 + 1/budget`` times slower than eager because of compilation
+(twice, for the default ``budget=1``), while long runs reach the compiled
+steady state.
+
+The estimate of a compile's cost comes from the compiles measured before:
+the last cost of the same graph (same kind, same function code, same
+signature; a warm on-disk inductor cache makes it cheaper), else the median
+of the kind's, else :data:`DEFAULT_COMPILE_S`. Estimates are kept in
+``compile_costs.json`` in the cache directory (``POSTERIORS_FAST_CACHE_DIR``,
+default ``~/.cache/posteriors_fast``; ``off`` keeps them in memory only), so
+a new process starts from what earlier ones measured.
+
+The policy is a knob (:func:`set_compile_policy`, or the environment):
+
+* ``POSTERIORS_FAST_COMPILE``: ``auto`` (default), ``never`` (eager for these
+  graphs; the native kernels still run) or ``always`` (compile on first call);
+* ``POSTERIORS_FAST_COMPILE_BUDGET``: the ``budget`` of ``auto`` (default 1.0;
+  larger compiles later, so the bound tightens to ``1 + 1/budget``);
+* ``POSTERIORS_FAST_COMPILE_AFTER=n``: compile on the n-th call instead.
 
 Each (function, signature) gets its own, separately named copy of the
-computation's code object, so dynamo's caches hold one entry per copy: no
+computation's code object, compiled static (``dynamic=False``) for its
+shapes, batch size included: dynamo's caches hold one entry per copy (no
 shared recompilation limit, no guard chain that grows with the number of
-functions, and sizes seen for one signature never make another's dynamic.
-A failed compile is logged once and that entry runs eagerly from then on.
+functions), a new batch size earns its own compile by the same rule (the
+ragged last batch of an epoch stays eager), and a function rebuilt on every
+call (a fresh lambda) never accrues anything. A failed compile is logged once
+and that entry runs eagerly from then on. Nothing is compiled at import.
 """
 
+import hashlib
+import json
 import logging
+import math
 import os
+import statistics
+import tempfile
+import time
 import types
 import weakref
-from typing import Any, Callable, Hashable, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
 
 import torch
 from optree import tree_flatten, tree_leaves
 
 logger = logging.getLogger("posteriors_fast")
 
-#: Eager calls with the same function and signature before the compiled one.
-COMPILE_AFTER = max(1, int(os.environ.get("POSTERIORS_FAST_COMPILE_AFTER", "3")))
+#: Compile cost assumed for a kind of graph nothing has been measured for
+#: (first compiles of a per-sample Jacobian graph take 3-7 s on 2 cores).
+DEFAULT_COMPILE_S = 5.0
 #: At most this many compiled entries per computation; beyond, eager.
 MAX_COMPILED = 64
+MODES = ("auto", "after", "never", "always")
 
 _FAILED = object()
+
+
+@dataclass
+class Policy:
+    """The rule of :class:`TieredCompile` (see the module docstring)."""
+
+    mode: str = "auto"
+    budget: float = 1.0
+    after: int = 3
+
+    def should_compile(self, calls: int, eager_s: float, estimate_s: float) -> bool:
+        """Whether the next call compiles, after ``calls`` eager calls that
+        took ``eager_s`` in all, for a compile estimated at ``estimate_s``."""
+        if self.mode == "never":
+            return False
+        if self.mode == "always":
+            return True
+        if self.mode == "after":
+            return calls + 1 >= self.after
+        return eager_s >= self.budget * estimate_s
+
+
+def _policy_from_environment() -> Policy:
+    mode = os.environ.get("POSTERIORS_FAST_COMPILE", "auto").strip().lower() or "auto"
+    after = os.environ.get("POSTERIORS_FAST_COMPILE_AFTER")
+    budget = os.environ.get("POSTERIORS_FAST_COMPILE_BUDGET")
+    policy = Policy()
+    try:
+        if mode not in ("auto", "never", "always"):
+            raise ValueError(f"POSTERIORS_FAST_COMPILE={mode!r} is not one of auto, never, always")
+        policy.mode = mode
+        if budget:
+            policy.budget = _positive(float(budget), "POSTERIORS_FAST_COMPILE_BUDGET")
+        if after:
+            policy.mode, policy.after = "after", max(1, int(after))
+    except ValueError as err:
+        logger.warning("posteriors_fast: %s; using the default compile policy", err)
+        return Policy()
+    return policy
+
+
+def _positive(value: float, name: str) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return value
+
+
+_POLICY = _policy_from_environment()
+
+
+def get_compile_policy() -> Policy:
+    """The policy in force (a copy)."""
+    return Policy(_POLICY.mode, _POLICY.budget, _POLICY.after)
+
+
+def set_compile_policy(
+    mode: Optional[str] = None, *, budget: Optional[float] = None, after: Optional[int] = None
+) -> Policy:
+    """Set when ``backend="compiled"`` compiles the graphs that run user code.
+
+    Args:
+        mode: ``"auto"`` (compile once the eager time spent reaches ``budget``
+            times the estimated compile cost), ``"after"`` (on the ``after``-th
+            call), ``"never"`` or ``"always"``; None keeps the current one.
+        budget: For ``"auto"``: a finite number > 0.
+        after: For ``"after"``: a positive integer (``mode`` defaults to
+            ``"after"`` when only this is given).
+
+    Returns:
+        The policy before the call, to restore it with
+        ``set_compile_policy(**dataclasses.asdict(previous))``.
+    """
+    previous = get_compile_policy()
+    if mode is None and after is not None:
+        mode = "after"
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not a compile policy; valid ones are {', '.join(map(repr, MODES))}")
+    if budget is not None:
+        _positive(float(budget), "budget")
+    if after is not None and (isinstance(after, bool) or not isinstance(after, int) or after < 1):
+        raise ValueError(f"after must be a positive integer, got {after!r}")
+    _POLICY.mode = mode or _POLICY.mode
+    _POLICY.budget = float(budget) if budget is not None else _POLICY.budget
+    _POLICY.after = after if after is not None else _POLICY.after
+    return previous
+
+
+def _cache_path() -> Optional[str]:
+    root = os.environ.get("POSTERIORS_FAST_CACHE_DIR")
+    if root is not None and root.strip().lower() in ("off", "0", "none", ""):
+        return None
+    if root is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "posteriors_fast")
+    return os.path.join(root, "compile_costs.json")
+
+
+@dataclass
+class CostBook:
+    """Measured compile costs: per graph key the last one, per kind the
+    recent ones; loaded from and saved to ``path`` (None: memory only)."""
+
+    path: Optional[str] = None
+    graphs: Dict[str, float] = field(default_factory=dict)
+    kinds: Dict[str, List[float]] = field(default_factory=dict)
+    _loaded: bool = False
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        if self.path is None or not os.path.exists(self.path):
+            return
+        try:
+            with open(self.path) as handle:
+                data = json.load(handle)
+            self.graphs.update({str(k): float(v) for k, v in data.get("graphs", {}).items()})
+            for kind, costs in data.get("kinds", {}).items():
+                self.kinds.setdefault(str(kind), []).extend(float(c) for c in costs)
+        except (OSError, ValueError, TypeError, AttributeError) as err:
+            logger.debug("posteriors_fast: ignoring unreadable compile-cost file %s (%s)", self.path, err)
+
+    def estimate(self, key: str, kind: str) -> float:
+        self._load()
+        if key in self.graphs:
+            return self.graphs[key]
+        costs = self.kinds.get(kind)
+        return statistics.median(costs) if costs else DEFAULT_COMPILE_S
+
+    def record(self, key: str, kind: str, seconds: float) -> None:
+        self._load()
+        self.graphs[key] = seconds
+        self.kinds.setdefault(kind, []).append(seconds)
+        self.kinds[kind] = self.kinds[kind][-16:]
+        if len(self.graphs) > 512:  # oldest first (dicts keep insertion order)
+            for old in list(self.graphs)[: len(self.graphs) - 512]:
+                del self.graphs[old]
+        self._save()
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), suffix=".tmp")
+            with os.fdopen(fd, "w") as handle:
+                json.dump({"graphs": self.graphs, "kinds": self.kinds}, handle)
+            os.replace(tmp, self.path)  # atomic: a concurrent reader sees the old or the new file
+        except OSError as err:
+            logger.debug("posteriors_fast: compile costs not saved to %s (%s)", self.path, err)
+
+
+BOOK = CostBook(_cache_path())
 
 
 def _fresh_copy(fn: Callable, index: int) -> Callable:
@@ -45,18 +231,28 @@ def _fresh_copy(fn: Callable, index: int) -> Callable:
 
 
 def shape_signature(params: Any, batch: Any) -> Tuple:
-    """What fixes a compiled graph of ``f(params, batch)`` apart from the batch
-    size, which may vary (``dynamic=None`` makes it symbolic when it does):
-    both tree structures, and each leaf's shape, dtype and device (the
-    batch's without its leading dimension; a non-tensor leaf by its type)."""
+    """What fixes a compiled graph of ``f(params, batch)``: both tree
+    structures, and each leaf's shape, dtype and device (a non-tensor leaf by
+    its type)."""
     p_leaves, p_spec = tree_flatten(params)
     b_leaves, b_spec = tree_flatten(batch)
     return (
         p_spec,
         tuple((x.shape, x.dtype, x.device) for x in p_leaves),
         b_spec,
-        tuple((x.shape[1:], x.dtype, x.device) if isinstance(x, torch.Tensor) else type(x) for x in b_leaves),
+        tuple((x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else type(x) for x in b_leaves),
     )
+
+
+def _code_identity(owner: object) -> str:
+    """The user function's code, for the cost book: the same source in a new
+    process has the same identity (an object id would not)."""
+    fn = getattr(owner, "func", owner)  # functools.partial
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return f"{type(fn).__module__}.{type(fn).__qualname__}"
+    digest = hashlib.sha1(code.co_code + repr(code.co_consts).encode()).hexdigest()[:12]
+    return f"{code.co_filename}:{code.co_firstlineno}:{code.co_qualname}:{digest}"
 
 
 def _autograd_must_see(args) -> bool:
@@ -66,58 +262,79 @@ def _autograd_must_see(args) -> bool:
     return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves(args))
 
 
+@dataclass
+class _Entry:
+    key: str
+    calls: int = 0
+    eager_s: float = 0.0
+    compiled: Any = None  # the compiled callable, or _FAILED
+
+
 class TieredCompile:
-    """``tiered(owner, signature, *args)`` runs ``fn(*args)``: eagerly for the
-    first :data:`COMPILE_AFTER` calls with this ``owner`` (the user function,
-    held weakly) and ``signature`` (anything hashable that fixes the shapes
-    other than dynamic batch sizes), compiled afterwards; always eagerly while
-    autograd must see through the result.
+    """``tiered(owner, signature, *args)`` runs ``fn(*args)`` eagerly or
+    compiled, as the policy decides for this ``owner`` (the user function,
+    held weakly) and ``signature`` (anything hashable that fixes the shapes);
+    always eagerly while autograd must see through the result.
 
     ``eager``, when given, is what runs on the eager calls instead of ``fn``: a
     computation with the same result that is faster uncompiled (plain autograd
     rather than the ``torch.func`` transforms a graph needs, for example).
+    ``kind`` names the kind of graph for the cost estimates.
     """
 
-    def __init__(self, fn: Callable, name: str, eager: Optional[Callable] = None) -> None:
+    clock: Callable[[], float] = staticmethod(time.perf_counter)
+
+    def __init__(self, fn: Callable, name: str, eager: Optional[Callable] = None, kind: Optional[str] = None):
         self._traced = fn
         self._fn = fn if eager is None else eager
         self._name = name
+        self.kind = kind or fn.__name__
         self._entries: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._compiled = 0
+        self.policy = _POLICY
+        self.book = BOOK
 
     def _compile(self) -> Callable:
         self._compiled += 1
-        # dynamic=None: the first graph is static and a second batch size makes
-        # only the dimensions that changed symbolic. dynamic=True would make
-        # every size symbolic, which the nested vmap of a multi-output
-        # per-sample Jacobian cannot trace in torch 2.13 ("Cannot call sizes()
-        # on tensor with symbolic sizes").
-        return torch.compile(_fresh_copy(self._traced, self._compiled), dynamic=None)
+        return torch.compile(_fresh_copy(self._traced, self._compiled), dynamic=False)
 
-    def __call__(self, owner: object, signature: Hashable, *args):
-        if _autograd_must_see(args):
-            return self._fn(*args)
+    def _entry(self, owner: object, signature: Hashable) -> Optional[_Entry]:
         try:
             per_owner = self._entries.get(owner)
             if per_owner is None:
                 per_owner = self._entries[owner] = {}
         except TypeError:  # no weak references to this callable: stay eager
+            return None
+        entry = per_owner.get(signature)
+        if entry is None:
+            key = f"{self.kind}|{_code_identity(owner)}|{signature!r}"
+            entry = per_owner[signature] = _Entry(key)
+        return entry
+
+    def __call__(self, owner: object, signature: Hashable, *args):
+        if _autograd_must_see(args):
             return self._fn(*args)
-        entry = per_owner.get(signature, 0)
-        if entry is _FAILED:
+        entry = self._entry(owner, signature)
+        if entry is None or entry.compiled is _FAILED:
             return self._fn(*args)
-        if isinstance(entry, int):
-            if entry + 1 < COMPILE_AFTER or self._compiled >= MAX_COMPILED:
-                per_owner[signature] = entry + 1
-                return self._fn(*args)
-            entry = per_owner[signature] = self._compile()
+        if entry.compiled is not None:
+            return entry.compiled(*args)
+        estimate = self.book.estimate(entry.key, self.kind)
+        if self._compiled >= MAX_COMPILED or not self.policy.should_compile(entry.calls, entry.eager_s, estimate):
+            start = self.clock()
+            out = self._fn(*args)
+            entry.eager_s += self.clock() - start
+            entry.calls += 1
+            return out
+        compiled = self._compile()
+        start = self.clock()
         try:
-            return entry(*args)
+            out = compiled(*args)
         except Exception as err:
             # The user's own error (a bad batch, say) fails eagerly too and
             # propagates from here, unchanged; otherwise the compile failed.
             result = self._fn(*args)
-            per_owner[signature] = _FAILED
+            entry.compiled = _FAILED
             logger.warning(
                 "posteriors_fast: torch.compile of %s failed (%s: %s); running it eagerly",
                 self._name,
@@ -125,35 +342,36 @@ class TieredCompile:
                 str(err).splitlines()[0][:200] if str(err) else "",
             )
             return result
+        # The first compiled call compiles: what it took beyond an eager call.
+        typical = entry.eager_s / entry.calls if entry.calls else 0.0
+        self.book.record(entry.key, self.kind, max(0.0, self.clock() - start - typical))
+        entry.compiled = compiled
+        return out
 
 
-class GuardedCompile:
-    """``torch.compile(fn, **options)`` built on first use for a fixed
-    computation (no user code inside): if compiling or running the compiled
-    code raises, one warning is logged and ``fn`` runs eagerly from then on,
-    so a machine that cannot compile (no triton on CUDA, a broken compiler)
-    loses speed, never the result."""
+class GuardedCompile(TieredCompile):
+    """A fixed computation (no user code inside, e.g. the CG step) compiled
+    by the same policy, keyed on its arguments' shapes: ``guarded(*args)``.
+    A failing compile falls back to eager with one warning, so a machine that
+    cannot compile (no triton on CUDA, a broken compiler) loses speed, never
+    the result."""
 
     def __init__(self, fn: Callable, name: str, **options) -> None:
-        self._fn = fn
-        self._name = name
+        super().__init__(fn, name, kind=fn.__name__)
         self._options = options
-        self._compiled: Optional[Callable] = None
-        self._failed = False
+
+    def _compile(self) -> Callable:
+        self._compiled += 1
+        return torch.compile(_fresh_copy(self._traced, self._compiled), **self._options)
 
     def __call__(self, *args):
-        if self._failed:
-            return self._fn(*args)
-        if self._compiled is None:
-            self._compiled = torch.compile(self._fn, **self._options)
-        try:
-            return self._compiled(*args)
-        except Exception as err:
-            self._failed = True
-            logger.warning(
-                "posteriors_fast: torch.compile of %s failed (%s: %s); running it eagerly",
-                self._name,
-                type(err).__name__,
-                str(err).splitlines()[0][:200] if str(err) else "",
-            )
-            return self._fn(*args)
+        # With dynamic shapes one graph serves every size: key on what the
+        # graph specialises (dtypes, devices, ranks, a float's zero-ness).
+        dynamic = self._options.get("dynamic") is True
+
+        def part(a):
+            if isinstance(a, torch.Tensor):
+                return (a.dtype, a.device, a.dim()) if dynamic else (a.shape, a.dtype, a.device)
+            return ("float", a != 0) if isinstance(a, float) else a
+
+        return TieredCompile.__call__(self, self._fn, tuple(part(a) for a in args), *args)

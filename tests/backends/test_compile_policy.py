@@ -1,8 +1,13 @@
-"""The tiered ``torch.compile`` of the per-sample Jacobian: when it compiles,
-that the compiled Jacobian equals the eager one, that it does not recompile,
-and that failures fall back (or propagate the user's own error)."""
+"""The compile policy (``backends.compile_policy``): the ski-rental rule
+compiles when the eager time spent reaches the estimated compile cost, not
+before, and keeps every run within the bound; ``after``/``never``/``always``;
+the persisted cost estimates; the compiled per-sample Jacobian equals the
+eager one without recompiling; failures fall back (or propagate the user's
+own error); nothing compiles at import."""
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -60,7 +65,8 @@ class _Recorder:
 
 
 @pytest.fixture
-def recorder(monkeypatch):
+def recorder(monkeypatch, compile_after):
+    compile_after(3)
     rec = _Recorder()
     tiered = _tiered.TieredCompile(jacobian.sample_jacobian_eager, "the per-sample Jacobian")
     monkeypatch.setattr(tiered, "_compile", lambda: rec(tiered))
@@ -73,25 +79,190 @@ def _jac(f, params, batch, **kw):
         return jacobian.sample_jacobian(f, params, batch, True, backend="compiled:torch_compile", **kw)
 
 
-def test_compiles_on_the_nth_call_with_one_signature(recorder):
+def test_after_mode_compiles_on_the_nth_call_with_one_signature(recorder):
     params, batch = _mlp(torch.float64)
-    for call in range(1, _tiered.COMPILE_AFTER + 3):
+    for call in range(1, 6):
         _jac(log_lik, params, batch)
-        assert recorder.compiles == (call >= _tiered.COMPILE_AFTER)
+        assert recorder.compiles == (call >= 3)
     assert recorder.calls == 3
-    # Another batch size is the same signature (batch sizes are dynamic) ...
-    _jac(log_lik, params, (batch[0][:4], batch[1][:4]))
-    assert recorder.compiles == 1 and recorder.calls == 4
-    # ... another dtype is a new one, counted from zero.
+    # Another batch size is another signature, counted from zero ...
+    small = (batch[0][:4], batch[1][:4])
+    for _ in range(2):
+        _jac(log_lik, params, small)
+    assert recorder.compiles == 1
+    # ... and so is another dtype.
     params32, batch32 = _mlp(torch.float32)
-    for _ in range(_tiered.COMPILE_AFTER - 1):
+    for _ in range(2):
         _jac(log_lik, params32, batch32)
     assert recorder.compiles == 1
 
 
+class _FakeClock:
+    """Advances only when a call of the fake computation says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _fake_tiered(monkeypatch, clock, eager_s, compiled_s, compile_s, estimate_s):
+    """A TieredCompile whose eager calls take ``eager_s``, whose compiled calls
+    take ``compiled_s`` and whose compile takes ``compile_s`` on the fake
+    clock, with an in-memory cost book that estimates ``estimate_s``."""
+    state = {"compiles": 0}
+
+    def eager(x):
+        clock.now += eager_s
+        return x + 1
+
+    tiered = _tiered.TieredCompile(eager, "the fake computation", kind="fake")
+    monkeypatch.setattr(tiered, "clock", clock)
+    tiered.book = _tiered.CostBook(None)
+    tiered.book.kinds["fake"] = [estimate_s]
+    tiered.policy = _tiered.Policy("auto", 1.0)
+
+    def compile_():
+        state["compiles"] += 1
+        first = [True]
+
+        def compiled(x):
+            clock.now += compiled_s + (compile_s if first[0] else 0.0)
+            first[0] = False
+            return x + 1
+
+        return compiled
+
+    monkeypatch.setattr(tiered, "_compile", compile_)
+    return tiered, state
+
+
+def _owner(x):  # a user function for the entries to hang on
+    return x
+
+
+def test_auto_compiles_once_the_eager_time_reaches_the_estimate_not_before(monkeypatch):
+    clock = _FakeClock()
+    tiered, state = _fake_tiered(monkeypatch, clock, eager_s=0.125, compiled_s=0.0, compile_s=1.0, estimate_s=1.0)
+    for call in range(1, 30):
+        tiered(_owner, "sig", torch.zeros(()))
+        # Eight eager calls spend 1.0 s (the estimate): the 9th compiles.
+        assert state["compiles"] == (1 if call >= 9 else 0), call
+    # The measured compile cost (the first compiled call beyond an eager one) is recorded.
+    (key,) = tiered.book.graphs
+    assert key.startswith("fake|") and tiered.book.graphs[key] == 1.0 - 0.125
+
+
+@pytest.mark.parametrize("compile_s", [0.3, 1.0, 3.0])
+def test_no_run_is_more_than_twice_eager_however_long(monkeypatch, compile_s):
+    """Ski rental: with the estimate learned from a first run of the same
+    graph, every run length n costs at most 2x what n eager calls cost."""
+    eager_s, compiled_s = 0.05, 0.01
+    for n in range(1, 200, 7):
+        clock = _FakeClock()
+        tiered, _ = _fake_tiered(monkeypatch, clock, eager_s, compiled_s, compile_s, estimate_s=compile_s)
+        for _ in range(n):
+            tiered(_owner, "sig", torch.zeros(()))
+        assert clock.now <= 2 * n * eager_s + compiled_s + 1e-9, (n, clock.now, n * eager_s)
+    # ... while long runs reach the compiled steady state:
+    clock = _FakeClock()
+    tiered, _ = _fake_tiered(monkeypatch, clock, eager_s, compiled_s, compile_s, estimate_s=compile_s)
+    for _ in range(2000):
+        tiered(_owner, "sig", torch.zeros(()))
+    assert clock.now < 0.5 * 2000 * eager_s
+
+
+def test_a_slower_compile_than_estimated_teaches_the_estimate(monkeypatch):
+    clock = _FakeClock()
+    tiered, state = _fake_tiered(monkeypatch, clock, eager_s=0.1, compiled_s=0.01, compile_s=4.0, estimate_s=0.5)
+    for _ in range(10):
+        tiered(_owner, "sig", torch.zeros(()))
+    assert state["compiles"] == 1
+    # The same graph waits for the measured cost next time, not the guess.
+    (key,) = tiered.book.graphs
+    assert tiered.book.estimate(key, "fake") == pytest.approx(4.0 + 0.01 - 0.1)
+
+
+def test_never_and_always(monkeypatch):
+    clock = _FakeClock()
+    tiered, state = _fake_tiered(monkeypatch, clock, eager_s=0.1, compiled_s=0.01, compile_s=1.0, estimate_s=0.0)
+    tiered.policy = _tiered.Policy("never")
+    for _ in range(50):
+        tiered(_owner, "sig", torch.zeros(()))
+    assert state["compiles"] == 0
+    tiered.policy = _tiered.Policy("always")
+    tiered(_owner, "other", torch.zeros(()))
+    assert state["compiles"] == 1
+
+
+def test_set_compile_policy_validates_and_returns_the_previous_one():
+    before = _tiered.get_compile_policy()
+    try:
+        previous = _tiered.set_compile_policy("never")
+        assert previous == before and _tiered.get_compile_policy().mode == "never"
+        _tiered.set_compile_policy(after=5)
+        assert _tiered.get_compile_policy().mode == "after" and _tiered.get_compile_policy().after == 5
+        with pytest.raises(ValueError, match="mode='sometimes' is not a compile policy"):
+            _tiered.set_compile_policy("sometimes")
+        with pytest.raises(ValueError, match="budget must be a finite number > 0"):
+            _tiered.set_compile_policy(budget=0.0)
+        with pytest.raises(ValueError, match="after must be a positive integer"):
+            _tiered.set_compile_policy(after=0)
+    finally:
+        _tiered.set_compile_policy(before.mode, budget=before.budget, after=before.after)
+
+
+@pytest.mark.parametrize(
+    "env, want",
+    [
+        ({}, ("auto", 1.0)),
+        ({"POSTERIORS_FAST_COMPILE": "never"}, ("never", 1.0)),
+        ({"POSTERIORS_FAST_COMPILE_BUDGET": "2.5"}, ("auto", 2.5)),
+        ({"POSTERIORS_FAST_COMPILE_AFTER": "4"}, ("after", 1.0)),
+        ({"POSTERIORS_FAST_COMPILE": "sometimes"}, ("auto", 1.0)),  # warned about, default kept
+    ],
+)
+def test_policy_from_the_environment(monkeypatch, env, want):
+    for name in ("POSTERIORS_FAST_COMPILE", "POSTERIORS_FAST_COMPILE_BUDGET", "POSTERIORS_FAST_COMPILE_AFTER"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    policy = _tiered._policy_from_environment()
+    assert (policy.mode, policy.budget) == want
+
+
+def test_cost_estimates_persist_across_processes(tmp_path):
+    path = str(tmp_path / "compile_costs.json")
+    book = _tiered.CostBook(path)
+    assert book.estimate("g", "jacobian") == _tiered.DEFAULT_COMPILE_S
+    book.record("g", "jacobian", 1.25)
+    book.record("h", "jacobian", 2.0)
+    code = (
+        "import sys; from posteriors_fast.backends import compile_policy as c; "
+        "b = c.CostBook(sys.argv[1]); print(b.estimate('g', 'jacobian'), b.estimate('new', 'jacobian'), "
+        "b.estimate('new', 'other'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["1.25", "1.625", str(_tiered.DEFAULT_COMPILE_S)]
+    with open(path, "w") as handle:
+        handle.write("{not json")
+    assert _tiered.CostBook(path).estimate("g", "jacobian") == _tiered.DEFAULT_COMPILE_S  # ignored, not raised
+
+
+def test_nothing_compiles_at_import():
+    code = (
+        "import torch, posteriors_fast; from torch._dynamo.utils import counters; "
+        "print(sum(counters['stats'].values()), len(torch._dynamo.eval_frame._debug_get_cache_entry_list"
+        "(posteriors_fast.ops.cg_step.cg_step_eager.__code__)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["0", "0"]
+
+
 def test_a_function_rebuilt_every_call_is_never_compiled(recorder):
     params, batch = _mlp(torch.float64)
-    for _ in range(2 * _tiered.COMPILE_AFTER):
+    for _ in range(6):
         _jac(lambda p, b: log_lik(p, b), params, batch)
     assert recorder.compiles == 0
 
@@ -99,12 +270,13 @@ def test_a_function_rebuilt_every_call_is_never_compiled(recorder):
 def test_eager_when_autograd_must_see_through(recorder):
     params, batch = _mlp(torch.float64)
     params["b"].requires_grad_(True)
-    for _ in range(2 * _tiered.COMPILE_AFTER):
+    for _ in range(6):
         jacobian.sample_jacobian(log_lik, params, batch, True, backend="compiled:torch_compile")
     assert recorder.compiles == 0
 
 
-def test_a_failed_compile_is_logged_once_and_runs_eagerly(monkeypatch, caplog):
+def test_a_failed_compile_is_logged_once_and_runs_eagerly(monkeypatch, caplog, compile_after):
+    compile_after(3)
     rec = _Recorder(fail=True)
     tiered = _tiered.TieredCompile(jacobian.sample_jacobian_eager, "the per-sample Jacobian")
     monkeypatch.setattr(tiered, "_compile", lambda: rec(tiered))
@@ -112,7 +284,7 @@ def test_a_failed_compile_is_logged_once_and_runs_eagerly(monkeypatch, caplog):
     params, batch = _mlp(torch.float64)
     want = jacobian.sample_jacobian_eager(log_lik, params, batch, True)[0]
     with caplog.at_level(logging.WARNING, logger="posteriors_fast"):
-        for _ in range(_tiered.COMPILE_AFTER + 3):
+        for _ in range(6):
             torch.testing.assert_close(_jac(log_lik, params, batch)[0], want, rtol=0, atol=0)
     assert rec.calls == 1
     lines = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
@@ -132,7 +304,7 @@ def test_the_users_own_error_propagates_unchanged(recorder):
             raise ValueError("picky wants 3 features")
         return log_lik(p, b)
 
-    for _ in range(_tiered.COMPILE_AFTER):
+    for _ in range(3):
         _jac(picky, params, batch)
     bad = (torch.zeros(7, 2, dtype=torch.float64), batch[1])
     with pytest.raises(ValueError, match="picky wants 3 features"):
@@ -144,8 +316,8 @@ def test_the_users_own_error_propagates_unchanged(recorder):
     [(torch.float32, log_lik, True), (torch.float64, forward, False)],
     ids=["f32-scalar-with-aux", "f64-multi-output"],
 )
-def test_compiled_jacobian_matches_eager_and_does_not_recompile(monkeypatch, dtype, f, keep_aux):
-    monkeypatch.setattr(_tiered, "COMPILE_AFTER", 1)
+def test_compiled_jacobian_matches_eager_and_does_not_recompile(monkeypatch, compile_after, dtype, f, keep_aux):
+    compile_after(1)
     monkeypatch.setattr(
         jacobian,
         "_tiered_sample_jacobian",
@@ -166,8 +338,8 @@ def test_compiled_jacobian_matches_eager_and_does_not_recompile(monkeypatch, dty
     torch.testing.assert_close(again[0], want[0], rtol=tol, atol=tol)
 
 
-def test_compiled_separable_jacobian_matches_eager_and_still_detects_coupling(monkeypatch):
-    monkeypatch.setattr(_tiered, "COMPILE_AFTER", 1)
+def test_compiled_separable_jacobian_matches_eager_and_still_detects_coupling(monkeypatch, compile_after):
+    compile_after(1)
     tiered = _tiered.TieredCompile(separable_jacobian.separable_parts_eager, "the per-sample output Jacobian")
     monkeypatch.setattr(separable_jacobian, "_tiered_separable", tiered)
     params, batch = _mlp(torch.float64)

@@ -215,7 +215,8 @@ def test_torch_compile_on_cuda_needs_triton(monkeypatch):
     assert backends.report("ggn_diag", "compiled", "cpu")[0] == "torch_compile"
 
 
-def test_failing_compile_falls_back_with_one_warning(monkeypatch, caplog):
+def test_failing_compile_falls_back_with_one_warning(monkeypatch, caplog, compile_after):
+    compile_after(1)
     from posteriors_fast.backends.compile_policy import GuardedCompile
     from posteriors_fast.ops import ggn_diag
 

@@ -184,12 +184,11 @@ def _offset_post(p, batch):
     return -torch.nn.functional.cross_entropy(forward(p, x), y) + offset.sum(), torch.tensor([])
 
 
-def test_compiled_fisher_update_checks_the_gradients_from_the_graphs_witness(monkeypatch):
+def test_compiled_fisher_update_checks_the_gradients_from_the_graphs_witness(compile_after, monkeypatch):
     # The compiled per-sample Jacobian returns a finiteness witness of the
     # values and J; only J's exact check decides, as with eager.
-    from posteriors_fast.backends import compile_policy as _tiered
 
-    monkeypatch.setattr(_tiered, "COMPILE_AFTER", 1)
+    compile_after(1)
     params = random_params("dict", torch.float64)
     x, y = random_batch(5, torch.float64)
     offset = torch.zeros(5, dtype=torch.float64)

@@ -7,7 +7,6 @@ import pytest
 import torch
 from optree.integrations.torch import tree_ravel
 
-from posteriors_fast.backends import compile_policy
 from posteriors_fast.ops import sample_jacobian, separable_jacobian
 from tests._compare import tol
 from tests._trees import forward, random_batch, random_params
@@ -29,8 +28,8 @@ def _oracle(fn, params, batch):
 
 @pytest.mark.parametrize("backend", ["eager", "compiled"])
 @pytest.mark.parametrize("kind", ["dict", "nested"])
-def test_sample_jacobian_matches_per_sample_jacrev(monkeypatch, dtype, backend, kind):
-    monkeypatch.setattr(compile_policy, "COMPILE_AFTER", 1)
+def test_sample_jacobian_matches_per_sample_jacrev(compile_after, monkeypatch, dtype, backend, kind):
+    compile_after(1)
     params, batch = random_params(kind, dtype), random_batch(7, dtype)
     want = _oracle(_ll, params, batch)
     jac, values, aux = sample_jacobian.sample_jacobian(_ll, params, batch, True, backend=backend)
@@ -39,8 +38,8 @@ def test_sample_jacobian_matches_per_sample_jacrev(monkeypatch, dtype, backend, 
 
 
 @pytest.mark.parametrize("backend", ["eager", "compiled"])
-def test_separable_output_jacobian_matches_and_detects_coupling(monkeypatch, backend):
-    monkeypatch.setattr(compile_policy, "COMPILE_AFTER", 1)
+def test_separable_output_jacobian_matches_and_detects_coupling(compile_after, monkeypatch, backend):
+    compile_after(1)
     params, batch = random_params("nested", torch.float64), random_batch(6, torch.float64)
 
     def fwd(p, b):

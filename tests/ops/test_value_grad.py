@@ -67,8 +67,8 @@ def test_traced_matches_autograd(dtype, fn):
     assert math.isclose(witness.item(), total.item(), rel_tol=1e-5)
 
 
-def test_compiled_matches_autograd_and_does_not_recompile(monkeypatch):
-    monkeypatch.setattr(_tiered, "COMPILE_AFTER", 1)
+def test_compiled_matches_autograd_and_does_not_recompile(compile_after, monkeypatch):
+    compile_after(1)
     tiered = _tiered.TieredCompile(vg.value_grad_traced, "the gradient", eager=vg.value_grad_eager)
     monkeypatch.setattr(vg, "_tiered", tiered)
     params, batch = _params(torch.float32), _batch(torch.float32)
@@ -88,7 +88,8 @@ def test_compiled_matches_autograd_and_does_not_recompile(monkeypatch):
             _step.gradient(log_post, bad, batch, "compiled:torch_compile")
 
 
-def test_eager_until_the_tier_and_autograd_for_the_eager_calls(monkeypatch):
+def test_eager_until_the_tier_and_autograd_for_the_eager_calls(compile_after, monkeypatch):
+    compile_after(3)
     compiled = []
     tiered = _tiered.TieredCompile(vg.value_grad_traced, "the gradient", eager=vg.value_grad_eager)
     monkeypatch.setattr(tiered, "_compile", lambda: compiled.append(1) or vg.value_grad_traced)
@@ -96,9 +97,9 @@ def test_eager_until_the_tier_and_autograd_for_the_eager_calls(monkeypatch):
     eager_calls = []
     monkeypatch.setattr(tiered, "_fn", lambda *a: eager_calls.append(1) or vg.value_grad_eager(*a))
     params, batch = _params(torch.float64), _batch(torch.float64)
-    for _ in range(_tiered.COMPILE_AFTER + 2):
+    for _ in range(3 + 2):
         vg.value_grad(log_post, params, batch, "log_posterior", backend="compiled:torch_compile")
-    assert len(eager_calls) == _tiered.COMPILE_AFTER - 1 and compiled == [1]
+    assert len(eager_calls) == 3 - 1 and compiled == [1]
 
 
 @pytest.mark.parametrize("backend", ["eager", "compiled"])
