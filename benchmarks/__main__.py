@@ -10,12 +10,13 @@ import argparse
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 
 import torch
 
-from benchmarks import report
+from benchmarks import report, workflows
 from benchmarks.config import CASES, MODELS, PROVIDERS
 from benchmarks.harness import BURST, bench_module, measure
 from benchmarks.workloads import num_params
@@ -24,7 +25,18 @@ from posteriors_fast.backends import compile_policy
 
 def _args(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the small set, under 2 minutes on 2 CPU cores")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick", action="store_true", help="the small per-call set only, no workflows (about 2 minutes)"
+    )
+    size.add_argument(
+        "--full",
+        action="store_true",
+        help="every per-call case and every workflow, long runs included (about 30 minutes on 2 CPU cores)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="fresh processes per workflow and provider (default 2; 3 with --full)"
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument(
@@ -58,10 +70,12 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    cases = [c for c in CASES if (c.quick or not args.quick)]
+    cases = [c for c in CASES if c.quick or args.full]
+    flows = [] if args.quick else [name for name, w in workflows.WORKFLOWS.items() if args.full or not w.long]
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
         cases = [c for c in cases if any(w in c.bench or w in c.op for w in wanted)]
+        flows = [f for f in flows if any(w in f"workflow {f}" for w in wanted)]
     env = report.environment(device)
     print(
         f"posteriors_fast benchmarks on {device} ({env['device_name']}), torch {env['torch']}, "
@@ -71,7 +85,7 @@ def main(argv=None) -> int:
         "models (tanh MLP input-hidden-classes, P): "
         + ", ".join(f"{k}={'-'.join(map(str, v))} (P={num_params(k)})" for k, v in MODELS.items())
     )
-    budget = 1.5 if args.quick else 6.0
+    budget = 6.0 if args.full else 1.5
     rows, started = [], time.perf_counter()
     for index, case in enumerate(cases, 1):
         print(f"[{index}/{len(cases)}] {case.op} {case.model} N={case.n} ...", end=" ", flush=True)
@@ -86,7 +100,7 @@ def main(argv=None) -> int:
             case_providers,
             device,
             budget_s=budget,
-            min_reps=3 if args.quick else 5,
+            min_reps=5 if args.full else 3,
             max_reps=getattr(module, "MAX_REPS", 30),
             burst=args.burst,
         )
@@ -142,9 +156,25 @@ def main(argv=None) -> int:
             else:
                 summary.append(f"{provider} {timing.status}")
         print(", ".join(summary), flush=True)
+    flow_rows = []
+    if flows:
+        rounds = args.rounds or (3 if args.full else 2)
+        print(
+            f"\nworkflows (fresh process per run, {rounds} rounds, providers rotated; "
+            "round 1 with empty compile caches):",
+            flush=True,
+        )
+        cache = os.path.join(args.out, "workflow-cache")
+        shutil.rmtree(cache, ignore_errors=True)
+        threads = args.threads or os.cpu_count() or 1
+        flow_providers = [p for p in workflows.PROVIDERS if p in providers]
+        flow_rows = workflows.measure_workflows(flows, flow_providers, rounds, threads, cache)
     print()
     print(report.markdown(rows))
-    report.write(rows, env, args.out)
+    if flow_rows:
+        print()
+        print(workflows.markdown(flow_rows))
+    report.write(rows, env, args.out, flow_rows)
     print(f"\nwrote {args.out}/results.csv, results.json, speedups.png in {time.perf_counter() - started:.0f} s")
     print("FLOP counts are nominal (see each bench module's flops()); GFLOP/s = that count / median time.")
     return 0

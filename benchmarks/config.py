@@ -22,7 +22,7 @@ class Case:
     op: str  # what is timed
     model: str  # key of MODELS
     n: int  # batch size (rows K of the kernel benches)
-    quick: bool  # part of --quick
+    quick: bool  # in the default run and --quick; otherwise --full only
     p: int = 0  # parameter count of the kernel benches (model "-"); 0: from the model
 
 

@@ -37,6 +37,8 @@ class Timing:
     samples: List[float] = field(default_factory=list)
     #: First call of each burst, right after another provider's calls.
     switch_samples: List[float] = field(default_factory=list)
+    #: Consecutive calls per round (fewer for a slow case, see burst_size).
+    burst: int = 0
     note: str = ""
 
     @property
@@ -187,6 +189,8 @@ def measure(
 
     order = list(fns)
     calls = burst_size(burst, [last_warm[p] for p in order])
+    for provider in order:
+        timings[provider].burst = calls
     spent, reps = 0.0, 0
     while order and reps < max_reps and (reps < min_reps or spent < budget_s):
         for provider in order[reps % len(order) :] + order[: reps % len(order)]:

@@ -67,6 +67,16 @@ MODES = ("auto", "after", "never", "always")
 
 _FAILED = object()
 
+# What this process has compiled under the policy (see stats()).
+_STATS = {"compiles": 0, "failed": 0, "compile_s": 0.0}
+
+
+def stats() -> Dict[str, float]:
+    """What the policy has compiled in this process: ``compiles`` (graphs
+    compiled), ``failed`` (compiles that failed and fell back to eager) and
+    ``compile_s`` (seconds they took beyond an eager call)."""
+    return dict(_STATS)
+
 
 @dataclass
 class Policy:
@@ -335,6 +345,8 @@ class TieredCompile:
             # propagates from here, unchanged; otherwise the compile failed.
             result = self._fn(*args)
             entry.compiled = _FAILED
+            _STATS["failed"] += 1
+            _STATS["compile_s"] += self.clock() - start
             logger.warning(
                 "posteriors_fast: torch.compile of %s failed (%s: %s); running it eagerly",
                 self._name,
@@ -344,7 +356,10 @@ class TieredCompile:
             return result
         # The first compiled call compiles: what it took beyond an eager call.
         typical = entry.eager_s / entry.calls if entry.calls else 0.0
-        self.book.record(entry.key, self.kind, max(0.0, self.clock() - start - typical))
+        cost = max(0.0, self.clock() - start - typical)
+        self.book.record(entry.key, self.kind, cost)
+        _STATS["compiles"] += 1
+        _STATS["compile_s"] += cost
         entry.compiled = compiled
         return out
 
