@@ -51,16 +51,25 @@ PF_ALWAYS_INLINE void leaf_impl(const T* theta, const T* m, const T* g, T* theta
   }
 }
 
+// Outputs at least this large are streamed past the cache (below); smaller
+// ones, which fit in the core's caches, stay there for the next step's
+// gradient, which reads them right away.
+constexpr int64_t kStreamBytes = int64_t{4} << 20;
+
 #if PF_HAVE_V4_KERNELS
-// float32 on AVX-512: whole, aligned blocks are written with streaming stores,
-// so the new θ and m (fresh buffers, read by the next step, not this one) are
-// not first read into cache. The arithmetic is leaf_impl's, in the same order
-// and without FMAs (the same bits as at avx2 and baseline). Skipping the
-// read-for-ownership of the fresh outputs is a fifth less traffic
-// (benchmarks/bench_sghmc_step.py and bench_sgmcmc.py report GB/s against a
-// STREAM copy).
+// float32 on AVX-512 with `stream`: whole, aligned blocks are written with
+// streaming stores, so the new θ and m (fresh buffers, read by the next step,
+// not this one) are not first read into cache. The arithmetic is leaf_impl's,
+// in the same order and without FMAs (the same bits as at avx2 and baseline).
+// Skipping the read-for-ownership of the fresh outputs is a fifth less
+// traffic (benchmarks/bench_sghmc_step.py and bench_sgmcmc.py report GB/s
+// against a STREAM copy).
 PF_TARGET_V4 void leaf_v4(const float* th, const float* m, const float* g, float* tho, float* mo, int64_t n,
-                          uint64_t seed, Coefficients<float> c, int64_t b, int64_t e) {
+                          uint64_t seed, Coefficients<float> c, int64_t b, int64_t e, bool stream) {
+  if (!stream) {
+    leaf_impl<float, philox::Avx512>(th, m, g, tho, mo, n, seed, c, b, e);
+    return;
+  }
   using Block = philox::NormalBlock<float, philox::Avx512>;
   alignas(64) float z[Block::kSize];
   const __m512 step = _mm512_set1_ps(c.step), keep = _mm512_set1_ps(c.keep), lr = _mm512_set1_ps(c.lr),
@@ -84,7 +93,7 @@ PF_TARGET_V4 void leaf_v4(const float* th, const float* m, const float* g, float
   _mm_sfence();  // the streamed lines are visible before the parallel region ends
 }
 PF_TARGET_V4 void leaf_v4(const double* th, const double* m, const double* g, double* tho, double* mo, int64_t n,
-                          uint64_t seed, Coefficients<double> c, int64_t b, int64_t e) {
+                          uint64_t seed, Coefficients<double> c, int64_t b, int64_t e, bool /*stream*/) {
   leaf_impl<double, philox::Avx512>(th, m, g, tho, mo, n, seed, c, b, e);
 }
 #endif
@@ -92,13 +101,13 @@ PF_TARGET_V4 void leaf_v4(const double* th, const double* m, const double* g, do
 // leaf(isa, ...): avx2 and baseline build the portable engine for their target.
 template <typename T>
 PF_ALWAYS_INLINE void leaf_body(const T* th, const T* m, const T* g, T* tho, T* mo, int64_t n, uint64_t seed,
-                                Coefficients<T> c, int64_t b, int64_t e) {
+                                Coefficients<T> c, int64_t b, int64_t e, bool /*stream*/) {
   leaf_impl<T, philox::Portable>(th, m, g, tho, mo, n, seed, c, b, e);
 }
 PF_ISA_VARIANTS_V4(template <typename T>, void, leaf, leaf_v4,
                    (const T* th, const T* m, const T* g, T* tho, T* mo, int64_t n, uint64_t seed, Coefficients<T> c,
-                    int64_t b, int64_t e),
-                   (th, m, g, tho, mo, n, seed, c, b, e))
+                    int64_t b, int64_t e, bool stream),
+                   (th, m, g, tho, mo, n, seed, c, b, e, stream))
 
 PF_EXACT_FP_END
 
@@ -132,7 +141,12 @@ void update_leaves(const std::vector<size_t>& ks, const std::vector<at::Tensor>&
   constexpr int64_t size = philox::NormalBlock<T>::kSize;
   const Isa isa = active_isa();
   std::vector<int64_t> first(ks.size() + 1, 0);
-  for (size_t i = 0; i < ks.size(); ++i) first[i + 1] = first[i] + (th[ks[i]].numel() + size - 1) / size;
+  int64_t out_bytes = 0;
+  for (size_t i = 0; i < ks.size(); ++i) {
+    first[i + 1] = first[i] + (th[ks[i]].numel() + size - 1) / size;
+    out_bytes += 2 * th[ks[i]].numel() * static_cast<int64_t>(sizeof(T));
+  }
+  const bool stream = out_bytes >= kStreamBytes;
   at::parallel_for(0, first.back(), 64, [&](int64_t b, int64_t e) {
     size_t i = std::upper_bound(first.begin(), first.end(), b) - first.begin() - 1;
     for (; b < e; ++i) {
@@ -140,7 +154,7 @@ void update_leaves(const std::vector<size_t>& ks, const std::vector<at::Tensor>&
       const int64_t stop = std::min(e, first[i + 1]);
       leaf(isa, th[k].const_data_ptr<T>(), m[k].const_data_ptr<T>(), g[k].const_data_ptr<T>(),
            tho[k].mutable_data_ptr<T>(), mo[k].mutable_data_ptr<T>(), th[k].numel(), seeds[k], c, b - first[i],
-           stop - first[i]);
+           stop - first[i], stream);
       b = stop;
     }
   });
