@@ -20,7 +20,8 @@ signature; a warm on-disk inductor cache makes it cheaper), else the median
 of the kind's, else :data:`DEFAULT_COMPILE_S`. Estimates are kept in
 ``compile_costs.json`` in the cache directory (``POSTERIORS_FAST_CACHE_DIR``,
 default ``~/.cache/posteriors_fast``; ``off`` keeps them in memory only), so
-a new process starts from what earlier ones measured.
+a new process starts from what earlier ones measured; a graph whose compile
+failed is remembered there too and not compiled again with the same torch.
 
 The policy is a knob (:func:`set_compile_policy`, or the environment):
 
@@ -176,53 +177,94 @@ def _cache_path() -> Optional[str]:
 @dataclass
 class CostBook:
     """Measured compile costs: per graph key the last one, per kind the
-    recent ones; loaded from and saved to ``path`` (None: memory only)."""
+    recent ones, and the graphs whose compile failed; loaded from and saved
+    to ``path`` (None: memory only). A file written by another torch version
+    is ignored (its costs and failures need not hold for this one)."""
 
     path: Optional[str] = None
     graphs: Dict[str, float] = field(default_factory=dict)
     kinds: Dict[str, List[float]] = field(default_factory=dict)
+    failures: Dict[str, float] = field(default_factory=dict)
     _loaded: bool = False
+    _medians: Dict[str, float] = field(default_factory=dict)
+
+    def _read(self) -> Dict:
+        if self.path is None or not os.path.exists(self.path):
+            return {}
+        try:
+            with open(self.path) as handle:
+                data = json.load(handle)
+            if not isinstance(data, dict) or data.get("torch") != torch.__version__:
+                return {}
+            return {
+                "graphs": {str(k): float(v) for k, v in data.get("graphs", {}).items()},
+                "kinds": {str(k): [float(c) for c in v] for k, v in data.get("kinds", {}).items()},
+                "failures": {str(k): float(v) for k, v in data.get("failures", {}).items()},
+            }
+        except (OSError, ValueError, TypeError, AttributeError) as err:
+            logger.debug("posteriors_fast: ignoring unreadable compile-cost file %s (%s)", self.path, err)
+            return {}
 
     def _load(self) -> None:
         if self._loaded:
             return
         self._loaded = True
-        if self.path is None or not os.path.exists(self.path):
-            return
-        try:
-            with open(self.path) as handle:
-                data = json.load(handle)
-            self.graphs.update({str(k): float(v) for k, v in data.get("graphs", {}).items()})
-            for kind, costs in data.get("kinds", {}).items():
-                self.kinds.setdefault(str(kind), []).extend(float(c) for c in costs)
-        except (OSError, ValueError, TypeError, AttributeError) as err:
-            logger.debug("posteriors_fast: ignoring unreadable compile-cost file %s (%s)", self.path, err)
+        data = self._read()
+        for key, value in data.get("graphs", {}).items():
+            self.graphs.setdefault(key, value)
+        for kind, costs in data.get("kinds", {}).items():
+            self.kinds[kind] = (costs + self.kinds.get(kind, []))[-16:]
+        for key, value in data.get("failures", {}).items():
+            self.failures.setdefault(key, value)
+        self._medians.clear()
 
     def estimate(self, key: str, kind: str) -> float:
+        """Seconds a compile of graph ``key`` (of ``kind``) is expected to take."""
         self._load()
         if key in self.graphs:
             return self.graphs[key]
-        costs = self.kinds.get(kind)
-        return statistics.median(costs) if costs else DEFAULT_COMPILE_S
+        if kind not in self._medians:
+            costs = self.kinds.get(kind)
+            self._medians[kind] = statistics.median(costs) if costs else DEFAULT_COMPILE_S
+        return self._medians[kind]
+
+    def failed(self, key: str) -> bool:
+        """Whether compiling graph ``key`` failed before (here or in an
+        earlier process with this torch)."""
+        self._load()
+        return key in self.failures
 
     def record(self, key: str, kind: str, seconds: float) -> None:
         self._load()
         self.graphs[key] = seconds
-        self.kinds.setdefault(kind, []).append(seconds)
-        self.kinds[kind] = self.kinds[kind][-16:]
-        if len(self.graphs) > 512:  # oldest first (dicts keep insertion order)
-            for old in list(self.graphs)[: len(self.graphs) - 512]:
-                del self.graphs[old]
+        self.kinds[kind] = (self.kinds.get(kind, []) + [seconds])[-16:]
+        self._medians.pop(kind, None)
         self._save()
+
+    def record_failure(self, key: str, kind: str, seconds: float) -> None:
+        """A failed compile: never retried for this graph, and its time
+        counts as a cost of the kind."""
+        self._load()
+        self.failures[key] = seconds
+        self.record(key, kind, seconds)
 
     def _save(self) -> None:
         if self.path is None:
             return
+        # Merge with what other processes wrote since this one loaded.
+        on_disk = self._read()
+        graphs = {**on_disk.get("graphs", {}), **self.graphs}
+        failures = {**on_disk.get("failures", {}), **self.failures}
+        for table in (graphs, failures):  # bounded: oldest first (dicts keep insertion order)
+            for old in list(table)[: max(0, len(table) - 512)]:
+                del table[old]
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), suffix=".tmp")
             with os.fdopen(fd, "w") as handle:
-                json.dump({"graphs": self.graphs, "kinds": self.kinds}, handle)
+                json.dump(
+                    {"torch": torch.__version__, "graphs": graphs, "kinds": self.kinds, "failures": failures}, handle
+                )
             os.replace(tmp, self.path)  # atomic: a concurrent reader sees the old or the new file
         except OSError as err:
             logger.debug("posteriors_fast: compile costs not saved to %s (%s)", self.path, err)
@@ -244,14 +286,27 @@ def shape_signature(params: Any, batch: Any) -> Tuple:
     """What fixes a compiled graph of ``f(params, batch)``: both tree
     structures, and each leaf's shape, dtype and device (a non-tensor leaf by
     its type)."""
+    return signature_and_grad(params, batch)[0]
+
+
+def signature_and_grad(params: Any, batch: Any) -> Tuple[Tuple, bool]:
+    """``(shape_signature(params, batch), whether any tensor leaf of either
+    requires grad)`` from one pass over the leaves."""
     p_leaves, p_spec = tree_flatten(params)
     b_leaves, b_spec = tree_flatten(batch)
-    return (
-        p_spec,
-        tuple((x.shape, x.dtype, x.device) for x in p_leaves),
-        b_spec,
-        tuple((x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else type(x) for x in b_leaves),
-    )
+    grad = False
+    p_parts = []
+    for x in p_leaves:
+        grad = grad or x.requires_grad
+        p_parts.append((x.shape, x.dtype, x.device))
+    b_parts = []
+    for x in b_leaves:
+        if isinstance(x, torch.Tensor):
+            grad = grad or x.requires_grad
+            b_parts.append((x.shape, x.dtype, x.device))
+        else:
+            b_parts.append(type(x))
+    return (p_spec, tuple(p_parts), b_spec, tuple(b_parts)), grad
 
 
 def _code_identity(owner: object) -> str:
@@ -321,11 +376,16 @@ class TieredCompile:
             entry = per_owner[signature] = _Entry(key)
         return entry
 
-    def __call__(self, owner: object, signature: Hashable, *args):
-        if _autograd_must_see(args):
+    def __call__(self, owner: object, signature: Hashable, *args, needs_grad: Optional[bool] = None):
+        """``needs_grad``: whether any tensor of ``args`` requires grad, when
+        the caller knows (:func:`signature_and_grad`); else ``args`` are scanned."""
+        if torch.is_grad_enabled() and (_autograd_must_see(args) if needs_grad is None else needs_grad):
             return self._fn(*args)
         entry = self._entry(owner, signature)
         if entry is None or entry.compiled is _FAILED:
+            return self._fn(*args)
+        if entry.calls == 0 and self.book.failed(entry.key):  # failed in an earlier process
+            entry.compiled = _FAILED
             return self._fn(*args)
         if entry.compiled is not None:
             return entry.compiled(*args)
@@ -343,10 +403,12 @@ class TieredCompile:
         except Exception as err:
             # The user's own error (a bad batch, say) fails eagerly too and
             # propagates from here, unchanged; otherwise the compile failed.
+            spent = self.clock() - start
             result = self._fn(*args)
             entry.compiled = _FAILED
+            self.book.record_failure(entry.key, self.kind, spent)
             _STATS["failed"] += 1
-            _STATS["compile_s"] += self.clock() - start
+            _STATS["compile_s"] += spent
             logger.warning(
                 "posteriors_fast: torch.compile of %s failed (%s: %s); running it eagerly",
                 self._name,

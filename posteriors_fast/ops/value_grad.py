@@ -24,7 +24,7 @@ from optree import tree_flatten, tree_leaves, tree_unflatten
 from posteriors_fast._internal.autograd import grad_value_aux
 from posteriors_fast._internal.checks import finite_witness
 from posteriors_fast.backends import decline, device_type_of, implementation, register
-from posteriors_fast.backends.compile_policy import TieredCompile, shape_signature
+from posteriors_fast.backends.compile_policy import TieredCompile, signature_and_grad
 
 
 def _witness(value: torch.Tensor, grads: Any, params: Any) -> torch.Tensor:
@@ -90,7 +90,8 @@ _tiered = TieredCompile(value_grad_traced, "the gradient of the log posterior", 
 def value_grad_torch_compile(fn: Callable, params: Any, batch: Any, what: str):
     """Eager autograd for the first calls of ``fn`` with one signature, then
     :func:`value_grad_traced` compiled."""
-    return _tiered(fn, (shape_signature(params, batch), what), fn, params, batch, what)
+    signature, needs_grad = signature_and_grad(params, batch)
+    return _tiered(fn, (signature, what), fn, params, batch, what, needs_grad=needs_grad)
 
 
 register("value_grad", "torch_compile", value_grad_torch_compile)

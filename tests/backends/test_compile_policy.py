@@ -359,3 +359,50 @@ def test_compiled_separable_jacobian_matches_eager_and_still_detects_coupling(mo
         else:
             assert got is None and want is None
     assert tiered._compiled == 2
+
+
+def test_a_failed_compile_is_remembered_and_not_retried(tmp_path, monkeypatch):
+    """A graph whose compile failed is never compiled again, in this process
+    or the next (same torch), and the time the failure took counts as a cost."""
+    path = str(tmp_path / "compile_costs.json")
+    clock = _FakeClock()
+    tiered, state = _fake_tiered(monkeypatch, clock, eager_s=0.5, compiled_s=0.0, compile_s=0.0, estimate_s=1.0)
+    tiered.book = _tiered.CostBook(path)
+    tiered.book.kinds["fake"] = [1.0]
+
+    def failing_compile():
+        state["compiles"] += 1
+
+        def compiled(x):
+            clock.now += 2.0  # what the failed attempt cost
+            raise RuntimeError("inductor exploded")
+
+        return compiled
+
+    monkeypatch.setattr(tiered, "_compile", failing_compile)
+    for _ in range(10):
+        tiered(_owner, "sig", torch.zeros(()))
+    assert state["compiles"] == 1
+    (key,) = tiered.book.failures
+    assert tiered.book.estimate(key, tiered.kind) == pytest.approx(2.0)
+    # A new process (a new book on the same file) does not try again.
+    fresh, state2 = _fake_tiered(monkeypatch, _FakeClock(), eager_s=0.5, compiled_s=0.0, compile_s=0.0, estimate_s=0)
+    fresh.book = _tiered.CostBook(path)
+    for _ in range(10):
+        fresh(_owner, "sig", torch.zeros(()))
+    assert state2["compiles"] == 0
+
+
+def test_cost_file_of_another_torch_is_ignored_and_saves_merge(tmp_path):
+    import json
+
+    path = tmp_path / "compile_costs.json"
+    path.write_text(json.dumps({"torch": "0.0.1", "graphs": {"g": 9.0}, "kinds": {"k": [9.0]}, "failures": {"g": 1}}))
+    book = _tiered.CostBook(str(path))
+    assert book.estimate("g", "k") == _tiered.DEFAULT_COMPILE_S and not book.failed("g")
+    # Two processes record different graphs: the file keeps both.
+    first, second = _tiered.CostBook(str(path)), _tiered.CostBook(str(path))
+    first.record("a", "k", 1.0)
+    second.record("b", "k", 3.0)
+    data = json.loads(path.read_text())
+    assert data["torch"] == torch.__version__ and data["graphs"] == {"a": 1.0, "b": 3.0}
