@@ -13,7 +13,7 @@ import weakref
 from typing import Any, Callable, Tuple
 
 import torch
-from optree import tree_leaves
+from optree import tree_leaves, tree_map, tree_structure
 from optree.integrations.torch import tree_ravel
 from torch.func import vjp
 
@@ -169,6 +169,89 @@ def separable_output_jacobian(forward_func, params, batch, forward_vals, *, back
     return jac.reshape(*forward_vals.shape, jac.shape[-1])
 
 
+def _merge_sample_dim(aux: Any) -> Any:
+    """Per-sample aux stacked by vmap, (N, 1, ...) per leaf, as the batch
+    call returns it, (N, ...)."""
+    return tree_map(lambda x: x.reshape((-1,) + tuple(x.shape[2:])), aux)
+
+
+def _aux_matches(batch_aux: Any, merged: Any, tol: float) -> bool:
+    """Whether the per-sample aux, merged, is the batch call's aux."""
+    try:
+        if tree_structure(batch_aux) != tree_structure(merged):
+            return False
+        pairs = list(zip(tree_leaves(batch_aux), tree_leaves(merged)))
+    except Exception:
+        return False
+    for a, b in pairs:
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.is_floating_point() and a.numel():
+            if not bool(_close(b.detach(), a.detach(), tol, 1.0)):
+                return False
+        elif not torch.equal(a, b):
+            return False
+    return True
+
+
+# Verdicts of the per-sample log-density path (see _per_sample_log_density):
+# "merge" (values, gradients and aux come from the per-sample evaluation),
+# "values" (the Jacobian does; aux needs the batch call), False (coupled).
+_LOG_DENSITY = "log_density"
+
+
+def _per_sample_log_density(fn, params, batch, what: str, backend: str):
+    """``(jac, values, aux, witness)`` of a per-sample log density (shape (N,)).
+
+    The first call with a function and input signature evaluates ``fn`` on the
+    batch and probes it (:func:`separable_output_jacobian`); when it is
+    sample-separable and its aux, evaluated one sample at a time and merged,
+    is the batch call's aux, later calls run only the per-sample graph: one
+    reverse pass per sample, which also gives the values, the aux and the
+    finiteness witness, as with ``per_sample=False``. A function whose aux is
+    not per-sample keeps the batch call for its values and aux.
+    """
+    signature = (_LOG_DENSITY, jacobian_signature(params, batch, True, True, True))
+    known = _verdict(fn, signature)
+    if known == "merge":
+        try:
+            jac, values, aux, witness = sample_jacobian(fn, params, batch, True, True, True, backend=backend)
+            return jac, values, _merge_sample_dim(aux), witness
+        except Exception:  # behaves differently now: check it again from scratch
+            _remember(fn, signature, None)
+            known = None
+    with checks.blame_batch(batch, what):
+        values, aux = split_aux(fn(params, batch), True)
+    n = checks.common_leading_dim(batch)
+    if not isinstance(values, torch.Tensor) or values.ndim != 1 or (n is not None and values.shape[0] != n):
+        got = f"shape {tuple(values.shape)}" if isinstance(values, torch.Tensor) else type(values).__name__
+        want = f"({n},) for this batch of {n}" if n is not None else "(N,)"
+        raise ValueError(
+            f"{what} must return one value per sample, a tensor of shape {want}, when per_sample=True; got {got}"
+        )
+    jac = None if known is False else separable_output_jacobian(fn, params, batch, values, backend=backend)
+    if jac is None:
+        _remember(fn, signature, False)
+        with checks.blame_batch(batch, what):
+            jac, values, aux = output_jacobian(fn, (params, batch), 0, has_aux=True)
+        return jac, values, aux, None
+    if known is None:
+        _remember(fn, signature, "merge" if _aux_separable(fn, params, batch, aux, backend) else "values")
+    return jac, values, aux, None
+
+
+def _aux_separable(fn, params, batch, batch_aux, backend: str) -> bool:
+    """Whether ``fn``'s aux, evaluated one sample at a time and merged, is the
+    batch call's aux (tensors only: vmap cannot return anything else)."""
+    try:
+        _, values, aux, _ = sample_jacobian(fn, params, batch, True, True, True, backend=backend)
+    except Exception:
+        return False
+    return _aux_matches(batch_aux, _merge_sample_dim(aux), _SEPARABLE_TOL.get(values.dtype, 1e-3))
+
+
 def log_density_jacobian(
     fn: Callable,
     params: Any,
@@ -209,22 +292,7 @@ def log_density_jacobian(
             message says which, and which leaf or sample).
     """
     if per_sample:
-        with checks.blame_batch(batch, what):
-            values, aux = split_aux(fn(params, batch), True)
-        n = checks.common_leading_dim(batch)
-        if not isinstance(values, torch.Tensor) or values.ndim != 1 or (n is not None and values.shape[0] != n):
-            got = f"shape {tuple(values.shape)}" if isinstance(values, torch.Tensor) else type(values).__name__
-            want = f"({n},) for this batch of {n}" if n is not None else "(N,)"
-            raise ValueError(
-                f"{what} must return one value per sample, a tensor of shape {want}, when per_sample=True; got {got}"
-            )
-        # One reverse pass per sample when the function is sample-separable
-        # (as a per-sample log-likelihood is), else the whole output's Jacobian.
-        jac = separable_output_jacobian(fn, params, batch, values, backend=backend)
-        if jac is None:
-            with checks.blame_batch(batch, what):
-                jac, values, aux = output_jacobian(fn, (params, batch), 0, has_aux=True)
-        witness = None
+        jac, values, aux, witness = _per_sample_log_density(fn, params, batch, what, backend)
     else:
         n = checks.batch_leading_dim(batch, "batch")
         jac, values, aux, witness = sample_jacobian(fn, params, batch, True, witness=True, backend=backend)
