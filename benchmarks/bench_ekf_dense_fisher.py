@@ -2,7 +2,7 @@
 
 import torch
 
-from benchmarks.workloads import batch, library, log_likelihood, mlp_params, num_params
+from benchmarks.workloads import batch, library, log_likelihood, log_likelihood_per_sample, mlp_params, num_params
 
 LR, INIT_COV = 1e-3, 1e-2  # small enough that one reference update (wrong sign) still factors
 
@@ -12,8 +12,9 @@ def probe_reference(case) -> bool:
     return case.model == "L"
 
 
-def _state(lib, kwargs, params, data):
-    transform = lib.ekf.dense_fisher.build(log_likelihood, LR, init_cov=INIT_COV, **kwargs)
+def _state(lib, kwargs, params, data, per_sample=False):
+    fn = log_likelihood_per_sample if per_sample else log_likelihood
+    transform = lib.ekf.dense_fisher.build(fn, LR, init_cov=INIT_COV, per_sample=per_sample, **kwargs)
     return transform, transform.init(params)
 
 
@@ -21,8 +22,8 @@ def setup(case, provider, device):
     lib, kwargs = library(provider)
     params = {k: v.to(device) for k, v in mlp_params(case.model).items()}
     data = tuple(t.to(device) for t in batch(case.model, case.n))
-    transform, state = _state(lib, kwargs, params, data)
-    if case.op == "ekf.dense_fisher.update":
+    transform, state = _state(lib, kwargs, params, data, per_sample=case.op.endswith("per_sample"))
+    if case.op in ("ekf.dense_fisher.update", "ekf.dense_fisher.update per_sample"):
         return lambda: transform.update(state, data)
     if case.op == "ekf.dense_fisher.update inplace":
         # Repeated in place on one state (the reference's covariance grows with

@@ -17,7 +17,9 @@ def setup(case, provider, device):
     if case.op == "hvp":
         return lambda: lib.hvp(lambda p: loss(forward(p, x)), (params,), (v,), **kwargs)
     if case.op == "fvp":
-        return lambda: lib.fvp(lambda p: log_likelihood_per_sample(p, data), (params,), (v,), normalize=True, **kwargs)
+        return lambda: lib.fvp(
+            lambda p: log_likelihood_per_sample(p, data)[0], (params,), (v,), normalize=True, **kwargs
+        )
     return lambda: lib.ggnvp(partial(forward, x=x), loss, (params,), (v,), normalize=True, **kwargs)
 
 

@@ -30,6 +30,8 @@ def _cases():
     out = []
     for model, n, quick in [("S", 64, True), ("M", 64, True), ("S", 256, False), ("M", 256, False), ("L", 64, False)]:
         out.append(Case("ekf_dense_fisher", "ekf.dense_fisher.update", model, n, quick))
+    for model, n, quick in [("S", 64, True), ("M", 256, False)]:
+        out.append(Case("ekf_dense_fisher", "ekf.dense_fisher.update per_sample", model, n, quick))
     for model in ("S", "M"):
         out.append(Case("ekf_dense_fisher", "ekf.dense_fisher.update inplace", model, 64, False))
     for model, quick in [("S", True), ("M", True), ("L", False)]:
@@ -50,6 +52,10 @@ def _cases():
     out.append(Case("sgmcmc", "sgmcmc.sghmc step (1M params)", "S", 0, True))
     for model, n, quick in [("S", 64, True), ("M", 256, False)]:
         out.append(Case("laplace", "laplace.dense_fisher.update", model, n, quick))
+    for model, n, quick in [("S", 64, True), ("M", 256, False)]:
+        out.append(Case("laplace", "laplace.dense_fisher.update per_sample", model, n, quick))
+        for suffix in ("", " per_sample"):
+            out.append(Case("laplace", "laplace.diag_fisher.update" + suffix, model, n, quick))
     for model, n, quick in [("S", 256, False), ("M", 256, False)]:
         out.append(Case("laplace", "laplace.diag_ggn.update", model, n, quick))
     out.append(Case("laplace", "laplace.dense_fisher.sample(100)", "M", 64, False))

@@ -37,8 +37,10 @@ def log_likelihood(params, batch_):
 
 
 def log_likelihood_per_sample(params, batch_):
+    """One log-likelihood per sample (``per_sample=True``), logits as aux."""
     x, y = batch_
-    return -torch.nn.functional.cross_entropy(forward(params, x), y, reduction="none")
+    z = forward(params, x)
+    return -torch.nn.functional.cross_entropy(z, y, reduction="none"), z
 
 
 def num_params(model: str) -> int:
