@@ -11,10 +11,10 @@ formulas compiled by Inductor. Each timed call starts from the same x, r, p
 
 import torch
 
-from posteriors_fast import _library
+from benchmarks.kernels import require
 from posteriors_fast.ops import cg_step
 
-PROVIDERS = ("eager", "cpp", "torch_compile")
+PROVIDERS = ("eager", "cpp", "torch_compile", "triton")
 BASELINE = "eager"
 MAX_REPS = 200  # a step at P = 10⁴ takes tens of µs
 
@@ -39,13 +39,14 @@ def setup(case, provider, device):
         r.copy_(r0)
         p.copy_(r0)
 
-    if provider == "cpp":
-        ok, why = _library.load_extension()
-        if not ok or device != "cpu":
-            raise ImportError(why or "the C++ kernels run on the CPU")
-    fn = {"eager": cg_step.cg_step_eager, "cpp": cg_step.cg_step_cpp, "torch_compile": cg_step.cg_step_torch_compile}[
-        provider
-    ]
+    if provider in ("cpp", "triton"):
+        require(provider, device)
+    fn = {
+        "eager": cg_step.cg_step_eager,
+        "cpp": cg_step.cg_step_cpp,
+        "torch_compile": cg_step.cg_step_torch_compile,
+        "triton": cg_step.cg_step_triton,
+    }[provider]
 
     def step():
         return fn(x, r, p, ap, gamma, 0.0)

@@ -4,15 +4,17 @@ Baseline ``J.T @ J`` (a full GEMM into a new tensor, what a naive Fisher does).
 ``eager`` is posteriors_fast's pure-torch tiled op, ``cpp`` the C++ kernel
 (``csrc/cpu/syrk.cpp``) writing the full symmetric result, ``cpp upper`` the
 same kernel writing one triangle only (for consumers such as Cholesky that
-read one triangle). Both write into a preallocated buffer, as the library does.
+read one triangle), ``triton`` the Triton kernel on CUDA (full result). All
+write into a preallocated buffer, as the library does.
 """
 
 import torch
 
+from benchmarks.kernels import require
 from posteriors_fast import _library
 from posteriors_fast.ops import syrk
 
-PROVIDERS = ("J.T @ J", "eager", "cpp", "cpp upper")
+PROVIDERS = ("J.T @ J", "eager", "cpp", "cpp upper", "triton")
 BASELINE = "J.T @ J"
 
 
@@ -24,9 +26,10 @@ def setup(case, provider, device):
     out = torch.empty(case.p, case.p, device=device)
     if provider == "eager":
         return lambda: syrk.syrk_eager(out, a, None, None, 1.0, 0.0)
-    ok, why = _library.load_extension()
-    if not ok or device != "cpu":
-        raise ImportError(why or "the C++ kernels run on the CPU")
+    if provider == "triton":
+        require("triton", device)
+        return lambda: syrk.syrk_triton(out, a, None, None, 1.0, 0.0)
+    require("cpp", device)
     mirror = provider == "cpp"
     return lambda: _library.OPS.syrk_(out, a, None, None, 1.0, 0.0, mirror)
 
