@@ -132,3 +132,57 @@ def test_batch_function_returning_one_value_per_sample_without_per_sample(method
     _failed_update_leaves_state(
         transform, transform.init(params), batch, rf"{role} must return a scalar for a batch when per_sample=False"
     )
+
+
+def _torchopt_adam():
+    import torchopt
+
+    return torchopt.adam(1e-2)
+
+
+# Initial-state hyperparameters holding NaN or inf: refused at init (or at
+# build, for the EKF's scalar covariances), naming the argument.
+_INIT_CASES = [
+    ("vi.diag", {"init_log_sds": NAN}, "init_log_sds must be finite"),
+    ("vi.diag", {"init_log_sds": "tree-nan"}, r"init_log_sds hold a non-finite value"),
+    ("vi.dense", {"init_L": float("inf")}, "init_L must be finite"),
+    ("sgmcmc.sghmc", {"momenta": NAN}, "momenta must be finite"),
+    ("sgmcmc.sgnht", {"momenta": NAN}, "momenta must be finite"),
+    ("sgmcmc.sghmc", {"momenta": "tree-nan"}, r"momenta hold a non-finite value"),
+    ("laplace.diag_fisher", {"init_prec_diag": NAN}, "init_prec_diag must be finite"),
+    ("ekf.diag_fisher", {"init_sds": NAN}, "init_sds"),
+]
+
+
+@pytest.mark.parametrize(
+    "module, settings, match", _INIT_CASES, ids=[f"{m}-{next(iter(s))}" for m, s, _ in _INIT_CASES]
+)
+def test_init_rejects_non_finite_initial_values(module, settings, match):
+    from tests._trees import random_params
+    from tests.methods import log_posterior
+
+    params = random_params("nested", torch.float64)
+    settings = {
+        k: (tree_map(lambda x: torch.full_like(x, NAN), params) if v == "tree-nan" else v) for k, v in settings.items()
+    }
+    lib = posteriors_fast
+    for part in module.split("."):
+        lib = getattr(lib, part)
+    if module.startswith("vi."):
+        transform = lib.build(log_posterior, _torchopt_adam(), **settings)
+    elif module.startswith("sgmcmc."):
+        transform = lib.build(log_posterior, lr=1e-2, **settings)
+    elif module.startswith("ekf."):
+        transform = lib.build(log_posterior, lr=1e-2, **settings)
+    else:
+        transform = lib.build(log_posterior, **settings)
+    with pytest.raises(ValueError, match=match):
+        transform.init(params)
+
+
+@pytest.mark.parametrize("name, value", [("transition_cov", -1.0), ("transition_cov", NAN), ("init_cov", 0.0)])
+def test_dense_ekf_build_rejects_a_bad_scalar_covariance(name, value):
+    from tests.methods import log_likelihood
+
+    with pytest.raises(ValueError, match=name):
+        posteriors_fast.ekf.dense_fisher.build(log_likelihood, lr=0.1, **{name: value})

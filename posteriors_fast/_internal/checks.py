@@ -28,6 +28,21 @@ def scalar_value(x: Any, name: str) -> float:
     raise TypeError(f"{name} must be a number or a one-element tensor, got {type(x).__name__}")
 
 
+def is_number(x: Any) -> bool:
+    """A Python number or a one-element tensor (not a bool)."""
+    if isinstance(x, bool):
+        return False
+    return isinstance(x, (int, float)) or (isinstance(x, torch.Tensor) and x.numel() == 1)
+
+
+def finite_value(x: Any, name: str) -> float:
+    """``x`` as a Python float, which must be finite (not NaN or inf)."""
+    value = scalar_value(x, name)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
 def positive_finite(x: Any, name: str) -> float:
     """Validate a learning-rate-like hyperparameter: finite and > 0."""
     value = scalar_value(x, name)

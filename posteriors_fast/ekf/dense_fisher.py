@@ -72,6 +72,10 @@ def build(
         ``Transform(init, update)`` with these settings bound.
     """
     _checks.positive_finite(lr, "lr")
+    # Scalar covariances are checked now; matrices need P, known at init/update.
+    for value, name, allow_zero in ((transition_cov, "transition_cov", True), (init_cov, "init_cov", False)):
+        if _checks.is_number(value):
+            _checks.covariance(value, 1, None, name, allow_zero=allow_zero)
     backend = resolve(backend)
     init_fn = partial(init, init_cov=init_cov)
     update_fn = partial(

@@ -16,7 +16,7 @@ def initial_momenta(params, momenta):
     if momenta is None:
         return tree_map(lambda x: torch.randn_like(x, requires_grad=x.requires_grad), params)
     if is_scalar(momenta):
-        value = _checks.scalar_value(momenta, "momenta")
+        value = _checks.finite_value(momenta, "momenta")
         return tree_map(lambda x: torch.full_like(x, value, requires_grad=x.requires_grad), params)
     _checks.same_structure(momenta, params, "momenta", "params")
     _checks.finite_params(momenta, "momenta")

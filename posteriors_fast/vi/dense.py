@@ -111,11 +111,13 @@ def init(params: TensorTree, optimizer: Any, init_L: torch.Tensor | float = 1.0)
     flat = tree_ravel(params)[0]
     size = flat.numel()
     if is_scalar(init_L):
-        L = torch.eye(size, dtype=flat.dtype, device=flat.device) * _checks.scalar_value(init_L, "init_L")
+        L = torch.eye(size, dtype=flat.dtype, device=flat.device) * _checks.finite_value(init_L, "init_L")
     else:
         if not isinstance(init_L, torch.Tensor) or init_L.shape != (size, size):
             raise ValueError(f"init_L must be a scalar or a ({size}, {size}) lower-triangular tensor")
         L = init_L.detach().to(flat.dtype)
+        if not bool(torch.isfinite(L).all()):
+            raise ValueError("init_L holds a non-finite value (NaN or inf)")
     L_flat = L_to_flat(L)
     return VIDenseState(params, L_flat, optimizer.init([params, L_flat]), torch.tensor([]))
 

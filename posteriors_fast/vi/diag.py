@@ -108,10 +108,11 @@ def init(params: TensorTree, optimizer: Any, init_log_sds: TensorTree | float = 
     _checks.float_params(params, "params")
     _checks.finite_params(params, "params")
     if is_scalar(init_log_sds):
-        value = _checks.scalar_value(init_log_sds, "init_log_sds")
+        value = _checks.finite_value(init_log_sds, "init_log_sds")
         log_sds = tree_map(lambda x: torch.full_like(x, value, requires_grad=x.requires_grad), params)
     else:
         _checks.same_structure(init_log_sds, params, "init_log_sds", "params")
+        _checks.finite_params(init_log_sds, "init_log_sds")
         log_sds = tree_map(lambda s: s.detach().clone().requires_grad_(s.requires_grad), init_log_sds)
     return VIDiagState(params, log_sds, optimizer.init([params, log_sds]), torch.tensor([]))
 
