@@ -28,7 +28,7 @@ from tests.conftest import skip_unless_installed
 
 skip_unless_installed(importlib.util.find_spec("triton") is not None, "triton not installed")
 
-from posteriors_fast.kernels.triton import cg_step, syrk  # noqa: E402
+from posteriors_fast.kernels.triton import _launch, cg_step, syrk  # noqa: E402
 
 from .conftest import KERNEL_MODULES  # noqa: E402
 
@@ -153,9 +153,9 @@ def test_cg_kernels_offsets_past_2_31(sparse_f32, monkeypatch):
     scal = torch.tensor([alpha, alpha * damping])
 
     _shift_program_ids(monkeypatch, PID_SHIFT)
-    syrk.launch(cg_step._cg_dots_kernel, (2,), p, ap, part, n, HAS_DAMPING=True, BLOCK=block)
-    syrk.launch(cg_step._cg_update_kernel, (2,), x, r, p, ap, scal, part_rr, n, HAS_DAMPING=True, BLOCK=block)
-    syrk.launch(cg_step._cg_direction_kernel, (2,), p, r, torch.tensor([ratio]), n, BLOCK=block)
+    _launch.launch(cg_step._cg_dots_kernel, (2,), p, ap, part, n, HAS_DAMPING=True, BLOCK=block)
+    _launch.launch(cg_step._cg_update_kernel, (2,), x, r, p, ap, scal, part_rr, n, HAS_DAMPING=True, BLOCK=block)
+    _launch.launch(cg_step._cg_direction_kernel, (2,), p, r, torch.tensor([ratio]), n, BLOCK=block)
     monkeypatch.undo()
 
     def blocks(v):
@@ -198,7 +198,7 @@ def _on_cuda1(t):
 
 
 def _spy_launches(monkeypatch, record):
-    """Replace ``torch.library.wrap_triton`` (through which ``syrk.launch``
+    """Replace ``torch.library.wrap_triton`` (through which ``_launch.launch``
     runs every kernel) so that each launch first calls
     ``record(kernel, args, kwargs)``."""
     real_wrap_triton = torch.library.wrap_triton
@@ -249,10 +249,10 @@ def guard_log(monkeypatch):
 
 def test_device_guard(guard_log):
     cuda1 = torch.device("cuda", 1)
-    guard = syrk.device_guard(cuda1)
+    guard = _launch.device_guard(cuda1)
     assert guard_log["entered"] == [cuda1] and guard.device == cuda1
     for device in (torch.device("cpu"), None):
-        with syrk.device_guard(device):
+        with _launch.device_guard(device):
             pass
     assert guard_log["entered"] == [cuda1]
 
@@ -274,7 +274,7 @@ def test_launches_run_inside_the_guard_of_their_tensors_device(guard_log):
     p, r = torch.randn(3000, generator=gen), torch.randn(3000, generator=gen)
     expected = r + 0.5 * p
     args = (_on_cuda1(p), _on_cuda1(r), _on_cuda1(torch.tensor([0.5])), 3000)
-    syrk.launch(cg_step._cg_direction_kernel, (3,), *args, BLOCK=cg_step.BLOCK)
+    _launch.launch(cg_step._cg_direction_kernel, (3,), *args, BLOCK=cg_step.BLOCK)
     torch.testing.assert_close(p, expected)
     assert guard_log["launches"] == [
         (syrk._syrk_kernel, cuda1),
@@ -296,7 +296,7 @@ def test_launch_rejects_tensors_on_several_devices(guard_log):
     p, r, ratio = torch.zeros(8), torch.zeros(8), torch.ones(1)
     for other in (_on_cuda1(r), r.to("meta")):
         with pytest.raises(ValueError, match="one device"):
-            syrk.launch(cg_step._cg_direction_kernel, (1,), p, other, ratio, 8, BLOCK=cg_step.BLOCK)
+            _launch.launch(cg_step._cg_direction_kernel, (1,), p, other, ratio, 8, BLOCK=cg_step.BLOCK)
     assert guard_log["launches"] == []
     # The ops name the argument first.
     a = torch.randn(3, 8)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from posteriors_fast.kernels.triton.syrk import launch
+from posteriors_fast.kernels.triton._launch import launch
 
 #: Elements per program.
 BLOCK = 1024

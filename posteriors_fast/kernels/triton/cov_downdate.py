@@ -11,7 +11,8 @@ Registered as the custom op ``posteriors_fast::cov_downdate_triton``.
 
 import torch
 
-from posteriors_fast.kernels.triton.syrk import check_factor, check_like, launch_syrk
+from posteriors_fast.kernels.triton._launch import check_factor, check_like
+from posteriors_fast.kernels.triton.syrk import launch_syrk
 
 
 def check_cov_downdate_args(cov: torch.Tensor, w: torch.Tensor) -> None:
