@@ -65,13 +65,6 @@ class SGLDState(NamedTuple):
     aux: Any = None
 
 
-def _validate(lr, beta, temperature) -> float:
-    lr = _step.number(lr, "lr", positive=True)
-    beta = _step.number(beta, "beta")
-    temperature = _step.number(temperature, "temperature")
-    return _step.noise_scale(temperature, lr, 1.0, beta, "1")
-
-
 def init(params: TensorTree) -> SGLDState:
     """Initial state at ``params``.
 
@@ -123,3 +116,11 @@ def update(
         return SGLDState(tree_unflatten(spec, new), value, aux)
     copy_leaves_(params, new)
     return write_field(state, "log_posterior", value, aux=aux)
+
+
+def _validate(lr, beta, temperature) -> float:
+    """Check the hyperparameters; returns the noise scale."""
+    lr = _step.number(lr, "lr", positive=True)
+    beta = _step.number(beta, "beta")
+    temperature = _step.number(temperature, "temperature")
+    return _step.noise_scale(temperature, lr, 1.0, beta, "1")

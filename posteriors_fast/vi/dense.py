@@ -1,6 +1,11 @@
 """Variational inference with a dense Gaussian q = N(μ, L Lᵀ), L lower triangular
 and stored flat (``L_to_flat``), fitted by a torchopt optimizer on the Monte
-Carlo negative ELBO (see :mod:`posteriors_fast.vi.diag`).
+Carlo negative ELBO (see :mod:`posteriors_fast.vi.diag` for the objective):
+reparameterised gradients of a full-covariance Gaussian (Titsias and
+Lázaro-Gredilla, 2014, "Doubly stochastic variational Bayes for non-conjugate
+inference", https://proceedings.mlr.press/v32/titsias14.html), with the
+"sticking the landing" estimator under ``stl`` (Roeder et al., 2017,
+https://arxiv.org/abs/1703.09194).
 
 L is used directly: draws are μ + L ε and log q(θ) = −½‖L⁻¹(θ − μ)‖² −
 Σ log|L_ii| − (P/2) log 2π from one triangular solve; L Lᵀ is never formed
@@ -186,11 +191,28 @@ def nelbo(
     n_samples: int = 1,
     stl: bool = True,
 ) -> Tuple[float, Any]:
-    """Monte Carlo negative ELBO of N(mean, L Lᵀ) with ``n_samples``
-    reparameterised draws; returns ``(nelbo, aux)``.
+    """Monte Carlo negative ELBO of q = N(mean, L Lᵀ),
 
-    With ``stl`` both the mean and L are held constant inside log q (posteriors
-    0.0.5 detaches only L: its ``mean_flat.detach()`` result is discarded).
+    $$ \\text{nelbo} = -\\frac1S \\sum_{s=1}^S \\big(\\log p(θ_s) - T \\log q(θ_s)\\big),
+    \\qquad θ_s = \\text{mean} + L ε_s, \\; ε_s \\sim N(0, I), $$
+
+    with log q computed from L directly (one triangular solve, never L Lᵀ).
+
+    Args:
+        mean: Pytree of the variational mean.
+        L_factor: Flat lower triangle of L (``L_to_flat`` order).
+        batch: Data passed to ``log_posterior``.
+        log_posterior: ``log_posterior(params, batch) -> (value, aux)``.
+        temperature: T, the weight of the entropy term.
+        n_samples: S, reparameterised draws (one draw is evaluated without
+            ``vmap``).
+        stl: Sticking-the-landing estimator: hold the mean and L constant
+            inside log q (posteriors 0.0.5 detaches only L: its
+            ``mean_flat.detach()`` result is discarded).
+
+    Returns:
+        ``(nelbo, aux)``: the 0-d estimate and ``log_posterior``'s aux (stacked
+        over draws when S > 1).
     """
     mean_flat, unravel = tree_ravel(mean)
     L = L_from_flat(L_factor)

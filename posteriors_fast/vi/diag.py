@@ -182,9 +182,26 @@ def nelbo(
     n_samples: int = 1,
     stl: bool = True,
 ) -> Tuple[float, Any]:
-    """Monte Carlo negative ELBO of N(mean, diag(sd_diag²)) with ``n_samples``
-    reparameterised draws; returns ``(nelbo, aux)``. A single draw is evaluated
-    without ``vmap`` (many models do not support it)."""
+    """Monte Carlo negative ELBO of q = N(mean, diag(sd_diag²)),
+
+    $$ \\text{nelbo} = -\\frac1S \\sum_{s=1}^S \\big(\\log p(θ_s) - T \\log q(θ_s)\\big),
+    \\qquad θ_s = \\text{mean} + \\text{sd\\_diag} \\odot ε_s. $$
+
+    Args:
+        mean: Pytree of the variational mean.
+        sd_diag: Pytree like ``mean`` of standard deviations.
+        batch: Data passed to ``log_posterior``.
+        log_posterior: ``log_posterior(params, batch) -> (value, aux)``.
+        temperature: T, the weight of the entropy term.
+        n_samples: S, reparameterised draws; a single draw is evaluated
+            without ``vmap`` (many models do not support it).
+        stl: Sticking-the-landing estimator: hold the mean and standard
+            deviations constant inside log q.
+
+    Returns:
+        ``(nelbo, aux)``: the 0-d estimate and ``log_posterior``'s aux (stacked
+        over draws when S > 1).
+    """
     draws = diag_normal_sample(mean, sd_diag, sample_shape=(n_samples,))
     if stl:
         mean = tree_map(lambda x: x.detach(), mean)
@@ -200,7 +217,15 @@ def nelbo(
 
 
 def sample(state: VIDiagState, sample_shape: torch.Size = torch.Size([])) -> TensorTree:
-    """Draw from q = N(params, diag(exp(log_sd_diag)²))."""
+    """Draw from q = N(params, diag(exp(log_sd_diag)²)).
+
+    Args:
+        state: State with mean and log standard deviations.
+        sample_shape: Leading shape of the draws.
+
+    Returns:
+        Pytree like ``state.params`` with leaves ``sample_shape + leaf.shape``.
+    """
     return diag_normal_sample(state.params, tree_map(torch.exp, state.log_sd_diag), sample_shape=sample_shape)
 
 
