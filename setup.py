@@ -62,8 +62,9 @@ def _extension_kwargs() -> dict:
         depends=sorted(glob.glob(os.path.join("csrc", "cpu", "*.h"))),
         # -fopenmp: ATen's at::parallel_for / parallel_reduce are header
         # templates around `#pragma omp parallel`; without the flag they
-        # silently run on one thread (measured: the CG step took the same
-        # 8.2 ms at P = 10⁷ with 1 and 2 threads). libgomp is torch's own.
+        # silently run on one thread (the CG step at P = 10⁷ of
+        # benchmarks/bench_cg_step.py then takes as long with --threads 2 as
+        # with --threads 1). libgomp is torch's own.
         # -fno-math-errno lets log/sin calls vectorise (normal.cpp); it does
         # not change results, unlike -ffast-math, which is never used.
         extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno"] + mvec_flags,

@@ -7,6 +7,7 @@ import torch
 
 import posteriors_fast as pf
 from posteriors_fast.ekf import dense_fisher
+from tests._compare import tol
 
 from .ekf._problem import log_likelihood, make_problem
 
@@ -128,8 +129,8 @@ def test_preconditioned_cg_iterates_are_textbook_pcg(dtype):
         x, info = pf.cg(lambda v: a @ v, b, M=lambda r: r / diag, maxiter=k, tol=0.0)
         assert info["niter"] == k
         scale = float(want[k - 1].abs().max())
-        tol = dict(rtol=1e-10, atol=1e-10 * scale) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-3 * scale)
-        torch.testing.assert_close(x.double(), want[k - 1], **tol)
+        rtol = tol(dtype, "solve")["rtol"]
+        torch.testing.assert_close(x.double(), want[k - 1], rtol=rtol, atol=rtol * scale)
 
 
 def test_jacobi_preconditioned_cg_converges_in_fewer_iterations_than_the_reference(ref):

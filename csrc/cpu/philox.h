@@ -187,11 +187,11 @@ struct NormalBlock<float, Engine> {
 
 // The 53-bit integer hi·2²¹ + (lo >> 11) as a double, exactly. x86 has no
 // vector uint64 → double conversion before AVX-512DQ, and with one here gcc
-// left the float64 loop below scalar at avx2 and baseline (a log and two sin
-// calls per pair, 2-3x slower than vectorised), so the portable engine's
-// builds go through 32-bit pieces, each step exact
-// (the result is below 2⁵³): the same value. The AVX-512 engine keeps the
-// one-instruction conversion (the pieces cost it 4%).
+// left the float64 loop below scalar at avx2 and baseline (a scalar log and two
+// sin calls per pair instead of libmvec's vector ones), so the portable
+// engine's builds go through 32-bit pieces, each step exact (the result is
+// below 2⁵³): the same value. The AVX-512 engine keeps the one-instruction
+// conversion, which the pieces would only slow down.
 template <bool kVectorU64ToDouble>
 inline __attribute__((always_inline)) double uint53(uint32_t hi, uint32_t lo) {
   if constexpr (kVectorU64ToDouble) {

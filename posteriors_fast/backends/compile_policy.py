@@ -60,7 +60,8 @@ from optree import tree_flatten, tree_leaves
 logger = logging.getLogger("posteriors_fast")
 
 #: Compile cost assumed for a kind of graph nothing has been measured for
-#: (first compiles of a per-sample Jacobian graph take 3-7 s on 2 cores).
+#: (the order of a first compile of a per-sample Jacobian graph on 2 CPU cores:
+#: the compile_s column of ``python -m benchmarks --only sample_jacobian``).
 DEFAULT_COMPILE_S = 5.0
 #: At most this many compiled entries per computation; beyond, eager.
 MAX_COMPILED = 64

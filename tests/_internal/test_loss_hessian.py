@@ -6,6 +6,7 @@ import torch
 from torch.func import jacfwd, jacrev
 
 from posteriors_fast._internal import loss_hessian
+from tests._compare import tol
 
 
 def _cross_entropy(z):
@@ -29,9 +30,8 @@ def test_matches_dense_hessian(dtype, loss, n, c, chunk, monkeypatch):
     g = torch.Generator().manual_seed(n * 10 + c)
     z = torch.randn(n, c, generator=g, dtype=dtype)
     jac = torch.randn(n * c, 11, generator=g, dtype=dtype)
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     got = loss_hessian.loss_hessian_times(loss, z, jac)
-    torch.testing.assert_close(got, _oracle(loss, z, jac), **tol)
+    torch.testing.assert_close(got, _oracle(loss, z, jac), **tol(dtype, "op"))
 
 
 def test_block_path_is_taken_for_separable_losses(monkeypatch):

@@ -15,6 +15,7 @@ import torch
 from posteriors_fast.backends import compile_policy as _tiered
 from posteriors_fast.ops import sample_jacobian as jacobian
 from posteriors_fast.ops import separable_jacobian
+from tests._compare import tol
 
 
 def _mlp(dtype, sizes=(3, 5, 4)):
@@ -326,16 +327,16 @@ def test_compiled_jacobian_matches_eager_and_does_not_recompile(monkeypatch, com
     params, batch = _mlp(dtype)
     want = jacobian.sample_jacobian_eager(f, params, batch, True, keep_aux)
     got = _jac(f, params, batch, keep_aux=keep_aux)
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    close = tol(dtype, "op")
     for g, w in zip(got, want):
         if w is None:
             assert g is None
         else:
-            torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+            torch.testing.assert_close(g, w, **close)
     assert jacobian._tiered_sample_jacobian._compiled == 1
     with torch._dynamo.config.patch(error_on_recompile=True):
         again = _jac(f, params, batch, keep_aux=keep_aux)
-    torch.testing.assert_close(again[0], want[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(again[0], want[0], **close)
 
 
 def test_compiled_separable_jacobian_matches_eager_and_still_detects_coupling(monkeypatch, compile_after):

@@ -10,6 +10,7 @@ import torch
 from posteriors_fast.backends import compile_policy as _tiered
 from posteriors_fast.ops import value_grad as vg
 from posteriors_fast.sgmcmc import _step
+from tests._compare import tol
 
 
 def _params(dtype):
@@ -35,21 +36,22 @@ def log_post_no_aux(params, batch):  # aux None, a leaf the value does not use
     return log_post(params, batch)[0], None
 
 
-def _assert_same(got, want, tol):
+def _assert_same(got, want, dtype):
+    close = tol(dtype, "op")
     grads, value, aux, witness = got
     want_grads, want_value, want_aux, want_witness = want
-    torch.testing.assert_close(grads, want_grads, rtol=tol, atol=tol)
+    torch.testing.assert_close(grads, want_grads, **close)
     assert value.shape == want_value.shape
-    torch.testing.assert_close(value, want_value, rtol=tol, atol=tol)
-    torch.testing.assert_close(witness, want_witness, rtol=tol, atol=tol)
+    torch.testing.assert_close(value, want_value, **close)
+    torch.testing.assert_close(witness, want_witness, **close)
     if isinstance(want_aux, dict):
         assert aux.keys() == want_aux.keys()
         assert (aux["scale"], aux["tag"], aux["none"]) == (0.5, "x", None)
-        torch.testing.assert_close(aux["z"], want_aux["z"], rtol=tol, atol=tol)
+        torch.testing.assert_close(aux["z"], want_aux["z"], **close)
     elif want_aux is None:
         assert aux is None
     else:
-        torch.testing.assert_close(aux, want_aux, rtol=tol, atol=tol)
+        torch.testing.assert_close(aux, want_aux, **close)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -58,7 +60,7 @@ def test_traced_matches_autograd(dtype, fn):
     params, batch = _params(dtype), _batch(dtype)
     want = vg.value_grad_eager(fn, params, batch, "log_posterior")
     got = vg.value_grad_traced(fn, params, batch, "log_posterior")
-    _assert_same(got, want, 1e-5 if dtype == torch.float32 else 1e-12)
+    _assert_same(got, want, dtype)
     grads, value, _, witness = want
     # The witness is the value plus the sum of every gradient and parameter entry.
     total = value.double().sum() + sum(
@@ -75,10 +77,10 @@ def test_compiled_matches_autograd_and_does_not_recompile(compile_after, monkeyp
     want = vg.value_grad_eager(log_post, params, batch, "log_posterior")
     got = vg.value_grad(log_post, params, batch, "log_posterior", backend="compiled:torch_compile")
     assert tiered._compiled == 1
-    _assert_same(got, want, 1e-5)
+    _assert_same(got, want, torch.float32)
     with torch._dynamo.config.patch(error_on_recompile=True):
         again = vg.value_grad(log_post, params, batch, "log_posterior", backend="compiled:torch_compile")
-    _assert_same(again, want, 1e-5)
+    _assert_same(again, want, torch.float32)
     # The compiled graph's witness catches a NaN parameter like the eager one,
     # and the message names the leaf.
     bad = {"w": params["w"].clone(), "b": params["b"]}
