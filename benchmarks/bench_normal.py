@@ -19,9 +19,9 @@ SHAPES = [(500, 1000), (1000,), (400, 1000), (99000,)]  # 1,000,000 entries
 def setup(case, provider, device):
     leaves = [torch.empty(s, device=device) for s in SHAPES]
     if provider == BASELINE:
-        return lambda: normal.normal_like_eager(leaves)
+        return lambda: normal.normal_eager(leaves)
     require("cpp", device)
-    return lambda: normal.normal_like_cpp(leaves)
+    return lambda: normal.normal_cpp(leaves)
 
 
 def bytes_moved(case) -> float:

@@ -29,16 +29,16 @@ def random_seed() -> int:
     return int(torch.randint(_SEED_HIGH, (), dtype=torch.int64))
 
 
-def normal_like_eager(leaves: List[torch.Tensor]) -> List[torch.Tensor]:
+def normal_eager(leaves: List[torch.Tensor]) -> List[torch.Tensor]:
     """``[torch.randn_like(x) for x in leaves]``: the reference's draws."""
     return [torch.randn_like(x) for x in leaves]
 
 
-def normal_like_cpp(leaves: List[torch.Tensor]) -> List[torch.Tensor]:
+def normal_cpp(leaves: List[torch.Tensor]) -> List[torch.Tensor]:
     """All draws in one buffer from the C++ generator; eager for anything it
     does not take (no leaves, mixed or non-float dtypes)."""
     if not accepts(*leaves, autograd=False):  # only their shapes are used
-        return normal_like_eager(leaves)
+        return normal_eager(leaves)
     flat = torch.empty(sum(x.numel() for x in leaves), dtype=leaves[0].dtype)
     _library.OPS.normal_(flat, random_seed())
     return [part.view(x.shape) for part, x in zip(flat.split([x.numel() for x in leaves]), leaves)]
@@ -47,10 +47,10 @@ def normal_like_cpp(leaves: List[torch.Tensor]) -> List[torch.Tensor]:
 register(
     "normal",
     "eager",
-    normal_like_eager,
+    normal_eager,
     doc="standard normal noise like a list of tensors (SG-MCMC)",
 )
-register("normal", "cpp", normal_like_cpp, devices=("cpu",))
+register("normal", "cpp", normal_cpp, devices=("cpu",))
 decline("normal", "triton", "not provided: CUDA's torch.randn is already a parallel Philox generator")
 decline(
     "normal",
@@ -59,7 +59,7 @@ decline(
 )
 
 
-def normal_like(leaves: List[torch.Tensor], *, backend: str) -> List[torch.Tensor]:
+def normal(leaves: List[torch.Tensor], *, backend: str) -> List[torch.Tensor]:
     """Dispatching entry point; ``backend`` must already be resolved."""
     device = leaves[0].device.type if leaves else "cpu"
     return implementation("normal", backend, device)(leaves)

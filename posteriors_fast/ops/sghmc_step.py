@@ -17,7 +17,7 @@ import torch
 from posteriors_fast import _library
 from posteriors_fast._internal.native import accepts
 from posteriors_fast.backends import decline, implementation, register
-from posteriors_fast.ops.normal import normal_like_eager, random_seed
+from posteriors_fast.ops.normal import normal_eager, random_seed
 
 Leaves = List[torch.Tensor]
 
@@ -28,7 +28,7 @@ def sghmc_step_eager(params: Leaves, momenta: Leaves, grads: Leaves, step, keep,
         new_params = torch._foreach_add(params, momenta, alpha=step)
         new_momenta = torch._foreach_mul(momenta, keep)
         torch._foreach_add_(new_momenta, grads, alpha=lr)
-        torch._foreach_add_(new_momenta, normal_like_eager(momenta), alpha=scale)
+        torch._foreach_add_(new_momenta, normal_eager(momenta), alpha=scale)
     return new_params, new_momenta
 
 

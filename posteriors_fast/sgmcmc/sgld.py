@@ -18,7 +18,7 @@ from posteriors_fast._internal import checks as _checks
 from posteriors_fast._internal.errors import CatchAuxError  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast._internal.state import copy_leaves_, write_field
 from posteriors_fast.backends import resolve
-from posteriors_fast.ops.normal import normal_like
+from posteriors_fast.ops.normal import normal
 from posteriors_fast.sgmcmc import _step
 from posteriors_fast.tree_utils import flexi_tree_map, tree_insert_  # noqa: F401  (posteriors 0.0.5 exposes them here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
@@ -111,7 +111,7 @@ def update(
     params = tree_flatten(state.params)[0]
     with torch.no_grad():
         new = torch._foreach_add(params, grads, alpha=lr)
-        torch._foreach_add_(new, normal_like(params, backend=backend), alpha=scale)
+        torch._foreach_add_(new, normal(params, backend=backend), alpha=scale)
     if not inplace:
         return SGLDState(tree_unflatten(spec, new), value, aux)
     copy_leaves_(params, new)

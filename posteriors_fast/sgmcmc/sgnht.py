@@ -21,7 +21,7 @@ from posteriors_fast._internal import checks as _checks
 from posteriors_fast._internal.errors import CatchAuxError  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast._internal.state import copy_leaves_, write_field
 from posteriors_fast.backends import resolve
-from posteriors_fast.ops.normal import normal_like
+from posteriors_fast.ops.normal import normal
 from posteriors_fast.sgmcmc import _step
 from posteriors_fast.sgmcmc._momenta import initial_momenta
 from posteriors_fast.tree_utils import flexi_tree_map, tree_insert_  # noqa: F401  (posteriors 0.0.5 exposes them here)
@@ -151,7 +151,7 @@ def update(
         new_params = torch._foreach_add(params, momenta, alpha=lr * prec)
         new_momenta = torch._foreach_add(momenta, torch._foreach_mul(momenta, -lr * prec * xi))
         torch._foreach_add_(new_momenta, grads, alpha=lr)
-        torch._foreach_add_(new_momenta, normal_like(momenta, backend=backend), alpha=scale)
+        torch._foreach_add_(new_momenta, normal(momenta, backend=backend), alpha=scale)
     if not bool(torch.isfinite(new_xi).all()):
         raise ValueError("the thermostat xi became NaN or inf; the state was not changed")
     if not inplace:

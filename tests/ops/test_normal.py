@@ -75,18 +75,18 @@ def test_opcheck_and_bad_input():
 def test_dispatch_shapes_seeding_and_fallbacks():
     leaves = [torch.empty(3, 4), torch.empty(()), torch.empty(5)]
     torch.manual_seed(0)
-    draws = normal.normal_like(leaves, backend="compiled")
+    draws = normal.normal(leaves, backend="compiled")
     assert [d.shape for d in draws] == [x.shape for x in leaves]
     torch.manual_seed(0)
-    again = normal.normal_like(leaves, backend="compiled")
+    again = normal.normal(leaves, backend="compiled")
     assert all(torch.equal(a, b) for a, b in zip(draws, again))
     torch.manual_seed(0)
-    eager = normal.normal_like(leaves, backend="eager")
+    eager = normal.normal(leaves, backend="eager")
     torch.manual_seed(0)
     assert all(torch.equal(a, torch.randn_like(x)) for a, x in zip(eager, leaves))
-    mixed = normal.normal_like([torch.empty(2), torch.empty(2, dtype=torch.float64)], backend="compiled")
+    mixed = normal.normal([torch.empty(2), torch.empty(2, dtype=torch.float64)], backend="compiled")
     assert [d.dtype for d in mixed] == [torch.float32, torch.float64]
-    assert normal.normal_like([], backend="compiled") == []
+    assert normal.normal([], backend="compiled") == []
 
 
 @needs_ext
