@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from benchmarks import report, workflows
+from benchmarks import coldstart, report, workflows
 from benchmarks.config import CASES, MODELS, PROVIDERS
 from benchmarks.harness import BURST, bench_module, measure
 from benchmarks.workloads import num_params
@@ -169,12 +169,19 @@ def main(argv=None) -> int:
         threads = args.threads or os.cpu_count() or 1
         flow_providers = [p for p in workflows.PROVIDERS if p in providers]
         flow_rows = workflows.measure_workflows(flows, flow_providers, rounds, threads, cache)
+    cold_rows = []
+    if args.full and not args.only:
+        print("\ncold start (fresh process per row; cold, then warm on-disk caches):", flush=True)
+        cold_rows = coldstart.measure(args.threads or os.cpu_count() or 1)
     print()
     print(report.markdown(rows))
     if flow_rows:
         print()
         print(workflows.markdown(flow_rows))
-    report.write(rows, env, args.out, flow_rows)
+    if cold_rows:
+        print()
+        print(coldstart.markdown(cold_rows))
+    report.write(rows, env, args.out, flow_rows, cold_rows)
     print(f"\nwrote {args.out}/results.csv, results.json, speedups.png in {time.perf_counter() - started:.0f} s")
     print("FLOP counts are nominal (see each bench module's flops()); GFLOP/s = that count / median time.")
     return 0

@@ -97,14 +97,19 @@ def markdown(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
-def write(rows: List[Dict], env: Dict, out_dir: str, workflows: List[Dict] = ()) -> None:
+def write(rows: List[Dict], env: Dict, out_dir: str, workflows: List[Dict] = (), coldstart: List[Dict] = ()) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     with open(os.path.join(out_dir, "results.json"), "w") as handle:
-        json.dump({"environment": env, "results": rows, "workflows": list(workflows)}, handle, indent=1, default=str)
+        json.dump(
+            {"environment": env, "results": rows, "workflows": list(workflows), "coldstart": list(coldstart)},
+            handle,
+            indent=1,
+            default=str,
+        )
     _plot(rows, env, os.path.join(out_dir, "speedups.png"))
 
 

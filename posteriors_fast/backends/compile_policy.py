@@ -397,9 +397,11 @@ class TieredCompile:
             entry.eager_s += self.clock() - start
             entry.calls += 1
             return out
-        compiled = self._compile()
+        # The cost counts building the compiled callable too: the first
+        # torch.compile of a process imports dynamo and inductor (seconds).
         start = self.clock()
         try:
+            compiled = self._compile()
             out = compiled(*args)
         except Exception as err:
             # The user's own error (a bad batch, say) fails eagerly too and

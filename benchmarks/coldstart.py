@@ -1,0 +1,150 @@
+"""What a new process pays with ``backend="compiled"``: imports, the first
+call, and the time until calls run at the compiled steady state, with cold
+and with warm on-disk caches (torch inductor's FX graph and AOT autograd
+caches, and the library's compile-cost estimates).
+
+Each row is a fresh Python process running ``CALLS`` updates of one method on
+the suite's S model (tanh MLP, P = 1045, N = 64), timing every call:
+
+* ``cold``: empty cache directories;
+* ``warm``: the directories the cold process of the same row left.
+
+under two compile policies: ``always`` (compile on the first call: the raw
+cost of a compile) and ``auto`` (the default ski-rental rule: what a user's
+run gets). ``python -m benchmarks.coldstart`` prints the table;
+``python -m benchmarks --full`` includes it.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+CALLS = 400
+METHODS = ("ekf.dense_fisher", "sgmcmc.sghmc")
+POLICIES = ("always", "auto")
+
+
+def _child(method: str, policy: str, threads: int) -> Dict:
+    started = time.perf_counter()
+    import torch
+
+    torch_s = time.perf_counter() - started
+    import posteriors_fast as pf
+    from posteriors_fast.backends import compile_policy
+
+    import_s = time.perf_counter() - started
+    torch.set_num_threads(threads)
+    pf.set_backend("compiled")
+    compile_policy.set_compile_policy(policy)
+    from benchmarks import workloads
+
+    params, batch = workloads.mlp_params("S"), workloads.batch("S", 64)
+    if method == "ekf.dense_fisher":
+        transform = pf.ekf.dense_fisher.build(workloads.log_likelihood, lr=1e-3)
+    else:
+        transform = pf.sgmcmc.sghmc.build(workloads.log_likelihood, lr=1e-3)
+    state = transform.init(params)
+    times: List[float] = []
+    for _ in range(CALLS):
+        t0 = time.perf_counter()
+        state = transform.update(state, batch)
+        times.append(time.perf_counter() - t0)
+    steady = statistics.median(times[-CALLS // 4 :])
+    slow = [i for i, t in enumerate(times) if t > 2 * steady]
+    reached = slow[-1] + 1 if slow else 0  # calls before the steady state
+    stats = compile_policy.stats()
+    return {
+        "method": method,
+        "policy": policy,
+        "torch_import_s": torch_s,
+        "import_s": import_s,
+        "first_call_ms": times[0] * 1e3,
+        "steady_ms": steady * 1e3,
+        "to_steady_s": import_s + sum(times[:reached]),
+        "to_steady_calls": reached,
+        "total_s": import_s + sum(times),
+        "compiles": stats["compiles"],
+        "compile_s": stats["compile_s"],
+    }
+
+
+def measure(threads: int, log=print) -> List[Dict]:
+    """Every (method, policy) cold, then warm, each in a fresh process."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = []
+    for method in METHODS:
+        for policy in POLICIES:
+            with tempfile.TemporaryDirectory() as cache:
+                env = dict(
+                    os.environ,
+                    TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
+                    POSTERIORS_FAST_CACHE_DIR=os.path.join(cache, "posteriors_fast"),
+                )
+                env.pop("POSTERIORS_FAST_COMPILE_AFTER", None)
+                for cache_state in ("cold", "warm"):
+                    command = [sys.executable, "-m", "benchmarks.coldstart", "--child", method, policy, str(threads)]
+                    done = subprocess.run(command, capture_output=True, text=True, cwd=root, env=env, timeout=600)
+                    lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
+                    if done.returncode != 0 or not lines:
+                        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                        row = {"method": method, "policy": policy, "error": tail[:200]}
+                    else:
+                        row = json.loads(lines[-1])
+                    row["cache"] = cache_state
+                    rows.append(row)
+                    log(_line(row))
+    return rows
+
+
+def _line(row: Dict) -> str:
+    if "error" in row:
+        return f"{row['method']} {row['policy']} {row['cache']}: error {row['error']}"
+    return (
+        f"{row['method']} policy={row['policy']} {row['cache']} cache: import {row['import_s']:.2f} s, "
+        f"first call {row['first_call_ms']:.0f} ms, steady {row['steady_ms']:.2f} ms/call reached after "
+        f"{row['to_steady_s']:.2f} s ({row['to_steady_calls']} calls), {row['compiles']} compiles "
+        f"({row['compile_s']:.2f} s), {CALLS} calls in {row['total_s']:.2f} s"
+    )
+
+
+def markdown(rows: List[Dict]) -> str:
+    lines = [
+        f"| method | policy | cache | import s | first call ms | steady ms | to steady s (calls) | compile s "
+        f"| {CALLS} calls s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['method']} | {row['policy']} | {row['cache']} | error: {row['error']} ||||||")
+            continue
+        lines.append(
+            f"| {row['method']} | {row['policy']} | {row['cache']} | {row['import_s']:.2f} | "
+            f"{row['first_call_ms']:.0f} | {row['steady_ms']:.2f} | {row['to_steady_s']:.2f} "
+            f"({row['to_steady_calls']}) | {row['compile_s']:.2f} | {row['total_s']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.coldstart", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--child", nargs=3, metavar=("METHOD", "POLICY", "THREADS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        method, policy, threads = args.child
+        print(json.dumps(_child(method, policy, int(threads))))
+        return 0
+    rows = measure(args.threads or os.cpu_count() or 1)
+    print()
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
