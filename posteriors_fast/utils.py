@@ -23,7 +23,7 @@ from posteriors_fast._internal.jacobian import output_jacobian
 from posteriors_fast._internal.loss_hessian import loss_hessian_times
 from posteriors_fast.backends import neutral, resolve
 from posteriors_fast.ops.sample_jacobian import sample_jacobian
-from posteriors_fast.ops.separable_jacobian import separable_output_jacobian
+from posteriors_fast.ops.separable_jacobian import learn_separability, per_sample_evaluation
 from posteriors_fast.tree_utils import tree_size
 from posteriors_fast.types import ForwardFn, Tensor, TensorTree
 
@@ -109,12 +109,22 @@ def linearized_forward_diag(
     """
     backend = resolve(backend)
     _checks.same_structure(sd_diag, params, "sd_diag", "params")
-    forward_vals, aux = forward_func(params, batch)
-    with torch.no_grad(), CatchAuxError():
-        jac = separable_output_jacobian(forward_func, params, batch, forward_vals, backend=backend)
-        if jac is None:
-            jac, out, _ = output_jacobian(forward_func, (params, batch), 0, has_aux=True)
-            jac = jac.reshape(*out.shape[:2], jac.shape[-1])
+    fast = None
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in tree_leaves(params))):
+        # A forward already found sample-separable (with a per-sample aux):
+        # outputs, Jacobian and aux from one per-sample graph, no batch call.
+        with torch.no_grad(), CatchAuxError():
+            fast = per_sample_evaluation(forward_func, params, batch, "forward", backend=backend)
+    if fast is not None:
+        jac, forward_vals, aux, _ = fast
+        jac = jac.reshape(*forward_vals.shape[:2], jac.shape[-1])
+    else:
+        forward_vals, aux = forward_func(params, batch)
+        with torch.no_grad(), CatchAuxError():
+            jac = learn_separability(forward_func, params, batch, "forward", forward_vals, aux, backend=backend)
+            if jac is None:
+                jac, out, _ = output_jacobian(forward_func, (params, batch), 0, has_aux=True)
+                jac = jac.reshape(*out.shape[:2], jac.shape[-1])
     var = tree_ravel(sd_diag)[0] ** 2
     cov = ops.jsjt.jsjt(jac, var, backend=backend)
     chol, info = torch.linalg.cholesky_ex(cov)

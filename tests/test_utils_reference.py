@@ -355,3 +355,45 @@ def test_linearized_forward_diag_forward_refusing_single_samples(ref):
     got = pf.linearized_forward_diag(fwd, params, x, sd)
     want = ref.linearized_forward_diag(fwd, params, x, sd)
     assert_tree_close(got[:2], want[:2], torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_linearized_forward_diag_repeated_calls_match_the_reference(ref, compile_after, backend):
+    """After the first call has found the forward sample-separable, later calls
+    take outputs, Jacobian and aux from the per-sample graph alone: every call
+    still equals posteriors 0.0.5, and the batch forward is not run again."""
+    compile_after(1)
+    params = random_params("nested", torch.float64)
+    sd = tree_map(lambda t: torch.rand_like(t) + 0.1, params)
+    sizes = []
+
+    def fwd(p, batch):
+        z = forward(p, batch)
+        return z, {"logits": z}
+
+    def counted(p, batch):
+        sizes.append(batch.shape[0])
+        return fwd(p, batch)
+
+    for seed in range(3):
+        (x, _) = random_batch(7, torch.float64, seed=seed)
+        if seed == 1:
+            probed = len(sizes)
+        got = pf.linearized_forward_diag(counted, params, x, sd, backend=backend)
+        want = ref.linearized_forward_diag(fwd, params, x, sd)
+        assert_tree_close(got, want, torch.float64)
+    assert 7 not in sizes[probed:]
+
+
+def test_linearized_forward_diag_keeps_the_graph_of_outputs_when_params_require_grad(ref):
+    params = tree_map(lambda t: t.requires_grad_(True), random_params("dict", torch.float64))
+    sd = tree_map(lambda t: torch.full_like(t, 0.2), params)
+    (x, _) = random_batch(5, torch.float64)
+
+    def fwd(p, batch):
+        return forward(p, batch), torch.tensor([])
+
+    for _ in range(2):
+        values, chol, _ = pf.linearized_forward_diag(fwd, params, x, sd)
+        assert values.requires_grad
+        values.sum().backward()

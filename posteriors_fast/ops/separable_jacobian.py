@@ -196,32 +196,64 @@ def _aux_matches(batch_aux: Any, merged: Any, tol: float) -> bool:
     return True
 
 
-# Verdicts of the per-sample log-density path (see _per_sample_log_density):
-# "merge" (values, gradients and aux come from the per-sample evaluation),
-# "values" (the Jacobian does; aux needs the batch call), False (coupled).
-_LOG_DENSITY = "log_density"
+# Verdicts of the per-sample evaluation (see per_sample_evaluation): ("merge",
+# output shape per sample) when values, Jacobian and aux all come from the
+# per-sample graph; "values" when the Jacobian does but aux needs the batch
+# call; False when the function couples samples.
+
+
+def per_sample_evaluation(fn, params, batch, kind: str, *, backend: str):
+    """``(jac, values, aux, witness)`` of ``fn`` from its per-sample graph
+    alone, or None when that has not been shown to reproduce the batch call.
+
+    ``fn(params, batch) -> (outputs, aux)`` with outputs of shape (N, ...).
+    Once :func:`learn_separability` has seen a call with this function and
+    input signature find ``fn`` sample-separable, and its aux, evaluated one
+    sample at a time and merged, equal to the batch call's aux, one reverse
+    pass per sample gives everything: ``jac`` (N·k, P), ``values`` shaped as
+    the batch call returns them, ``aux`` merged, and the finiteness witness.
+    ``kind`` keeps the verdicts of different callers apart.
+    """
+    signature = (kind, jacobian_signature(params, batch, True, True, True))
+    known = _verdict(fn, signature)
+    if not (isinstance(known, tuple) and known[0] == "merge"):
+        return None
+    try:
+        jac, values, aux, witness = sample_jacobian(fn, params, batch, True, True, True, backend=backend)
+    except Exception:  # behaves differently now: check it again from scratch
+        _remember(fn, signature, None)
+        return None
+    return jac, values.reshape((-1,) + known[1]), _merge_sample_dim(aux), witness
+
+
+def learn_separability(fn, params, batch, kind: str, values, aux, *, backend: str):
+    """The (N, ..., P) per-sample Jacobian of ``fn``'s outputs ``values`` (the
+    batch call's, with ``aux``), or None when ``fn`` couples samples; records
+    for :func:`per_sample_evaluation` whether later calls may skip the batch
+    call."""
+    signature = (kind, jacobian_signature(params, batch, True, True, True))
+    known = _verdict(fn, signature)
+    jac = None if known is False else separable_output_jacobian(fn, params, batch, values, backend=backend)
+    if jac is None:
+        _remember(fn, signature, False)
+    elif known is None:
+        merge = _aux_separable(fn, params, batch, aux, backend)
+        _remember(fn, signature, ("merge", tuple(values.shape[1:])) if merge else "values")
+    return jac
 
 
 def _per_sample_log_density(fn, params, batch, what: str, backend: str):
     """``(jac, values, aux, witness)`` of a per-sample log density (shape (N,)).
 
     The first call with a function and input signature evaluates ``fn`` on the
-    batch and probes it (:func:`separable_output_jacobian`); when it is
-    sample-separable and its aux, evaluated one sample at a time and merged,
-    is the batch call's aux, later calls run only the per-sample graph: one
-    reverse pass per sample, which also gives the values, the aux and the
-    finiteness witness, as with ``per_sample=False``. A function whose aux is
-    not per-sample keeps the batch call for its values and aux.
+    batch and probes it (:func:`learn_separability`); when it is
+    sample-separable with a per-sample aux, later calls run only the
+    per-sample graph (:func:`per_sample_evaluation`), as ``per_sample=False``
+    does. A coupled function gets the Jacobian of its whole output.
     """
-    signature = (_LOG_DENSITY, jacobian_signature(params, batch, True, True, True))
-    known = _verdict(fn, signature)
-    if known == "merge":
-        try:
-            jac, values, aux, witness = sample_jacobian(fn, params, batch, True, True, True, backend=backend)
-            return jac, values, _merge_sample_dim(aux), witness
-        except Exception:  # behaves differently now: check it again from scratch
-            _remember(fn, signature, None)
-            known = None
+    fast = per_sample_evaluation(fn, params, batch, _LOG_DENSITY, backend=backend)
+    if fast is not None:
+        return fast
     with checks.blame_batch(batch, what):
         values, aux = split_aux(fn(params, batch), True)
     n = checks.common_leading_dim(batch)
@@ -231,15 +263,14 @@ def _per_sample_log_density(fn, params, batch, what: str, backend: str):
         raise ValueError(
             f"{what} must return one value per sample, a tensor of shape {want}, when per_sample=True; got {got}"
         )
-    jac = None if known is False else separable_output_jacobian(fn, params, batch, values, backend=backend)
+    jac = learn_separability(fn, params, batch, _LOG_DENSITY, values, aux, backend=backend)
     if jac is None:
-        _remember(fn, signature, False)
         with checks.blame_batch(batch, what):
             jac, values, aux = output_jacobian(fn, (params, batch), 0, has_aux=True)
-        return jac, values, aux, None
-    if known is None:
-        _remember(fn, signature, "merge" if _aux_separable(fn, params, batch, aux, backend) else "values")
     return jac, values, aux, None
+
+
+_LOG_DENSITY = "log_density"
 
 
 def _aux_separable(fn, params, batch, batch_aux, backend: str) -> bool:
