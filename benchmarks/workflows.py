@@ -231,7 +231,7 @@ def run(workflow: Workflow, provider: str) -> Dict:
         return scores(sampled_predictive(draws, x_test), y_test)
 
     def sghmc():
-        transform = posteriors.sgmcmc.sghmc.build(log_posterior, lr=1e-3, alpha=1.0, temperature=1 / n_train)
+        transform = posteriors.sgmcmc.sghmc.build(log_posterior, lr=1e-2, alpha=10.0, temperature=1 / n_train)
         state = transform.init(params)
         kept = []
         thin = max(1, workflow.sghmc_steps // SAMPLES)

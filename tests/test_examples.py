@@ -1,0 +1,45 @@
+"""The examples run (small settings) and their numbers make sense: each
+writes its figure, and the scores it prints are checked, not only its exit."""
+
+import importlib.util
+import math
+import os
+
+from tests.conftest import skip_unless_installed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+for _module, _why in (("sklearn", "scikit-learn's bundled data"), ("matplotlib", "PNG figures"), ("torchopt", "vi")):
+    skip_unless_installed(importlib.util.find_spec(_module) is not None, f"{_module} is not installed ({_why})")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(ROOT, "examples", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_calibration_example(tmp_path):
+    results = _load("calibration").main(["--quick", "--out", str(tmp_path)])
+    assert set(results) == {"MAP", "Laplace", "EKF", "VI", "SG-MCMC"}
+    for name, got in results.items():
+        assert math.isfinite(got["nll"]) and 0.0 <= got["ece"] <= 1.0, (name, got)
+        # Every posterior keeps the MAP's accuracy on digits (about 0.96) ...
+        assert got["acc"] > 0.9, (name, got)
+    # ... and none is badly miscalibrated (an uncalibrated Laplace with the
+    # weak prior scores NLL ~1 and ECE ~0.5).
+    assert max(got["nll"] for got in results.values()) < 0.3
+    assert max(got["ece"] for got in results.values()) < 0.1
+    assert (tmp_path / "calibration.png").stat().st_size > 10_000
+
+
+def test_streaming_ekf_example(tmp_path):
+    result = _load("streaming_ekf").main(["--quick", "--out", str(tmp_path)])
+    snaps = result["snapshots"]
+    first, last = snaps[0], snaps[-1]
+    # The posterior tightens as data arrives, towards the noise level 0.1 ...
+    assert last["sd_inside"] < 0.6 * first["sd_inside"] and last["sd_inside"] > 0.1
+    # ... and its mean follows the data.
+    assert last["rmse_inside"] < 0.8 * first["rmse_inside"]
+    assert (tmp_path / "streaming_ekf.png").stat().st_size > 10_000
