@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import subprocess
+import time
 from typing import Dict, List
 
 import torch
@@ -41,11 +42,14 @@ def environment(device: str) -> Dict:
         commit = "unknown"
     env = {
         "device": device,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "cpu_isa": _active_isa(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "commit": commit,
+        "date": time.strftime("%Y-%m-%d"),
     }
     try:
         import posteriors
@@ -54,6 +58,38 @@ def environment(device: str) -> Dict:
     except ImportError:
         env["posteriors"] = "not installed"
     return env
+
+
+def _cpuinfo() -> Dict[str, str]:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            first = handle.read().split("\n\n")[0]
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
+
+
+def _cpu_model() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> str:
+    """The vector extensions that decide which kernels run (all of them: cpu_isa)."""
+    flags = set(_cpuinfo().get("flags", "").split())
+    return " ".join(f for f in ("avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl") if f in flags)
+
+
+def _active_isa() -> str:
+    try:
+        from posteriors_fast import _library
+
+        if not _library.load_extension()[0]:
+            return "extension not loaded"
+        from posteriors_fast import _C
+
+        return _C.cpu_isa()
+    except Exception as err:  # reported, never fatal
+        return f"unknown ({type(err).__name__})"
 
 
 def _fmt(value, digits=2) -> str:

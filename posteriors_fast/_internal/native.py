@@ -22,3 +22,16 @@ def accepts(*tensors: Optional[torch.Tensor], out: Optional[torch.Tensor] = None
     first = given[0]
     grad = autograd and torch.is_grad_enabled()
     return all(t.dtype == first.dtype and t.device == first.device and not (grad and t.requires_grad) for t in given)
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor (``vendor_id`` of /proc/cpuinfo: ``GenuineIntel``,
+    ``AuthenticAMD``), or ``""`` where that is not known."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""

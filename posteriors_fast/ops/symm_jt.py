@@ -3,9 +3,10 @@
 3 GFLOP at P = 4890, R = 64).
 
 The C++ kernel uses S's symmetry to read it by rows, as stored, in the
-AVX-512 micro-kernel that ``syrk`` uses (``benchmarks/bench_symm_jt.py``:
-about 1.8x ``torch.mm`` at P = 4890, R = 64, where MKL runs its AVX2 kernels
-on AMD CPUs). Its result may differ from ``S @ J.T`` by rounding
+AVX-512 micro-kernel that ``syrk`` uses. It pays off where torch's GEMM does
+not run AVX-512 code, as MKL does not on AMD CPUs; on Intel CPUs MKL's own
+AVX-512 GEMM is faster (``benchmarks/bench_symm_jt.py`` measures both), so
+``"compiled"`` keeps ``torch.mm`` there. Its result may differ from ``S @ J.T`` by rounding
 only, and by that much more for an S that is symmetric only to within
 rounding (an EKF covariance is exactly symmetric after every update; ``init``
 accepts a user's matrix symmetric to within 100 machine epsilons of its
@@ -15,7 +16,7 @@ largest entry).
 import torch
 
 from posteriors_fast import _library
-from posteriors_fast._internal.native import accepts
+from posteriors_fast._internal.native import accepts, cpu_vendor
 from posteriors_fast.backends import decline, implementation, register
 
 
@@ -33,7 +34,10 @@ def symm_jt_cpp(s: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
 
 
 register("symm_jt", "eager", symm_jt_eager, doc="S·Jᵀ for symmetric S (the Σ·Jᵀ of the Woodbury EKF step)")
-register("symm_jt", "cpp", symm_jt_cpp, devices=("cpu",))
+if cpu_vendor() == "GenuineIntel":
+    decline("symm_jt", "cpp", "not on Intel CPUs, where MKL's AVX-512 GEMM is faster (benchmarks/bench_symm_jt.py)")
+else:
+    register("symm_jt", "cpp", symm_jt_cpp, devices=("cpu",))
 decline("symm_jt", "triton", "not provided: one cuBLAS GEMM already runs at the GPU's speed")
 decline("symm_jt", "torch_compile", "not provided: Inductor calls the same extern GEMM")
 
