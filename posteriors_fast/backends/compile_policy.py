@@ -165,6 +165,22 @@ def set_compile_policy(
     return previous
 
 
+def describe() -> str:
+    """The policy in force, in words (for :func:`posteriors_fast.backends.explain`)."""
+    policy = _POLICY
+    if policy.mode == "auto":
+        where = BOOK.path or "memory only (POSTERIORS_FAST_CACHE_DIR=off)"
+        text = (
+            f"auto: compile once the eager time spent reaches {policy.budget:g}x the estimated "
+            f"compile cost (estimates: {where})"
+        )
+    elif policy.mode == "after":
+        text = f"after: compile on call {policy.after} with one function and input signature"
+    else:
+        text = {"never": "never: always eager", "always": "always: compile on the first call"}[policy.mode]
+    return text + f"; {_STATS['compiles']} compiled in this process"
+
+
 def _cache_path() -> Optional[str]:
     root = os.environ.get("POSTERIORS_FAST_CACHE_DIR")
     if root is not None and root.strip().lower() in ("off", "0", "none", ""):

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Tuple
 import torch
 from optree import tree_leaves
 
+from posteriors_fast.backends import compile_policy
 from posteriors_fast.backends.families import AVAILABILITY
 from posteriors_fast.backends.selection import BACKENDS, _validate
 
@@ -200,4 +201,5 @@ def explain(device: str | None = None, backend: str | None = None) -> str:
     if _NEUTRAL:
         lines.append("functions whose backend= selects nothing (every backend runs the same torch code):")
         lines.extend(f"  {name}: {why}" for name, why in sorted(_NEUTRAL.items()))
+    lines.append(f"torch.compile of the graphs that run your functions: {compile_policy.describe()}")
     return "\n".join(lines)

@@ -407,3 +407,16 @@ def test_cost_file_of_another_torch_is_ignored_and_saves_merge(tmp_path):
     second.record("b", "k", 3.0)
     data = json.loads(path.read_text())
     assert data["torch"] == torch.__version__ and data["graphs"] == {"a": 1.0, "b": 3.0}
+
+
+def test_explain_states_the_compile_policy():
+    import posteriors_fast as pf
+
+    before = _tiered.get_compile_policy()
+    try:
+        _tiered.set_compile_policy("auto", budget=2.0)
+        assert "auto: compile once the eager time spent reaches 2x" in pf.backends.explain()
+        _tiered.set_compile_policy(after=4)
+        assert "after: compile on call 4" in pf.backends.explain()
+    finally:
+        _tiered.set_compile_policy(before.mode, budget=before.budget, after=before.after)
