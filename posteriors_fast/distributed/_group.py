@@ -7,13 +7,20 @@ Every data-parallel or sharded step runs in this order:
 1. each rank computes its local part (its shard of the batch); an exception is
    caught, not raised;
 2. one small all-gather of a header per rank, 6 int64 values: failed or not,
-   the rank's number of samples and of rows to gather, a hash of what the rank runs (method,
-   parameter structure, shapes and dtypes, hyperparameters) and, on the first
-   step of a group and at ``init``, an exact checksum of the parameter values;
+   the rank's number of samples and of rows to gather, a hash of what the
+   rank runs (method, parameter structure, shapes and dtypes,
+   hyperparameters) and, on the first step of a method on a group and at
+   ``init``, an exact checksum of the parameter values;
 3. if any rank failed, every rank raises the same :class:`RankError` (one
    all-gather of the messages, on the error path only); if the hashes or
    checksums differ, every rank raises the same :class:`MismatchError`;
 4. only then the payload collectives run, and only then is anything written.
+
+The methods whose payload is one all-reduce (diagonal methods, gradients)
+fold steps 2-3 into it after their first step on a group: the failure flag
+and the sample count ride in the payload as two more values, so a step is one
+collective, and a failure still raises on every rank before anything is
+written (the settings hash is then only checked on that first step).
 
 Errors after step 4 come from identical inputs on every rank (the reduced or
 gathered data are bit-identical everywhere), so every rank raises them
@@ -27,6 +34,7 @@ minutes by default for gloo, 10 for NCCL), after which they raise
 import contextlib
 import hashlib
 import importlib
+import time
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -101,7 +109,8 @@ class CommStats:
     caller gets); ``wire_bytes`` estimates what this rank receives on the
     wire with ring algorithms: ``2(R-1)/R·B`` for an all-reduce of ``B``
     bytes, ``(R-1)·b`` for an all-gather of ``b`` bytes per rank, ``B`` for a
-    broadcast or reduce.
+    broadcast or reduce; ``seconds`` is the wall time spent inside the
+    collectives (waiting for other ranks included).
     """
 
     def __init__(self) -> None:
@@ -111,12 +120,14 @@ class CommStats:
         self.calls = 0
         self.payload_bytes = 0
         self.wire_bytes = 0
+        self.seconds = 0.0
         self.by_op: dict = {}
 
-    def record(self, op: str, payload: int, wire: float) -> None:
+    def record(self, op: str, payload: int, wire: float, seconds: float = 0.0) -> None:
         self.calls += 1
         self.payload_bytes += int(payload)
         self.wire_bytes += int(wire)
+        self.seconds += seconds
         calls, p, w = self.by_op.get(op, (0, 0, 0))
         self.by_op[op] = (calls + 1, p + int(payload), w + int(wire))
 
@@ -125,6 +136,7 @@ class CommStats:
             "calls": self.calls,
             "payload_bytes": self.payload_bytes,
             "wire_bytes": self.wire_bytes,
+            "seconds": self.seconds,
             "by_op": dict(self.by_op),
         }
 
@@ -228,7 +240,7 @@ class Group:
         self.device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
         self.stats = CommStats()
         self._stream: Optional[NoiseStream] = None
-        self._verified = False
+        self._verified: set = set()  # what has passed a header exchange (signature and checksum)
         self._signature_cache: Tuple = (None, None, None)
 
     @property
@@ -244,6 +256,7 @@ class Group:
     # ---- collectives (counted; failures become CollectiveError) -------------
 
     def _call(self, op: str, fn: Callable, payload: int, wire: float):
+        start = time.perf_counter()
         try:
             out = fn()
         except RuntimeError as err:
@@ -252,7 +265,7 @@ class Group:
                 "reach this step within the group's timeout (init_process_group(timeout=...)); "
                 f"the group cannot be used again ({str(err).splitlines()[0][:300]})"
             ) from err
-        self.stats.record(op, payload, wire)
+        self.stats.record(op, payload, wire, time.perf_counter() - start)
         return out
 
     def _to_comm(self, t: torch.Tensor) -> torch.Tensor:
@@ -371,7 +384,8 @@ class Group:
             rows: This rank's number of rows to gather (default: ``count``),
                 an int or a function of the result.
             extra: Settings every rank must share (hyperparameters), hashed.
-            check_values: Compare the parameters' values now (``init``).
+            check_values: Compare the parameters' values now (``init``; the
+                first step of ``what`` compares them again, with its settings).
 
         Returns:
             ``(result, counts, rows)``: the local result (None when ``compute``
@@ -397,7 +411,7 @@ class Group:
             except Exception as err:
                 error = err
         signature, description = self._signature(what, params, extra)
-        digest = check_values or not self._verified
+        digest = check_values or what not in self._verified
         checksum = 0
         if digest and params is not None and error is None:
             checksum = _checksum(params)
@@ -418,7 +432,8 @@ class Group:
                     "(exact checksum of their bits): every rank must hold the same parameters. Start from "
                     "one seed, or copy rank 0's values with posteriors_fast.distributed.broadcast_(params, group)"
                 )
-            self._verified = True
+            if not check_values:
+                self._verified.add(what)
         return result, [r[1] for r in table], [r[2] for r in table]
 
     def _raise_failures(self, error: Optional[BaseException], what: str):
@@ -551,6 +566,52 @@ class Group:
         both = self.gather_rows(torch.cat([jac.to(dtype), hess_jac], 1), rows)
         return both[:, :size], both[:, size:], aux
 
+    def _reduce(self, compute, parts_of, zeros, *, what, params, count, kind, extra):
+        """``(Σ_r w_r parts_r, N, local result)``: the local ``compute()`` (None:
+        an empty shard, contributing ``zeros``), its ``parts_of(result)``
+        weighted as ``kind`` says (None: plain sums) and summed over ranks.
+
+        The first step of ``what`` on this group (and any step whose parts mix
+        dtypes) runs the header exchange of :meth:`agree`, then one all-reduce.
+        Once that passed, the status and the sample count ride in the
+        payload's all-reduce instead (two more values; exact in float32 up to
+        2²⁴ samples): one collective per step. Failure on any rank still makes
+        every rank raise the same :class:`RankError` before anything is
+        written; only the settings hash is not re-checked on those steps."""
+        fused = what in self._verified and self.size > 1 and len({t.dtype for t in zeros}) == 1
+        if not fused:
+            result, counts, _ = self.agree(compute, what=what, params=params, count=count, extra=extra)
+            _require_samples(counts, what)
+            if result is None:
+                parts = zeros
+            else:
+                weight = 1.0 if kind is None else self.weights(counts, kind)
+                parts = [
+                    p.to(z.dtype) * weight if weight != 1.0 else p.to(z.dtype) for p, z in zip(parts_of(result), zeros)
+                ]
+            return self.all_reduce_sum(parts), sum(counts), result
+        result, error, n = None, None, 0
+        if compute is not None:
+            try:
+                result = compute()
+                n = int(count(result)) if callable(count) else int(count or 0)
+            except Exception as err:  # shared below
+                error, result = err, None
+        mean = kind is not None and self.resolved_reduction(kind) == "mean"
+        if result is None:
+            parts = zeros
+        else:
+            parts = [p.to(z.dtype) * n if mean else p.to(z.dtype) for p, z in zip(parts_of(result), zeros)]
+        tail = torch.tensor([float(error is not None), float(n)], dtype=zeros[0].dtype, device=zeros[0].device)
+        *summed, tail = self.all_reduce_sum([*parts, tail])
+        if float(tail[0]) != 0.0:
+            self._raise_failures(error, what)
+        total = int(round(float(tail[1])))
+        _require_samples([total], what)
+        if mean:
+            summed = [t / total for t in summed]
+        return summed, total, result
+
     def reduce_sums(self, compute: Callable, local: Callable, *, what: str, params, batch, shapes, extra: Any = ()):
         """``compute()`` on this rank's shard, then ``local(result)`` -> tensors
         of ``shapes`` ("P" for the parameter count), summed over ranks (one
@@ -558,15 +619,18 @@ class Group:
         rank. An empty shard contributes zeros without calling ``compute``."""
         like = _flat_like(params)
         n = self.local_rows(batch)
-        result, counts, _ = self.agree(
-            None if n == 0 else compute, what=what, params=params, count=_first_dim, extra=extra
+        zeros = [_zeros(like, s) for s in shapes]
+        sums, total, result = self._reduce(
+            None if n == 0 else compute,
+            local,
+            zeros,
+            what=what,
+            params=params,
+            count=_first_dim,
+            kind=None,
+            extra=extra,
         )
-        _require_samples(counts, what)
-        if result is None:
-            parts, aux = [_zeros(like, s) for s in shapes], None
-        else:
-            parts, aux = [p.to(like[1]) for p in local(result)], result[-1]
-        return self.all_reduce_sum(parts), sum(counts), aux
+        return sums, total, None if result is None else result[-1]
 
     def reduce_term(self, compute: Callable, *, what: str, params, batch, kind: str, shape, extra: Any = ()):
         """``compute() -> (term, aux)`` on this rank's shard; returns
@@ -575,16 +639,17 @@ class Group:
         n = self.local_rows(batch)
         if n is None and self.resolved_reduction(kind) == "mean":
             compute = _needs_rows(what)
-        result, counts, _ = self.agree(None if n == 0 else compute, what=what, params=params, count=n or 0, extra=extra)
-        _require_samples(counts, what)
-        if result is None:
-            term, aux = _zeros(like, shape), None
-        else:
-            term, aux = result
-            weight = self.weights(counts, kind)
-            term = term.to(like[1]) * weight if weight != 1.0 else term.to(like[1])
-        (total,) = self.all_reduce_sum([term])
-        return total, aux
+        (total,), _, result = self._reduce(
+            None if n == 0 else compute,
+            lambda r: [r[0]],
+            [_zeros(like, shape)],
+            what=what,
+            params=params,
+            count=n or 0,
+            kind=kind,
+            extra=extra,
+        )
+        return total, None if result is None else result[1]
 
     def reduce_gradient(self, compute: Callable, *, what: str, params, batch, like: Any = None, extra: Any = ()):
         """``compute() -> (grads, value, aux)`` on this rank's shard (grads
@@ -596,22 +661,25 @@ class Group:
         n = self.local_rows(batch)
         if n is None and self.resolved_reduction("scalar") == "mean":
             compute = _needs_rows(what)
-        result, counts, _ = self.agree(None if n == 0 else compute, what=what, params=params, count=n or 0, extra=extra)
-        _require_samples(counts, what)
         leaves, spec = tree_flatten(like)
-        if result is None:
-            grads = [torch.zeros_like(x) for x in leaves]
-            value, aux = torch.zeros((), dtype=leaves[0].dtype, device=leaves[0].device), None
-        else:
-            tree, value, aux = result
-            grads = tree_leaves(tree)
-            value = value.detach().reshape(()).to(leaves[0].dtype)
-            weight = self.weights(counts, "scalar")
-            if weight != 1.0:
-                grads = [g * weight for g in grads]
-                value = value * weight
-        *grads, value = self.all_reduce_sum([*grads, value])
-        return tree_unflatten(spec, grads), value, aux
+        zeros = [torch.zeros_like(x) for x in leaves]
+        zeros.append(torch.zeros((), dtype=leaves[0].dtype, device=leaves[0].device))
+
+        def parts_of(result):
+            tree, value, _ = result
+            return [*tree_leaves(tree), value.detach().reshape(())]
+
+        (*grads, value), _, result = self._reduce(
+            None if n == 0 else compute,
+            parts_of,
+            zeros,
+            what=what,
+            params=params,
+            count=n or 0,
+            kind="scalar",
+            extra=extra,
+        )
+        return tree_unflatten(spec, grads), value, None if result is None else result[2]
 
     # ---- noise ---------------------------------------------------------------
 

@@ -452,7 +452,9 @@ def _expect_rank_error(fn, what, failing, kind=ValueError, text=None):
 def check_a_failing_rank_makes_every_rank_raise_and_changes_nothing(rank, world):
     """A rank whose batch gives NaN (or whose user function raises) makes
     every rank raise the same RankError before anything is written: in-place
-    states stay bit for bit as they were, on every rank."""
+    states stay bit for bit as they were, on every rank. Both exchanges are
+    covered: the header (a method's first step on a group, and every step
+    of the gathering methods) and the status folded into an all-reduce."""
     failing = world - 1
     names = [
         "ekf.dense_fisher",
@@ -474,6 +476,9 @@ def check_a_failing_rank_makes_every_rank_raise_and_changes_nothing(rank, world)
             group = group_maker(reduction="sum" if name == "laplace.dense_hessian" else "auto")
             transform = _build(method, process_group=group)
             state = transform.init(_fresh(params))
+            # One good step first: after it the all-reduce methods fold the
+            # status into their payload (the path a failure must also stop).
+            state = transform.update(state, _shards(method, dtype, world, 0)[rank], inplace=True)
             batch = _shards(method, dtype, world, 1)[rank]
             if rank == failing:
                 batch = (batch[0].clone().fill_(float("nan")), batch[1])
@@ -609,3 +614,44 @@ def check_a_rank_that_never_arrives_times_out(rank, world):
             outcome = f"CollectiveError after {time.monotonic() - start:.1f} s: {str(err)[:80]}"
         assert outcome.startswith("CollectiveError"), outcome
     return outcome
+
+
+def check_collectives_per_step(rank, world):
+    """The collectives of one steady-state step are the ones documented:
+    their number and payloads (values) for uneven shards."""
+    size = tree_ravel(METHODS[0].problem(torch.float32)[0])[0].numel()
+    counts = _sizes(world, 1)
+    n, widest = sum(counts), max(counts)
+    rows = [b - a for a, b in pfd.row_bounds(size, world)]
+    header = 6 * world  # int64 values, all-gathered
+    expected = {
+        # method: {op: (calls, payload values)} of one step after the first
+        ("ekf.diag_fisher", "data"): {"all_reduce": (1, 2 * size + 1 + 2)},
+        ("laplace.diag_fisher", "data"): {"all_reduce": (1, size + 2)},
+        ("sgmcmc.sghmc", "data"): {"all_reduce": (1, size + 1 + 2)},
+        ("ekf.dense_fisher", "data"): {"all_gather": (2, header + world * widest * (size + 1))},
+        ("laplace.dense_fisher", "data"): {"all_gather": (2, header + world * widest * (size + 1))},
+        ("ekf.dense_fisher", "sharded"): {
+            "all_gather": (3, header + world * widest * (size + 1) + world * (n + 1) * max(rows)),
+            "all_reduce": (1, n * n),
+        },
+    }
+    for (name, mode), ops in expected.items():
+        method = next(m for m in METHODS if m.name == name)
+        group = pfd.sharded() if mode == "sharded" else pfd.data_parallel()
+        transform = _build(method, process_group=group)
+        state = transform.init(_fresh(method.problem(torch.float32)[0]))
+        state = transform.update(state, _shards(method, torch.float32, world, 0)[rank])
+        group.stats.reset()
+        transform.update(state, _shards(method, torch.float32, world, 1)[rank])
+        got = {op: calls for op, (calls, _, _) in group.stats.by_op.items()}
+        for op, (calls, values) in ops.items():
+            assert got.get(op) == calls, (name, mode, group.stats.by_op)
+            payload = group.stats.by_op[op][1]
+            if op == "all_gather":
+                # the header is int64 (8 bytes), the rest float32
+                assert payload == 8 * header + 4 * (values - header), (name, mode, payload, values)
+            else:
+                assert payload == 4 * values, (name, mode, payload, values)
+        assert set(got) == set(ops), (name, mode, group.stats.by_op)
+    return True

@@ -22,6 +22,7 @@ CHECKS = [
     "check_a_failing_rank_makes_every_rank_raise_and_changes_nothing",
     "check_mismatches_are_found_up_front",
     "check_sharded_overflow_is_voted",
+    "check_collectives_per_step",
     # torch.compile of a graph per process: seconds; one world size is enough.
     "check_compiled_backend_with_a_process_group",
     # Last: it leaves a broken subgroup behind.
