@@ -274,10 +274,11 @@ class Group:
     def _global(self, rank: int) -> int:
         return rank if self.pg is dist.group.WORLD else dist.get_global_rank(self.pg, rank)
 
-    def all_reduce_(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    def all_reduce_(self, t: torch.Tensor, op=None) -> torch.Tensor:
         """In-place all-reduce (sum by default) of ``t``; returns ``t``."""
         if self.size == 1:
             return t
+        op = dist.ReduceOp.SUM if op is None else op
         buf = self._to_comm(t.contiguous())
         b = _nbytes(buf)
         wire = 2 * (self.size - 1) / self.size * b
@@ -808,7 +809,7 @@ def resolve(process_group, what: str, modes: Sequence[str] = ("data",)) -> Optio
         return None
     if isinstance(process_group, Group):
         group = process_group
-    elif isinstance(process_group, dist.ProcessGroup):
+    elif dist.is_available() and isinstance(process_group, dist.ProcessGroup):
         group = _FROM_PROCESS_GROUP.get(id(process_group))
         if group is None or group.pg is not process_group:
             group = _FROM_PROCESS_GROUP[id(process_group)] = data_parallel(process_group)
