@@ -4,9 +4,10 @@ diagonal workloads on R processes (gloo on this machine, spawned here).
 Each case splits one global batch of N samples evenly over the ranks and
 times ``update`` on every rank (a barrier before each step; the slowest rank
 bounds a step), next to one process on the whole batch with the same
-threads per process. It reports, per step: time, time inside collectives
-(measured, and predicted from a latency/bandwidth calibration of this
-group: calls·latency + bytes/bandwidth), bytes received per rank on the wire
+threads per process. It reports, per step: time; time inside collectives
+(waiting for the slowest rank included); the same collectives replayed
+alone, against the prediction of a latency/bandwidth calibration of this
+group (calls·latency + bytes/bandwidth); bytes received per rank on the wire
 (ring model, see ``posteriors_fast.distributed.CommStats``) and their ratio
 to the state size. For the sharded dense states it also times the first
 ``sample(100)`` after an update (the distributed factor) and a second one.
@@ -104,6 +105,34 @@ def _calibrate(group, torch) -> Dict[str, float]:
     return {"latency_s": latency, "bandwidth_Bps": wire / statistics.median(times[1:]) if wire else float("inf")}
 
 
+def _replay(group, by_op, torch, dist, reps: int = 5) -> float:
+    """Seconds for the collectives of one step alone (same ops, calls and
+    sizes, no compute in between, so no rank waits for a slower one): what
+    the latency/bandwidth model should predict."""
+    plan = []
+    for op, (calls, payload, _) in by_op.items():
+        if op == "all_gather_object" or calls == 0:
+            continue
+        per_call = payload // calls // (group.size if op == "all_gather" else 1)
+        plan.append((op, calls, torch.zeros(max(1, per_call // 4))))
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        start = time.perf_counter()
+        for op, calls, buf in plan:
+            for _ in range(calls):
+                if op == "all_reduce":
+                    group.all_reduce_(buf)
+                elif op == "all_gather":
+                    group.all_gather(buf)
+                elif op == "broadcast":
+                    group.broadcast_(buf, 0)
+                elif op == "reduce":
+                    group.reduce_(buf, 0)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def _worker(rank, world, store, cases, opts, out):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     os.environ.setdefault("POSTERIORS_FAST_CACHE_DIR", "off")
@@ -142,6 +171,10 @@ def _worker(rank, world, store, cases, opts, out):
                     steps.append(elapsed)
                     comm.append(after["seconds"] - before["seconds"])
                     stats.append({k: after[k] - before[k] for k in ("calls", "wire_bytes", "payload_bytes")})
+                    by_op = {
+                        op: tuple(x - y for x, y in zip(v, before["by_op"].get(op, (0, 0, 0))))
+                        for op, v in after["by_op"].items()
+                    }
             row = {
                 "method": method,
                 "mode": mode,
@@ -156,6 +189,7 @@ def _worker(rank, world, store, cases, opts, out):
                 "wire_bytes": stats[-1]["wire_bytes"],
                 "payload_bytes": stats[-1]["payload_bytes"],
                 "state_bytes": _state_bytes(method, p, 4),
+                "replay_ms": 1e3 * _replay(group, by_op, torch, dist),
                 "latency_s": calibration["latency_s"],
                 "bandwidth_Bps": calibration["bandwidth_Bps"],
             }
@@ -242,7 +276,7 @@ def _merge(rows: List[Dict]) -> List[Dict]:
         if key not in merged:
             merged[key] = dict(row)
         else:
-            for field in ("update_ms", "comm_ms", "sample_first_ms", "sample_cached_ms"):
+            for field in ("update_ms", "comm_ms", "replay_ms", "sample_first_ms", "sample_cached_ms"):
                 if field in row:
                     merged[key][field] = max(merged[key][field], row[field])
             if row["rank"] == 0:
@@ -259,15 +293,16 @@ def _merge(rows: List[Dict]) -> List[Dict]:
 def markdown(rows: List[Dict]) -> str:
     head = (
         "| method | mode | P | N | R | update ms (R procs) | update ms (1 proc) | in collectives ms "
-        "(model) | wire KB/step | state MB | wire / state | sample(100) ms first / cached |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| collectives alone ms (model) | wire KB/step | state MB | wire / state | sample(100) ms first / cached |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
         sample = f"{r['sample_first_ms']:.1f} / {r['sample_cached_ms']:.1f}" if "sample_first_ms" in r else ""
         lines.append(
             f"| {r['method']} | {r['mode']} | {r['P']} | {r['N']} | {r['R']} | {r['update_ms']:.2f} | "
-            f"{r.get('one_process_ms', float('nan')):.2f} | {r['comm_ms']:.2f} ({r['comm_model_ms']:.2f}) | "
+            f"{r.get('one_process_ms', float('nan')):.2f} | {r['comm_ms']:.2f} | "
+            f"{r['replay_ms']:.2f} ({r['comm_model_ms']:.2f}) | "
             f"{r['wire_bytes'] / 1e3:.1f} | {r['state_bytes'] / 1e6:.2f} | {r['wire_over_state']:.2e} | {sample} |"
         )
     return head + "\n".join(lines)
