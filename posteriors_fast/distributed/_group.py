@@ -555,7 +555,7 @@ class Group:
         if n is None and self.resolved_reduction("ggn") == "mean":
             compute = _needs_rows(what)
         result, counts, rows = self.agree(
-            None if n == 0 else compute, what=what, params=params, count=n or 0, rows=_first_dim, extra=extra
+            None if n == 0 else compute, what=what, params=params, count=_samples(n), rows=_first_dim, extra=extra
         )
         _require_samples(rows, what)
         if result is None:
@@ -646,7 +646,7 @@ class Group:
             [_zeros(like, shape)],
             what=what,
             params=params,
-            count=n or 0,
+            count=_samples(n),
             kind=kind,
             extra=extra,
         )
@@ -676,7 +676,7 @@ class Group:
             zeros,
             what=what,
             params=params,
-            count=n or 0,
+            count=_samples(n),
             kind="scalar",
             extra=extra,
         )
@@ -715,6 +715,12 @@ def _zeros(like, shape) -> torch.Tensor:
     """Zeros in the parameters' dtype and device; ``"P"`` means (P,), ``"PxP"`` (P, P)."""
     shape = (like[0],) if shape == "P" else ((like[0], like[0]) if shape == "PxP" else shape)
     return torch.zeros(shape, dtype=like[1], device=like[2])
+
+
+def _samples(n: Optional[int]) -> int:
+    """The sample count a rank reports: its batch's, or 1 when the batch has
+    no common first dimension (reduction="sum" needs none; "mean" refuses it)."""
+    return 1 if n is None else n
 
 
 def _first_dim(result) -> int:

@@ -39,7 +39,7 @@ import torch
 from posteriors_fast._internal import checks as _checks
 from posteriors_fast._internal.cholesky import CholeskyError, robust_cholesky
 from posteriors_fast._internal.memo import TensorMemo
-from posteriors_fast.distributed._group import Group, draw_seed
+from posteriors_fast.distributed._group import Group, _samples, draw_seed
 
 _HINT = "Use a larger init_cov or transition_cov, a smaller lr, or float64 parameters."
 
@@ -248,7 +248,7 @@ def add_row_blocks(matrix: ShardedMatrix, compute_rows, *, what: str, params, ba
             None if n == 0 else (lambda a=a, b=b: compute_rows(a, b)),
             what=what,
             params=params,
-            count=n or 0,
+            count=_samples(n),
             extra=extra,
         )
         if sum(counts) == 0:

@@ -246,6 +246,49 @@ def check_gradient_reductions(rank, world):
     return True
 
 
+def check_batch_size_knob(rank, world):
+    """A batch whose tensor leaves do not share a first dimension: "sum"
+    needs no batch size; "mean" asks for one (every rank raises, naming
+    the knob) and works with ``batch_size=``."""
+    method = next(m for m in METHODS if m.name == "sgmcmc.sgld")
+    dtype = torch.float64
+    params, _ = method.problem(dtype)
+    shards = _shards(method, dtype, world, 1)
+
+    def lp(p, batch):
+        return summed_log_posterior(p, batch[:2])
+
+    def with_scale(batch):
+        return (*batch, torch.tensor(1.0, dtype=dtype))
+
+    for reduction in ("sum", "mean"):
+        for batch_size in (None, lambda b: b[0].shape[0]):
+            group = pfd.data_parallel(reduction=reduction, batch_size=batch_size)
+            transform = pf.sgmcmc.sgld.build(lp, lr=1e-2, temperature=0.0, process_group=group)
+            state = transform.init(_fresh(params))
+            if reduction == "mean" and batch_size is None:
+                try:
+                    transform.update(state, with_scale(shards[rank]))
+                    raise AssertionError("no error for a mean without a batch size")
+                except pfd.RankError as err:
+                    assert "batch_size=" in str(err) and isinstance(err, ValueError), str(err)
+                continue
+            state = transform.update(state, with_scale(shards[rank]))
+            single = pf.sgmcmc.sgld.build(lp, lr=1e-2, temperature=0.0)
+            one = single.update(single.init(_fresh(params)), with_scale(_concat(shards)))
+            if reduction == "sum":
+                assert_tree_close(_comparable(state), _comparable(one), dtype)
+            else:  # the mean of sums: each rank's sum weighted by its share of the samples
+                sizes = _sizes(world, 1)
+                assert state.log_posterior.shape == one.log_posterior.shape
+                values = [None] * world
+                local = summed_log_posterior(params, shards[rank])[0] if sizes[rank] else torch.tensor(0.0, dtype=dtype)
+                dist.all_gather_object(values, float(local))
+                expected = sum(n * v for n, v in zip(sizes, values)) / sum(sizes)
+                assert abs(float(state.log_posterior) - expected) < 1e-9 * max(1.0, abs(expected))
+    return True
+
+
 def _summed_loss(p, batch):
     value, aux = summed_log_posterior(p, batch)
     return -value, aux
