@@ -7,7 +7,7 @@
 # As in posteriors 0.0.5, ``version`` (importlib.metadata's) is importable from here.
 from importlib.metadata import PackageNotFoundError, version  # noqa: E402
 
-from posteriors_fast import backends, ekf, laplace, optim, sgmcmc, torchopt, types, vi
+from posteriors_fast import backends, distributed, ekf, laplace, optim, sgmcmc, torchopt, types, vi
 from posteriors_fast.backends import get_backend, set_backend, use_backend
 from posteriors_fast.tree_utils import (
     extract_requires_grad,
@@ -49,6 +49,7 @@ del PackageNotFoundError
 
 __all__ = [
     "backends",
+    "distributed",
     "ekf",
     "laplace",
     "optim",

@@ -46,12 +46,31 @@ class CurvatureOperator:
     Attributes:
         flat_matvec: ``(P,) -> (P,)`` product on flat vectors.
         size: P.
+        rows: The batch size the operator was built on (the leading
+            dimension of the outputs), or None when it does not know it
+            (``hessian_operator``); ``cg`` over a process group weights the
+            ranks by it.
+        normalized: Whether the products are divided by ``rows``.
+        kind: ``"ggn"`` for sums of per-output terms (GGN, Fisher: ranks add
+            by default over a process group), ``"scalar"`` for the Hessian of
+            one value for the batch (ranks average by default).
     """
 
-    def __init__(self, flat_matvec: Callable, unravel: Callable, size: int):
+    def __init__(
+        self,
+        flat_matvec: Callable,
+        unravel: Callable,
+        size: int,
+        rows: int | None = None,
+        normalized: bool = False,
+        kind: str = "scalar",
+    ):
         self.flat_matvec = flat_matvec
         self._unravel = unravel
         self.size = size
+        self.rows = rows
+        self.normalized = normalized
+        self.kind = kind
 
     def __call__(self, tangent: TensorTree) -> TensorTree:
         return self._unravel(self.flat_matvec(tree_ravel(tangent)[0]))
@@ -120,11 +139,12 @@ def ggn_operator(forward: Callable, loss: Callable, params: TensorTree, normaliz
     with torch.no_grad():
         z = forward_flat(flat)
     scale = 1.0 / _leading(z) if normalize else 1.0
+    about = dict(rows=_leading(z), normalized=normalize, kind="ggn")
     if z.numel() * size <= MATERIALIZE_ENTRIES:
         with torch.no_grad():
             jac, z, _ = output_jacobian(forward_flat, (flat,), 0, has_aux=False)
             hess_jac = loss_hessian_times(loss, z, jac).mul_(scale)
-        return CurvatureOperator(lambda v: torch.mv(jac.mT, torch.mv(hess_jac, v)), unravel, size)
+        return CurvatureOperator(lambda v: torch.mv(jac.mT, torch.mv(hess_jac, v)), unravel, size, **about)
 
     blocks = hessian_blocks(loss, z.detach())
     if blocks is not None:
@@ -142,11 +162,11 @@ def ggn_operator(forward: Callable, loss: Callable, params: TensorTree, normaliz
 
     if _use_graph(params):
         graph = _Graph(forward_flat, flat)
-        return CurvatureOperator(lambda v: graph.jtu(hess_times(graph.jv(v))), unravel, size)
+        return CurvatureOperator(lambda v: graph.jtu(hess_times(graph.jv(v))), unravel, size, **about)
 
     _, j_v = _linearized(forward_flat, flat)
     _, pullback = vjp(forward_flat, flat)
-    return CurvatureOperator(lambda v: pullback(hess_times(j_v(v)))[0], unravel, size)
+    return CurvatureOperator(lambda v: pullback(hess_times(j_v(v)))[0], unravel, size, **about)
 
 
 def fisher_operator(f: Callable, params: TensorTree, normalize: bool = False) -> CurvatureOperator:
@@ -170,18 +190,19 @@ def fisher_operator(f: Callable, params: TensorTree, normalize: bool = False) ->
     with torch.no_grad():
         out = f_flat(flat)
     scale = 1.0 / _leading(out) if normalize else 1.0
+    about = dict(rows=_leading(out), normalized=normalize, kind="ggn")
     if out.numel() * size <= MATERIALIZE_ENTRIES:
         with torch.no_grad():
             jac = output_jacobian(f_flat, (flat,), 0, has_aux=False)[0]
-        return CurvatureOperator(lambda v: torch.mv(jac.mT, torch.mv(jac, v)).mul_(scale), unravel, size)
+        return CurvatureOperator(lambda v: torch.mv(jac.mT, torch.mv(jac, v)).mul_(scale), unravel, size, **about)
 
     if _use_graph(params):
         graph = _Graph(f_flat, flat)
-        return CurvatureOperator(lambda v: graph.jtu(graph.jv(v)).mul_(scale), unravel, size)
+        return CurvatureOperator(lambda v: graph.jtu(graph.jv(v)).mul_(scale), unravel, size, **about)
 
     _, j_v = _linearized(f_flat, flat)
     _, pullback = vjp(f_flat, flat)
-    return CurvatureOperator(lambda v: pullback(j_v(v))[0] * scale, unravel, size)
+    return CurvatureOperator(lambda v: pullback(j_v(v))[0] * scale, unravel, size, **about)
 
 
 def hessian_operator(f: Callable, params: TensorTree) -> CurvatureOperator:

@@ -14,6 +14,7 @@ from posteriors_fast._internal.errors import CatchAuxError  # noqa: F401  (poste
 from posteriors_fast._internal.state import write_field
 from posteriors_fast._internal.torchopt_step import step
 from posteriors_fast.backends import neutral, resolve
+from posteriors_fast.distributed import resolve as resolve_group
 from posteriors_fast.tree_utils import tree_insert_  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 
@@ -23,7 +24,7 @@ torchopt = optional.load("torchopt")  # posteriors 0.0.5 exposes the module here
 neutral("torchopt", "the step's cost is the user's loss and its gradient")
 
 
-def build(loss_fn: LogProbFn, optimizer: Any, backend: str | None = None) -> Transform:
+def build(loss_fn: LogProbFn, optimizer: Any, backend: str | None = None, process_group=None) -> Transform:
     """Bind a loss and a ``torchopt`` optimizer into a ``Transform``.
 
     Args:
@@ -31,12 +32,26 @@ def build(loss_fn: LogProbFn, optimizer: Any, backend: str | None = None) -> Tra
         optimizer: A ``torchopt.base.GradientTransformation``, e.g. ``torchopt.adam(1e-3)``.
         backend: Accepted for a uniform API: both backends run the same torch
             code (the step's cost is the user's loss and its gradient).
+        process_group: None (one process); a ``torch.distributed`` process
+            group or ``posteriors_fast.distributed.data_parallel(...)``: each
+            rank passes its shard of the batch and every rank applies the
+            ranks' weighted mean gradient (Σ n_r g_r / Σ n_r: exact for a
+            per-datum mean loss; ``reduction="sum"`` adds them; one all-reduce
+            of P + 1 values per step); or ``posteriors_fast.distributed.chains()``:
+            an independent optimisation per rank, nothing reduced.
 
     Returns:
         ``Transform(init, update)``.
     """
     resolve(backend)
-    return Transform(partial(init, optimizer=optimizer), partial(update, optimizer=optimizer, loss_fn=loss_fn))
+    group = resolve_group(process_group, "torchopt", _MODES)
+    return Transform(
+        partial(init, optimizer=optimizer, process_group=group),
+        partial(update, optimizer=optimizer, loss_fn=loss_fn, process_group=group),
+    )
+
+
+_MODES = ("data", "chains")
 
 
 class TorchOptState(NamedTuple):
@@ -55,18 +70,23 @@ class TorchOptState(NamedTuple):
     aux: Any = None
 
 
-def init(params: TensorTree, optimizer: Any) -> TorchOptState:
+def init(params: TensorTree, optimizer: Any, process_group=None) -> TorchOptState:
     """Initial state: ``params`` (kept by reference) and ``optimizer.init(params)``.
 
     Args:
         params: Pytree of finite floating-point tensors.
         optimizer: The torchopt optimizer of ``build``.
+        process_group: As in ``build``; a data-parallel group's ranks must
+            hold the same params (checked).
 
     Returns:
         ``TorchOptState`` with its own (empty) loss tensor.
     """
     optional.torchopt("posteriors_fast.torchopt")
+    group = resolve_group(process_group, "torchopt.init", _MODES)
     finite_params(params, "params")
+    if group is not None and group.mode != "chains":
+        group.check_params(params, "torchopt.init")
     return TorchOptState(params, optimizer.init(params), torch.tensor([]))
 
 
@@ -76,6 +96,7 @@ def update(
     loss_fn: LogProbFn,
     optimizer: Any,
     inplace: bool = False,
+    process_group=None,
 ) -> TorchOptState:
     """One optimizer step on ``batch``.
 
@@ -86,6 +107,8 @@ def update(
         optimizer: The torchopt optimizer of ``init``.
         inplace: Update the parameters and the optimizer state in place.
             Without it neither is modified.
+        process_group: As in ``build``: ``batch`` is this rank's shard; ``aux``
+            is this rank's.
 
     Returns:
         The new state, with the advanced optimizer state in both modes.
@@ -111,6 +134,8 @@ def update(
         value_label="loss_fn returned NaN or inf for this batch",
         grad_label="the gradient of loss_fn is NaN or inf for this batch",
         needed_by="posteriors_fast.torchopt",
+        group=resolve_group(process_group, "torchopt.update", _MODES),
+        batch=batch,
     )
     if not inplace:
         return TorchOptState(params, opt_state, loss, aux)

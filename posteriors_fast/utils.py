@@ -22,6 +22,7 @@ from posteriors_fast._internal.errors import NO_AUX_ERROR_MSG, NON_TENSOR_AUX_ER
 from posteriors_fast._internal.jacobian import output_jacobian
 from posteriors_fast._internal.loss_hessian import loss_hessian_times
 from posteriors_fast.backends import neutral, resolve
+from posteriors_fast.distributed import resolve as resolve_group
 from posteriors_fast.ops.sample_jacobian import sample_jacobian
 from posteriors_fast.ops.separable_jacobian import learn_separability, per_sample_evaluation
 from posteriors_fast.tree_utils import tree_size
@@ -254,6 +255,7 @@ def empirical_fisher(
     has_aux: bool = False,
     normalize: bool = False,
     backend: str | None = None,
+    process_group=None,
 ) -> Callable:
     """Build a function returning the empirical Fisher ``F = JᵀJ`` of ``f``.
 
@@ -272,20 +274,50 @@ def empirical_fisher(
         has_aux: Whether ``f`` returns ``(output, aux)``.
         normalize: Divide F by the number of outputs of ``f`` (the batch size).
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        process_group: None (one process), or a ``torch.distributed`` process
+            group / ``posteriors_fast.distributed.data_parallel(...)``: each
+            rank calls ``fisher`` on its shard and every rank gets F of the
+            concatenated outputs (one all-gather of the Jacobian rows;
+            ``normalize`` divides by the global number of outputs; aux is
+            this rank's).
 
     Returns:
         ``fisher(*args, **kwargs)`` returning F, or ``(F, aux)`` with has_aux.
     """
     backend = resolve(backend)
+    group = resolve_group(process_group, "empirical_fisher")
     source = getattr(f, PER_SAMPLE_SOURCE, None)
 
-    def fisher(*args, **kwargs):
+    def jacobian(*args, **kwargs):
         if source is not None and argnums == 0 and len(args) == 2 and not kwargs:
             _checks.batch_leading_dim(args[1])
             jac, _, aux = sample_jacobian(source, args[0], args[1], has_aux, backend=backend)
         else:
             fn = partial(f, **kwargs) if kwargs else f
             jac, _, aux = output_jacobian(fn, args, argnums, has_aux)
+        return jac, aux
+
+    def fisher(*args, **kwargs):
+        if group is None:
+            jac, aux = jacobian(*args, **kwargs)
+        else:
+            differentiated = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
+            # An empty shard of a per_samplify function is not evaluated (vmap needs a sample).
+            empty = source is not None and len(args) == 2 and not kwargs and _checks.common_leading_dim(args[1]) == 0
+            result, counts, _ = group.agree(
+                None if empty else partial(jacobian, *args, **kwargs),
+                what="empirical_fisher",
+                params=differentiated,
+                count=lambda r: r[0].shape[0] if r else 0,
+                extra=(normalize, has_aux),
+            )
+            if sum(counts) == 0:
+                raise ValueError("empirical_fisher: no outputs on any rank")
+            if result is None:
+                flat = tree_ravel(differentiated)[0]
+                result = flat.new_zeros((0, flat.numel())), None
+            jac, aux = result
+            jac = group.gather_rows(jac, counts)
         scale = 1.0 / jac.shape[0] if normalize else 1.0
         result = ops.syrk.gram(jac, scale, backend=backend)
         return (result, aux) if has_aux else result
@@ -349,7 +381,7 @@ def _require_argnums_zero(argnums) -> None:
 def _ggn_parts(forward, loss, forward_has_aux, loss_has_aux, normalize, params):
     """Flat output Jacobian J (d, P), ``H J`` with H the loss Hessian in output
     space (scaled by 1/batch with normalize; the (d, d) Hessian is never
-    formed), the unravel function and the list of auxes."""
+    formed), the unravel function, the list of auxes and the outputs z."""
     flat, unravel = tree_ravel(params)
 
     def forward_of_flat(flat_params):
@@ -369,7 +401,7 @@ def _ggn_parts(forward, loss, forward_has_aux, loss_has_aux, normalize, params):
         auxes.append(forward_aux)
     if loss_has_aux:
         auxes.append(loss(z)[1])
-    return jac, hess_jac, unravel, auxes
+    return jac, hess_jac, unravel, auxes, z
 
 
 def ggn(
@@ -380,6 +412,7 @@ def ggn(
     loss_has_aux: bool = False,
     normalize: bool = False,
     backend: str | None = None,
+    process_group=None,
 ) -> Callable:
     """Build a function returning the dense generalised Gauss-Newton matrix
     ``G = J_fᵀ H_l J_f`` (P, P) in the raveled parameter order of
@@ -396,6 +429,13 @@ def ggn(
         loss_has_aux: Whether ``loss`` returns aux.
         normalize: Divide by the batch size.
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        process_group: None (one process), or a ``torch.distributed`` process
+            group / ``posteriors_fast.distributed.data_parallel(...)``: each
+            rank's ``forward`` closes over its shard and every rank gets the
+            GGN of the concatenated outputs (one all-gather of the rows of J
+            and H J; each rank's ``loss`` is taken as a sum over its samples
+            unless the group says ``reduction="mean"``; ``normalize`` divides
+            by the global batch size).
 
     Returns:
         ``ggn(params)`` returning G, followed by the requested auxes as a tuple
@@ -403,9 +443,16 @@ def ggn(
     """
     _require_argnums_zero(argnums)
     backend = resolve(backend)
+    group = resolve_group(process_group, "ggn")
 
     def dense_ggn(params):
-        jac, hess_jac, _, auxes = _ggn_parts(forward, loss, forward_has_aux, loss_has_aux, normalize, params)
+        if group is not None:
+            jac, hess_jac, auxes = _distributed_ggn_parts(
+                group, "ggn", forward, loss, forward_has_aux, loss_has_aux, normalize, params
+            )
+            result = ops.syrk.gram(jac, 1.0, hess_jac, backend=backend)
+            return (result, *auxes) if auxes else result
+        jac, hess_jac, _, auxes, _ = _ggn_parts(forward, loss, forward_has_aux, loss_has_aux, normalize, params)
         result = ops.syrk.gram(jac, 1.0, hess_jac, backend=backend)
         return (result, *auxes) if auxes else result
 
@@ -420,6 +467,7 @@ def diag_ggn(
     loss_has_aux: bool = False,
     normalize: bool = False,
     backend: str | None = None,
+    process_group=None,
 ) -> Callable:
     """Build a function returning the diagonal of the generalised Gauss-Newton
     matrix (see :func:`ggn`) as a pytree shaped like the parameters. The P×P
@@ -433,19 +481,68 @@ def diag_ggn(
         loss_has_aux: Whether ``loss`` returns aux.
         normalize: Divide by the batch size.
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        process_group: As in :func:`ggn`; one all-reduce of P values.
 
     Returns:
         ``diag_ggn(params)`` returning the diagonal tree, or ``(diag, *auxes)``.
     """
     _require_argnums_zero(argnums)
     backend = resolve(backend)
+    group = resolve_group(process_group, "diag_ggn")
 
     def diagonal_ggn(params):
-        jac, hess_jac, unravel, auxes = _ggn_parts(forward, loss, forward_has_aux, loss_has_aux, normalize, params)
+        if group is not None:
+            return _distributed_diag_ggn(
+                group, forward, loss, forward_has_aux, loss_has_aux, normalize, params, backend
+            )
+        jac, hess_jac, unravel, auxes, _ = _ggn_parts(forward, loss, forward_has_aux, loss_has_aux, normalize, params)
         result = unravel(ops.ggn_diag.ggn_diag(jac, hess_jac, backend=backend))
         return (result, *auxes) if auxes else result
 
     return diagonal_ggn
+
+
+def _distributed_ggn_parts(group, what, forward, loss, forward_has_aux, loss_has_aux, normalize, params):
+    """Every rank's J and H J rows, gathered in rank order (each rank's H J
+    weighted as the group's reduction says, then divided by the global batch
+    size with ``normalize``) and this rank's auxes."""
+
+    def compute():
+        return _ggn_parts(forward, loss, forward_has_aux, loss_has_aux, False, params)
+
+    result, counts, rows = group.agree(
+        compute, what=what, params=params, count=lambda r: _leading(r[4]), rows=lambda r: r[0].shape[0]
+    )
+    jac, hess_jac, _, auxes, _ = result
+    weight = group.weights(counts, "ggn")
+    if normalize:
+        weight /= sum(counts)
+    both = group.gather_rows(torch.cat([jac, hess_jac * weight if weight != 1.0 else hess_jac], 1), rows)
+    size = jac.shape[1]
+    return both[:, :size], both[:, size:], auxes
+
+
+def _leading(z) -> int:
+    return z.shape[0] if z.ndim > 0 else 1
+
+
+def _distributed_diag_ggn(group, forward, loss, forward_has_aux, loss_has_aux, normalize, params, backend):
+    """:func:`diag_ggn` over a process group: each rank's diagonal, weighted,
+    summed with one all-reduce."""
+
+    def compute():
+        jac, hess_jac, unravel, auxes, z = _ggn_parts(forward, loss, forward_has_aux, loss_has_aux, False, params)
+        return ops.ggn_diag.ggn_diag(jac, hess_jac, backend=backend), unravel, auxes, z
+
+    (term, unravel, auxes, _), counts, _ = group.agree(
+        compute, what="diag_ggn", params=params, count=lambda r: _leading(r[3])
+    )
+    weight = group.weights(counts, "ggn")
+    if normalize:
+        weight /= sum(counts)
+    (total,) = group.all_reduce_sum([term * weight if weight != 1.0 else term])
+    result = unravel(total)
+    return (result, *auxes) if auxes else result
 
 
 def _identity(x):
@@ -463,6 +560,7 @@ def cg(
     atol: float = 0.0,
     M: Callable = _identity,
     backend: str | None = None,
+    process_group=None,
 ) -> Tuple[TensorTree, Any]:
     """Solve ``(A + damping·I) x = b`` by (preconditioned) conjugate gradients,
     with ``A`` a function computing the product of a Hermitian positive definite
@@ -480,6 +578,16 @@ def cg(
         atol: Absolute tolerance.
         M: Preconditioner ``M(r) -> z`` approximating ``A⁻¹ r``.
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        process_group: None (one process), or a ``torch.distributed`` process
+            group / ``posteriors_fast.distributed.data_parallel(...)`` with
+            ``A`` a curvature operator of :mod:`posteriors_fast.operators`
+            built on each rank's shard: every product is reduced over the
+            ranks (one all-reduce of P values; weights as the operator's
+            kind and the group's reduction say, a ``normalize``d operator
+            divided by the global batch size), so every rank runs the same
+            iterations on the operator of the concatenated batch. ``b``, ``x0``
+            and ``M`` must be the same on every rank (``b`` and ``x0`` are
+            checked).
 
     Returns:
         ``(x, info)`` with ``x`` shaped like ``b`` and ``info`` a dict with
@@ -501,7 +609,10 @@ def cg(
             raise ValueError(f"{name} must be a non-negative number, got {value!r}")
 
     matvec = getattr(A, "flat_matvec", None)  # a posteriors_fast.operators operator
-    if matvec is None or getattr(A, "size", None) != b_flat.numel():
+    group = resolve_group(process_group, "cg")
+    if group is not None:
+        matvec = _reduced_matvec(group, A, b_flat, x0_flat, (maxiter, damping, tol, atol))
+    elif matvec is None or getattr(A, "size", None) != b_flat.numel():
 
         def matvec(v):
             return tree_ravel(A(unravel(v)))[0]
@@ -514,6 +625,39 @@ def cg(
 
     x, info = ops.cg_step.solve(matvec, b_flat, x0_flat, maxiter, damping, tol, atol, precond, backend=backend)
     return unravel(x), info
+
+
+def _reduced_matvec(group, A, b_flat, x0_flat, settings) -> Callable:
+    """``v ↦ Σ_r w_r A_r v`` for a curvature operator ``A`` built on each
+    rank's shard (one all-reduce per product), after the ranks agreed on b,
+    x0 and the settings."""
+    if getattr(A, "flat_matvec", None) is None or getattr(A, "size", None) != b_flat.numel():
+        raise TypeError(
+            "cg with a process_group needs A to be a posteriors_fast.operators curvature operator of the "
+            "size of b (its products are reduced over the ranks); reduce a plain function A yourself"
+        )
+    kind = getattr(A, "kind", "scalar")
+    rows = getattr(A, "rows", None)
+    if rows is None and (A.normalized or group.resolved_reduction(kind) == "mean"):
+        raise ValueError(
+            "cg with a process_group and reduction='mean' weights each rank's operator by its batch size, which "
+            "this operator does not know: set A.rows to this rank's batch size, or use reduction='sum'"
+        )
+    _, counts, _ = group.agree(
+        None,
+        what="cg",
+        params=(b_flat, x0_flat),
+        count=rows or 0,
+        extra=(kind, A.normalized, settings),
+        check_values=True,
+    )
+    weight = counts[group.rank] / sum(counts) if A.normalized else group.weights(counts, kind)
+
+    def matvec(v):
+        product = A.flat_matvec(v)
+        return group.all_reduce_(product * weight if weight != 1.0 else product)
+
+    return matvec
 
 
 def _broadcast_scalar(value, like: TensorTree) -> TensorTree:

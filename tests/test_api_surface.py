@@ -1,6 +1,6 @@
 """Every public name of posteriors 0.0.5 exists in posteriors_fast, with the
-same parameters (in order, with the same defaults) plus an optional trailing
-``backend``."""
+same parameters (in order, with the same defaults) plus the optional trailing
+``backend`` and ``process_group``."""
 
 import importlib
 import inspect
@@ -37,6 +37,11 @@ def test_top_level_names(ref):
     assert missing == []
 
 
+#: Keywords posteriors_fast adds to the reference's functions (defaults None:
+#: without them nothing changes).
+ADDED = ("backend", "process_group")
+
+
 def _same_default(a, b):
     if isinstance(b, torch.Tensor):
         # posteriors 0.0.5's own defaults are torch.tensor([]), but earlier tests'
@@ -56,7 +61,8 @@ def test_module_functions_and_states(ref, name):
         assert hasattr(ours, attr), f"{name}.{attr}"
         a = inspect.signature(getattr(ours, attr)).parameters
         b = inspect.signature(getattr(theirs, attr)).parameters
-        assert [k for k in a if k != "backend"] == list(b), f"{name}.{attr}"
+        assert [k for k in a if k not in ADDED] == list(b), f"{name}.{attr}"
+        assert all(a[k].default is None for k in ADDED if k in a), f"{name}.{attr}"
         for k, p in b.items():
             if p.default is not inspect.Parameter.empty:
                 assert _same_default(a[k].default, p.default), f"{name}.{attr}({k})"

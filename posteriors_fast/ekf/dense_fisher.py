@@ -35,6 +35,8 @@ from posteriors_fast._internal.memo import TensorMemo
 from posteriors_fast._internal.sampling import unravel_draws
 from posteriors_fast._internal.state import rebind_, rebind_tree_, write_field
 from posteriors_fast.backends import resolve
+from posteriors_fast.distributed import _sharded as sharding
+from posteriors_fast.distributed import resolve as resolve_group
 from posteriors_fast.ops.lowrank_update import lowrank_update
 from posteriors_fast.ops.separable_jacobian import log_density_jacobian
 from posteriors_fast.tree_utils import tree_insert_, tree_size  # noqa: F401  (posteriors 0.0.5 exposes them here)
@@ -49,6 +51,7 @@ def build(
     per_sample: bool = False,
     init_cov: torch.Tensor | float = 1.0,
     backend: str | None = None,
+    process_group=None,
 ) -> Transform:
     """Bind the hyperparameters of the dense-Fisher EKF into a ``Transform``.
 
@@ -67,6 +70,14 @@ def build(
             definite tensor.
         backend: ``"eager"``, ``"compiled"`` or None for the current default;
             resolved now, once.
+        process_group: None (one process), a ``torch.distributed``
+            process group or ``posteriors_fast.distributed.data_parallel(...)``
+            (each rank passes its shard of the batch; every rank gets the
+            state of one process on the whole batch: one all-gather of the
+            N·(P+1) Jacobian rows and values per step), or
+            ``posteriors_fast.distributed.sharded(...)`` (the covariance split
+            by rows across ranks; about 2·N·P + N² values per step, see
+            :mod:`posteriors_fast.distributed`).
 
     Returns:
         ``Transform(init, update)`` with these settings bound.
@@ -77,7 +88,8 @@ def build(
         if _checks.is_number(value):
             _checks.covariance(value, 1, None, name, allow_zero=allow_zero)
     backend = resolve(backend)
-    init_fn = partial(init, init_cov=init_cov)
+    group = resolve_group(process_group, "ekf.dense_fisher", ("data", "sharded"))
+    init_fn = partial(init, init_cov=init_cov, process_group=group)
     update_fn = partial(
         update,
         log_likelihood=log_likelihood,
@@ -85,6 +97,7 @@ def build(
         transition_cov=transition_cov,
         per_sample=per_sample,
         backend=backend,
+        process_group=group,
     )
     return Transform(init_fn, update_fn)
 
@@ -95,7 +108,9 @@ class EKFDenseState(NamedTuple):
     Attributes:
         params: Mean μ, a pytree of tensors.
         cov: (P, P) covariance Σ in the raveled parameter order
-            (``optree.integrations.torch.tree_ravel``).
+            (``optree.integrations.torch.tree_ravel``); with a sharded
+            process group, this rank's rows of it as a
+            ``posteriors_fast.distributed.ShardedMatrix``.
         log_likelihood: Mean per-sample log-likelihood of the last batch.
         aux: Auxiliary output of the last ``log_likelihood`` call (stacked
             over samples when ``per_sample=False``).
@@ -110,6 +125,7 @@ class EKFDenseState(NamedTuple):
 def init(
     params: TensorTree,
     init_cov: torch.Tensor | float = 1.0,
+    process_group=None,
 ) -> EKFDenseState:
     """Initial state: mean ``params`` and covariance ``init_cov``.
 
@@ -118,15 +134,23 @@ def init(
             in-place updates write into them).
         init_cov: A scalar c > 0 meaning c·I, or a (P, P) symmetric positive
             definite tensor (copied).
+        process_group: As in ``build``; every rank's params must agree
+            (checked). Sharded: this rank's rows of ``init_cov``.
 
     Returns:
         ``EKFDenseState`` with the covariance and log-likelihood on the
         parameters' device and dtype.
     """
+    group = resolve_group(process_group, "ekf.dense_fisher.init", ("data", "sharded"))
     _checks.float_params(params, "params")
     _checks.finite_params(params, "params")
     flat = tree_ravel(params)[0]
     size = flat.numel()
+    if group is not None:
+        group.check_params(params, "ekf.dense_fisher.init")
+        if group.sharded:
+            cov = sharding.shard(init_cov, group, flat, "init_cov", allow_zero=False)
+            return EKFDenseState(params, cov, torch.tensor([], dtype=flat.dtype, device=flat.device))
     cov = _checks.covariance(init_cov, size, flat, "init_cov", allow_zero=False)
     if isinstance(cov, float):
         cov = torch.eye(size, dtype=flat.dtype, device=flat.device).mul_(cov)
@@ -145,6 +169,7 @@ def update(
     per_sample: bool = False,
     inplace: bool = False,
     backend: str | None = None,
+    process_group=None,
 ) -> EKFDenseState:
     """One EKF step on ``batch`` (the maths are in the module docstring).
 
@@ -160,6 +185,9 @@ def update(
             tensors of ``state`` (their version counters advance). Nothing is
             written unless the whole step succeeds.
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        process_group: As in ``build``: ``batch`` is this rank's shard of
+            the global batch, N and the means are over the global batch, and
+            ``aux`` is this rank's.
 
     Returns:
         The updated ``EKFDenseState``.
@@ -169,18 +197,38 @@ def update(
             the parameters, the log-likelihood, its gradient or the result
             (the message names which).
         CholeskyError: a matrix that must be positive definite is not.
+        posteriors_fast.distributed.RankError: with a process group, the
+            update failed on some rank (raised on every rank; nothing written).
     """
     backend = resolve(backend)
+    group = resolve_group(process_group, "ekf.dense_fisher.update", ("data", "sharded"))
     lr = _checks.positive_finite(lr, "lr")
-    flat, unravel = _check_state(state)
+    flat, unravel = _check_state(state, group)
     transition = _checks.covariance(transition_cov, flat.numel(), flat, "transition_cov", allow_zero=True)
     with torch.no_grad(), CatchAuxError():
-        jac, values, aux = log_density_jacobian(
-            log_likelihood, state.params, batch, per_sample=per_sample, what="log_likelihood", backend=backend
+        compute = partial(
+            log_density_jacobian,
+            log_likelihood,
+            state.params,
+            batch,
+            per_sample=per_sample,
+            what="log_likelihood",
+            backend=backend,
         )
+        if group is None:
+            jac, values, aux = compute()
+        else:
+            settings = (lr, per_sample, transition if isinstance(transition, float) else tuple(transition.shape))
+            jac, values, aux = group.gather_jacobian(
+                compute, what="ekf.dense_fisher.update", params=state.params, batch=batch, extra=settings
+            )
         mean_log_lik = values.mean()
-        cov = state.cov if state.cov.dtype == flat.dtype else state.cov.to(flat.dtype)
-        plan = lowrank_update(cov, transition, jac.to(flat.dtype), lr / jac.shape[0], backend=backend)
+        if group is not None and group.sharded:
+            cov = state.cov
+            plan = sharding.woodbury(cov, transition, jac.to(flat.dtype), lr / jac.shape[0])
+        else:
+            cov = state.cov if state.cov.dtype == flat.dtype else state.cov.to(flat.dtype)
+            plan = lowrank_update(cov, transition, jac.to(flat.dtype), lr / jac.shape[0], backend=backend)
         new_flat = torch.add(flat, plan.mean_step, alpha=lr)
     # Nothing below can fail: the state is only written from here on.
     with torch.no_grad():
@@ -201,6 +249,10 @@ def sample(state: EKFDenseState, sample_shape: torch.Size = torch.Size([])) -> T
     update, in place or not, invalidates it) and all draws come from one
     matrix product; for the same seed the draws equal posteriors 0.0.5's.
 
+    With a sharded covariance every rank must call ``sample`` (the factor is
+    computed across the ranks once per covariance, never gathered) and every
+    rank gets the same draws (see :mod:`posteriors_fast.distributed`).
+
     Args:
         state: State with mean and covariance.
         sample_shape: Leading shape of the draws.
@@ -209,15 +261,19 @@ def sample(state: EKFDenseState, sample_shape: torch.Size = torch.Size([])) -> T
         Pytree like ``state.params`` with leaves of shape ``sample_shape + leaf.shape``.
     """
     flat, unravel = _check_state(state)
-    chol = _factor(state.cov)
     shape = torch.Size(sample_shape)
+    if isinstance(state.cov, sharding.ShardedMatrix):
+        return unravel_draws(sharding.sample_covariance(flat, state.cov, shape.numel()), unravel, shape)
+    chol = _factor(state.cov)
     noise = torch.empty(shape + flat.shape, dtype=flat.dtype, device=flat.device).normal_()
     draws = torch.addmm(flat, noise.reshape(-1, flat.numel()), chol.to(flat.dtype).mT)
     return unravel_draws(draws, unravel, shape)
 
 
-def _check_state(state: EKFDenseState):
-    """``(flat params, unravel)`` after checking the state's fields."""
+def _check_state(state: EKFDenseState, group=None):
+    """``(flat params, unravel)`` after checking the state's fields (and that
+    a sharded covariance goes with a sharded group, a dense one with none or
+    a data-parallel one)."""
     if not all(hasattr(state, field) for field in ("params", "cov", "_replace")):
         raise TypeError(
             "state must be an EKFDenseState (a NamedTuple with params, cov, "
@@ -226,6 +282,8 @@ def _check_state(state: EKFDenseState):
     _checks.float_params(state.params, "state.params")
     flat, unravel = tree_ravel(state.params)
     size = flat.numel()
+    if sharding.check_layout(state.cov, size, group, "state.cov"):
+        return flat, unravel
     if not isinstance(state.cov, torch.Tensor) or state.cov.shape != (size, size):
         shape = tuple(state.cov.shape) if isinstance(state.cov, torch.Tensor) else type(state.cov).__name__
         raise ValueError(f"state.cov must be ({size}, {size}) for the {size} parameters of state.params, got {shape}")

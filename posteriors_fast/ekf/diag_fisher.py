@@ -30,6 +30,7 @@ from posteriors_fast._internal import checks as _checks
 from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast._internal.state import rebind_tree_, write_field
 from posteriors_fast.backends import resolve
+from posteriors_fast.distributed import resolve as resolve_group
 from posteriors_fast.ops.separable_jacobian import log_density_jacobian
 from posteriors_fast.tree_utils import flexi_tree_map, tree_insert_  # noqa: F401  (posteriors 0.0.5 exposes them here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
@@ -43,6 +44,7 @@ def build(
     per_sample: bool = False,
     init_sds: TensorTree | float = 1.0,
     backend: str | None = None,
+    process_group=None,
 ) -> Transform:
     """Bind the hyperparameters of the diagonal-Fisher EKF into a ``Transform``.
 
@@ -57,6 +59,11 @@ def build(
         init_sds: Initial standard deviations: a scalar > 0 or a tree like the
             parameters with positive entries.
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        process_group: None (one process), or a ``torch.distributed`` process
+            group / ``posteriors_fast.distributed.data_parallel(...)``: each
+            rank passes its shard of the batch and every rank gets the state
+            of one process on the whole batch (one all-reduce of Σ J², Σ J
+            and Σ log-likelihoods, 2P + 1 values, per step).
 
     Returns:
         ``Transform(init, update)``.
@@ -64,7 +71,8 @@ def build(
     _checks.positive_finite(lr, "lr")
     _non_negative(transition_sd, "transition_sd")
     backend = resolve(backend)
-    init_fn = partial(init, init_sds=init_sds)
+    group = resolve_group(process_group, "ekf.diag_fisher")
+    init_fn = partial(init, init_sds=init_sds, process_group=group)
     update_fn = partial(
         update,
         log_likelihood=log_likelihood,
@@ -72,6 +80,7 @@ def build(
         transition_sd=transition_sd,
         per_sample=per_sample,
         backend=backend,
+        process_group=group,
     )
     return Transform(init_fn, update_fn)
 
@@ -92,19 +101,23 @@ class EKFDiagState(NamedTuple):
     aux: Any = None
 
 
-def init(params: TensorTree, init_sds: TensorTree | float = 1.0) -> EKFDiagState:
+def init(params: TensorTree, init_sds: TensorTree | float = 1.0, process_group=None) -> EKFDiagState:
     """Initial state: mean ``params`` and standard deviations ``init_sds``.
 
     Args:
         params: Pytree of floating-point tensors (kept by reference).
         init_sds: A scalar > 0 used for every parameter, or a tree like
             ``params`` of positive standard deviations (copied).
+        process_group: As in ``build``; every rank's params must agree (checked).
 
     Returns:
         ``EKFDiagState``.
     """
+    group = resolve_group(process_group, "ekf.diag_fisher.init")
     _checks.float_params(params, "params")
     _checks.finite_params(params, "params")
+    if group is not None:
+        group.check_params(params, "ekf.diag_fisher.init")
     if is_scalar(init_sds):
         value = _checks.positive_finite(init_sds, "init_sds")
         sds = tree_map(lambda x: torch.full_like(x, value, requires_grad=x.requires_grad), params)
@@ -126,6 +139,7 @@ def update(
     per_sample: bool = False,
     inplace: bool = False,
     backend: str | None = None,
+    process_group=None,
 ) -> EKFDiagState:
     """One diagonal EKF step on ``batch`` (see the module docstring).
 
@@ -140,6 +154,8 @@ def update(
         inplace: Write the results into the tensors of ``state``; nothing is
             written unless the whole step succeeds.
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        process_group: As in ``build``: ``batch`` is this rank's shard; the
+            means are over the global batch; ``aux`` is this rank's.
 
     Returns:
         The updated ``EKFDiagState``.
@@ -147,8 +163,11 @@ def update(
     Raises:
         ValueError: bad hyperparameters or batch, or a non-finite
             log-likelihood, gradient or result.
+        posteriors_fast.distributed.RankError: with a process group, the
+            update failed on some rank (raised on every rank; nothing written).
     """
     backend = resolve(backend)
+    group = resolve_group(process_group, "ekf.diag_fisher.update")
     lr = _checks.positive_finite(lr, "lr")
     tau = _non_negative(transition_sd, "transition_sd")
     _checks.float_params(state.params, "state.params")
@@ -156,13 +175,32 @@ def update(
     flat, unravel = tree_ravel(state.params)
     sd = tree_ravel(state.sd_diag)[0].detach()
     with torch.no_grad(), CatchAuxError():
-        jac, values, aux = log_density_jacobian(
-            log_likelihood, state.params, batch, per_sample=per_sample, what="log_likelihood", backend=backend
+        compute = partial(
+            log_density_jacobian,
+            log_likelihood,
+            state.params,
+            batch,
+            per_sample=per_sample,
+            what="log_likelihood",
+            backend=backend,
         )
-        mean_log_lik = values.mean()
-        precision = (sd.square() + tau**2).reciprocal_().add_(jac.square().mean(0), alpha=lr)
+        if group is None:
+            jac, values, aux = compute()
+            fisher, grad, mean_log_lik = jac.square().mean(0), jac.mean(0), values.mean()
+        else:
+            (fisher, grad, mean_log_lik), n, aux = group.reduce_sums(
+                compute,
+                lambda r: (r[0].square().sum(0), r[0].sum(0), r[1].sum()),
+                what="ekf.diag_fisher.update",
+                params=state.params,
+                batch=batch,
+                shapes=("P", "P", ()),
+                extra=(lr, tau, per_sample),
+            )
+            fisher, grad, mean_log_lik = fisher / n, grad / n, mean_log_lik / n
+        precision = (sd.square() + tau**2).reciprocal_().add_(fisher, alpha=lr)
         new_var = precision.reciprocal_()
-        new_flat = torch.addcmul(flat.detach(), new_var, jac.mean(0), value=lr)
+        new_flat = torch.addcmul(flat.detach(), new_var, grad, value=lr)
         new_sd = new_var.sqrt_()
         _checks.require_finite([(new_sd, "the updated standard deviations"), (new_flat, "the updated mean")])
     new_params, new_sds = unravel(new_flat), unravel(new_sd)

@@ -12,11 +12,14 @@ from posteriors_fast.types import TensorTree
 from posteriors_fast.utils import diag_normal_sample, is_scalar
 
 
-def initial_prec_diag(params: TensorTree, init_prec_diag) -> TensorTree:
+def initial_prec_diag(params: TensorTree, init_prec_diag, group=None) -> TensorTree:
     """The prior diagonal precision: a scalar >= 0 for every entry, or a copy
-    of a non-negative tree like ``params``."""
+    of a non-negative tree like ``params``. With a process group every rank's
+    params must agree (checked)."""
     _checks.float_params(params, "params")
     _checks.finite_params(params, "params")
+    if group is not None:
+        group.check_params(params, "laplace init")
     if is_scalar(init_prec_diag):
         value = _checks.scalar_value(init_prec_diag, "init_prec_diag")
         if not value >= 0 or value == float("inf"):

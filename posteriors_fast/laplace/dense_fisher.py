@@ -27,6 +27,8 @@ from optree.integrations.torch import tree_ravel  # noqa: F401  (as above)
 
 from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
+from posteriors_fast.distributed import _sharded as sharding
+from posteriors_fast.distributed import resolve as resolve_group
 from posteriors_fast.laplace import _dense
 from posteriors_fast.ops.new_matrix import new_matrix
 from posteriors_fast.ops.separable_jacobian import log_density_jacobian
@@ -41,6 +43,7 @@ def build(
     per_sample: bool = False,
     init_prec: torch.Tensor | float = 0.0,
     backend: str | None = None,
+    process_group=None,
 ) -> Transform:
     """Bind the settings into a ``Transform``.
 
@@ -52,14 +55,21 @@ def build(
         init_prec: Prior precision: a scalar c >= 0 (c·I) or a (P, P)
             symmetric positive semi-definite tensor.
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        process_group: None (one process); a ``torch.distributed`` process
+            group or ``posteriors_fast.distributed.data_parallel(...)`` (each
+            rank passes its shard of the batch; one all-gather of the N·P
+            Jacobian rows per step, then every rank adds the same JᵀJ); or
+            ``posteriors_fast.distributed.sharded(...)`` (the precision split
+            by rows; each rank adds its rows of JᵀJ).
 
     Returns:
         ``Transform(init, update)`` with these settings bound.
     """
     backend = resolve(backend)
+    group = resolve_group(process_group, "laplace.dense_fisher", _dense.MODES)
     return Transform(
-        partial(init, init_prec=init_prec),
-        partial(update, log_posterior=log_posterior, per_sample=per_sample, backend=backend),
+        partial(init, init_prec=init_prec, process_group=group),
+        partial(update, log_posterior=log_posterior, per_sample=per_sample, backend=backend, process_group=group),
     )
 
 
@@ -69,7 +79,8 @@ class DenseLaplaceState(NamedTuple):
     Attributes:
         params: Mean (the mode), a pytree of tensors.
         prec: (P, P) precision Λ in the raveled parameter order
-            (``optree.integrations.torch.tree_ravel``).
+            (``optree.integrations.torch.tree_ravel``); with a sharded
+            process group, this rank's rows as a ``ShardedMatrix``.
         aux: Auxiliary output of the last ``log_posterior`` call.
     """
 
@@ -78,18 +89,20 @@ class DenseLaplaceState(NamedTuple):
     aux: Any = None
 
 
-def init(params: TensorTree, init_prec: torch.Tensor | float = 0.0) -> DenseLaplaceState:
+def init(params: TensorTree, init_prec: torch.Tensor | float = 0.0, process_group=None) -> DenseLaplaceState:
     """Initial state: mean ``params`` and precision ``init_prec``.
 
     Args:
         params: Pytree of finite floating-point tensors (the mode; kept by reference).
         init_prec: A scalar c >= 0 meaning c·I on the params' device and
             dtype, or a (P, P) symmetric positive semi-definite tensor (copied).
+        process_group: As in ``build``.
 
     Returns:
         ``DenseLaplaceState`` with ``aux=None``.
     """
-    return DenseLaplaceState(params, _dense.initial_prec(params, init_prec))
+    group = resolve_group(process_group, "laplace.dense_fisher.init", _dense.MODES)
+    return DenseLaplaceState(params, _dense.initial_prec(params, init_prec, group))
 
 
 def update(
@@ -99,6 +112,7 @@ def update(
     per_sample: bool = False,
     inplace: bool = False,
     backend: str | None = None,
+    process_group=None,
 ) -> DenseLaplaceState:
     """Add the batch's empirical Fisher ``JᵀJ`` to the precision.
 
@@ -111,6 +125,8 @@ def update(
         inplace: Add into ``state.prec`` (its version counter advances);
             nothing is written unless the gradients are finite.
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        process_group: As in ``build``: ``batch`` is this rank's shard; ``aux``
+            is this rank's.
 
     Returns:
         The updated ``DenseLaplaceState``.
@@ -118,12 +134,16 @@ def update(
     Raises:
         ValueError: a bad batch or output shape, or NaN/inf in the parameters
             or the gradients of ``log_posterior``.
+        posteriors_fast.distributed.RankError: with a process group, the
+            update failed on some rank (raised on every rank; nothing written).
     """
     backend = resolve(backend)
-    _dense.check_state(state)
+    group = resolve_group(process_group, "laplace.dense_fisher.update", _dense.MODES)
+    _dense.check_state(state, group)
     with torch.no_grad(), CatchAuxError():
         # Only the gradients enter the precision: a NaN value alone is no error.
-        jac, _, aux = log_density_jacobian(
+        compute = partial(
+            log_density_jacobian,
             log_posterior,
             state.params,
             batch,
@@ -132,6 +152,13 @@ def update(
             backend=backend,
             values_must_be_finite=False,
         )
+        if group is None:
+            jac, _, aux = compute()
+        else:
+            what = "laplace.dense_fisher.update"
+            jac, _, aux = group.gather_jacobian(compute, what=what, params=state.params, batch=batch, extra=per_sample)
+            if group.sharded:
+                return state._replace(prec=sharding.add_product(state.prec, jac, jac, inplace, what), aux=aux)
         jac = jac.to(state.prec.dtype)
         if inplace:
             syrk_(state.prec, jac, None, None, 1.0, 1.0, backend=backend)

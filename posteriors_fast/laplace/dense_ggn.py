@@ -30,6 +30,8 @@ from optree.integrations.torch import tree_ravel  # noqa: F401  (as above)
 from posteriors_fast._internal import checks
 from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
+from posteriors_fast.distributed import _sharded as sharding
+from posteriors_fast.distributed import resolve as resolve_group
 from posteriors_fast.laplace import _dense
 from posteriors_fast.laplace._ggn import batch_ggn_factors
 from posteriors_fast.ops.syrk import gram
@@ -43,6 +45,7 @@ def build(
     outer_log_likelihood: OuterLogProbFn,
     init_prec: TensorTree | float = 0.0,
     backend: str | None = None,
+    process_group=None,
 ) -> Transform:
     """Bind the model into a ``Transform``.
 
@@ -54,14 +57,29 @@ def build(
         init_prec: Prior precision: a scalar c >= 0 (c·I) or a (P, P)
             symmetric positive semi-definite tensor.
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        process_group: None (one process); a ``torch.distributed`` process
+            group or ``posteriors_fast.distributed.data_parallel(...)`` (each
+            rank passes its shard of the batch; one all-gather of the rows of
+            J_f and H_l J_f, 2·N·C·P values, per step; each rank's
+            ``outer_log_likelihood`` is taken as a sum over its samples unless
+            the group says ``reduction="mean"``); or
+            ``posteriors_fast.distributed.sharded(...)`` (the precision split
+            by rows).
 
     Returns:
         ``Transform(init, update)`` with these settings bound.
     """
     backend = resolve(backend)
+    group = resolve_group(process_group, "laplace.dense_ggn", _dense.MODES)
     return Transform(
-        partial(init, init_prec=init_prec),
-        partial(update, forward=forward, outer_log_likelihood=outer_log_likelihood, backend=backend),
+        partial(init, init_prec=init_prec, process_group=group),
+        partial(
+            update,
+            forward=forward,
+            outer_log_likelihood=outer_log_likelihood,
+            backend=backend,
+            process_group=group,
+        ),
     )
 
 
@@ -79,18 +97,20 @@ class DenseLaplaceState(NamedTuple):
     aux: Any = None
 
 
-def init(params: TensorTree, init_prec: torch.Tensor | float = 0.0) -> DenseLaplaceState:
+def init(params: TensorTree, init_prec: torch.Tensor | float = 0.0, process_group=None) -> DenseLaplaceState:
     """Initial state: mean ``params`` and precision ``init_prec``.
 
     Args:
         params: Pytree of finite floating-point tensors (the mode; kept by reference).
         init_prec: A scalar c >= 0 meaning c·I on the params' device and
             dtype, or a (P, P) symmetric positive semi-definite tensor (copied).
+        process_group: As in ``build``.
 
     Returns:
         ``DenseLaplaceState`` with ``aux=None``.
     """
-    return DenseLaplaceState(params, _dense.initial_prec(params, init_prec))
+    group = resolve_group(process_group, "laplace.dense_ggn.init", _dense.MODES)
+    return DenseLaplaceState(params, _dense.initial_prec(params, init_prec, group))
 
 
 def update(
@@ -100,6 +120,7 @@ def update(
     outer_log_likelihood: OuterLogProbFn,
     inplace: bool = False,
     backend: str | None = None,
+    process_group=None,
 ) -> DenseLaplaceState:
     """Add the batch's GGN (loss ``-outer_log_likelihood``) to the precision.
 
@@ -111,6 +132,8 @@ def update(
         inplace: Add into ``state.prec`` (its version counter advances);
             nothing is written unless the GGN is finite.
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        process_group: As in ``build``: ``batch`` is this rank's shard; ``aux``
+            is this rank's.
 
     Returns:
         The updated ``DenseLaplaceState``.
@@ -118,11 +141,21 @@ def update(
     Raises:
         ValueError: NaN/inf in the parameters, the outputs of ``forward``,
             their gradient, or the Hessian of ``outer_log_likelihood``.
+        posteriors_fast.distributed.RankError: with a process group, the
+            update failed on some rank (raised on every rank; nothing written).
     """
     backend = resolve(backend)
-    _dense.check_state(state)
+    group = resolve_group(process_group, "laplace.dense_ggn.update", _dense.MODES)
+    _dense.check_state(state, group)
     with torch.no_grad(), CatchAuxError():
-        jac, hess_jac, aux = batch_ggn_factors(state.params, batch, forward, outer_log_likelihood, backend=backend)
+        compute = partial(batch_ggn_factors, state.params, batch, forward, outer_log_likelihood, backend=backend)
+        if group is None:
+            jac, hess_jac, aux = compute()
+        else:
+            what = "laplace.dense_ggn.update"
+            jac, hess_jac, aux = group.gather_factors(compute, what=what, params=state.params, batch=batch)
+            if group.sharded:
+                return state._replace(prec=sharding.add_product(state.prec, jac, hess_jac, inplace, what), aux=aux)
         term = gram(jac, 1.0, hess_jac, backend=backend)
     checks.require_finite([(term, "the GGN of this batch overflowed (NaN or inf)")])
     return _dense.add_to_prec(state, term, aux, inplace)

@@ -21,6 +21,7 @@ from torch.func import jacrev  # noqa: F401  (as above)
 
 from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
+from posteriors_fast.distributed import resolve as resolve_group
 from posteriors_fast.laplace import _diag
 from posteriors_fast.ops.separable_jacobian import log_density_jacobian
 from posteriors_fast.tree_utils import flexi_tree_map  # noqa: F401  (posteriors 0.0.5 exposes it here)
@@ -33,6 +34,7 @@ def build(
     per_sample: bool = False,
     init_prec_diag: TensorTree | float = 0.0,
     backend: str | None = None,
+    process_group=None,
 ) -> Transform:
     """Bind the settings into a ``Transform``.
 
@@ -44,14 +46,19 @@ def build(
         init_prec_diag: Prior diagonal precision: a scalar >= 0 or a
             non-negative tree like the parameters.
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        process_group: None (one process), or a ``torch.distributed`` process
+            group / ``posteriors_fast.distributed.data_parallel(...)``: each
+            rank passes its shard of the batch (one all-reduce of Σ g_i ⊙ g_i,
+            P values, per step).
 
     Returns:
         ``Transform(init, update)`` with these settings bound.
     """
     backend = resolve(backend)
+    group = resolve_group(process_group, "laplace.diag_fisher")
     return Transform(
-        partial(init, init_prec_diag=init_prec_diag),
-        partial(update, log_posterior=log_posterior, per_sample=per_sample, backend=backend),
+        partial(init, init_prec_diag=init_prec_diag, process_group=group),
+        partial(update, log_posterior=log_posterior, per_sample=per_sample, backend=backend, process_group=group),
     )
 
 
@@ -69,18 +76,20 @@ class DiagLaplaceState(NamedTuple):
     aux: Any = None
 
 
-def init(params: TensorTree, init_prec_diag: TensorTree | float = 0.0) -> DiagLaplaceState:
+def init(params: TensorTree, init_prec_diag: TensorTree | float = 0.0, process_group=None) -> DiagLaplaceState:
     """Initial state: mean ``params`` and diagonal precision ``init_prec_diag``.
 
     Args:
         params: Pytree of finite floating-point tensors (the mode; kept by reference).
         init_prec_diag: A scalar >= 0 for every entry, or a non-negative tree
             like ``params`` (copied).
+        process_group: As in ``build``; every rank's params must agree (checked).
 
     Returns:
         ``DiagLaplaceState`` with ``aux=None``.
     """
-    return DiagLaplaceState(params, _diag.initial_prec_diag(params, init_prec_diag))
+    group = resolve_group(process_group, "laplace.diag_fisher.init")
+    return DiagLaplaceState(params, _diag.initial_prec_diag(params, init_prec_diag, group))
 
 
 def update(
@@ -90,6 +99,7 @@ def update(
     per_sample: bool = False,
     inplace: bool = False,
     backend: str | None = None,
+    process_group=None,
 ) -> DiagLaplaceState:
     """Add ``Σ_i g_i ⊙ g_i`` of this batch to the diagonal precision.
 
@@ -102,6 +112,8 @@ def update(
         inplace: Write into the tensors of ``state.prec_diag`` (versions
             advance); nothing is written unless the gradients are finite.
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        process_group: As in ``build``: ``batch`` is this rank's shard; ``aux``
+            is this rank's.
 
     Returns:
         The updated ``DiagLaplaceState``.
@@ -109,10 +121,14 @@ def update(
     Raises:
         ValueError: a bad batch or output shape, or NaN/inf in the parameters
             or the gradients of ``log_posterior``.
+        posteriors_fast.distributed.RankError: with a process group, the
+            update failed on some rank (raised on every rank; nothing written).
     """
     backend = resolve(backend)
+    group = resolve_group(process_group, "laplace.diag_fisher.update")
     with torch.no_grad(), CatchAuxError():
-        jac, _, aux = log_density_jacobian(
+        compute = partial(
+            log_density_jacobian,
             log_posterior,
             state.params,
             batch,
@@ -121,7 +137,19 @@ def update(
             backend=backend,
             values_must_be_finite=False,
         )
-        term = jac.square().sum(0)
+        if group is None:
+            jac, _, aux = compute()
+            term = jac.square().sum(0)
+        else:
+            (term,), _, aux = group.reduce_sums(
+                compute,
+                lambda r: (r[0].square().sum(0),),
+                what="laplace.diag_fisher.update",
+                params=state.params,
+                batch=batch,
+                shapes=("P",),
+                extra=per_sample,
+            )
     return _diag.add_to_prec(state, term, aux, inplace)
 
 

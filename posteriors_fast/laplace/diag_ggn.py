@@ -21,6 +21,7 @@ from optree import tree_map  # noqa: F401  (posteriors 0.0.5 exposes it here)
 
 from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
+from posteriors_fast.distributed import resolve as resolve_group
 from posteriors_fast.laplace import _diag
 from posteriors_fast.laplace._ggn import batch_ggn_factors
 from posteriors_fast.ops.ggn_diag import ggn_diag
@@ -34,6 +35,7 @@ def build(
     outer_log_likelihood: OuterLogProbFn,
     init_prec_diag: TensorTree | float = 0.0,
     backend: str | None = None,
+    process_group=None,
 ) -> Transform:
     """Bind the model into a ``Transform``.
 
@@ -45,14 +47,26 @@ def build(
         init_prec_diag: Prior diagonal precision: a scalar >= 0 or a
             non-negative tree like the parameters.
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        process_group: None (one process), or a ``torch.distributed`` process
+            group / ``posteriors_fast.distributed.data_parallel(...)``: each
+            rank passes its shard of the batch (one all-reduce of P values
+            per step; each rank's ``outer_log_likelihood`` is taken as a sum
+            over its samples unless the group says ``reduction="mean"``).
 
     Returns:
         ``Transform(init, update)`` with these settings bound.
     """
     backend = resolve(backend)
+    group = resolve_group(process_group, "laplace.diag_ggn")
     return Transform(
-        partial(init, init_prec_diag=init_prec_diag),
-        partial(update, forward=forward, outer_log_likelihood=outer_log_likelihood, backend=backend),
+        partial(init, init_prec_diag=init_prec_diag, process_group=group),
+        partial(
+            update,
+            forward=forward,
+            outer_log_likelihood=outer_log_likelihood,
+            backend=backend,
+            process_group=group,
+        ),
     )
 
 
@@ -70,18 +84,20 @@ class DiagLaplaceState(NamedTuple):
     aux: Any = None
 
 
-def init(params: TensorTree, init_prec_diag: TensorTree | float = 0.0) -> DiagLaplaceState:
+def init(params: TensorTree, init_prec_diag: TensorTree | float = 0.0, process_group=None) -> DiagLaplaceState:
     """Initial state: mean ``params`` and diagonal precision ``init_prec_diag``.
 
     Args:
         params: Pytree of finite floating-point tensors (the mode; kept by reference).
         init_prec_diag: A scalar >= 0 for every entry, or a non-negative tree
             like ``params`` (copied).
+        process_group: As in ``build``; every rank's params must agree (checked).
 
     Returns:
         ``DiagLaplaceState`` with ``aux=None``.
     """
-    return DiagLaplaceState(params, _diag.initial_prec_diag(params, init_prec_diag))
+    group = resolve_group(process_group, "laplace.diag_ggn.init")
+    return DiagLaplaceState(params, _diag.initial_prec_diag(params, init_prec_diag, group))
 
 
 def update(
@@ -91,6 +107,7 @@ def update(
     outer_log_likelihood: OuterLogProbFn,
     inplace: bool = False,
     backend: str | None = None,
+    process_group=None,
 ) -> DiagLaplaceState:
     """Add the diagonal of the batch's GGN (loss ``-outer_log_likelihood``).
 
@@ -102,6 +119,8 @@ def update(
         inplace: Write into the tensors of ``state.prec_diag`` (versions
             advance); nothing is written unless the GGN is finite.
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        process_group: As in ``build``: ``batch`` is this rank's shard; ``aux``
+            is this rank's.
 
     Returns:
         The updated ``DiagLaplaceState``.
@@ -109,11 +128,22 @@ def update(
     Raises:
         ValueError: NaN/inf in the parameters, the outputs of ``forward``,
             their gradient, or the Hessian of ``outer_log_likelihood``.
+        posteriors_fast.distributed.RankError: with a process group, the
+            update failed on some rank (raised on every rank; nothing written).
     """
     backend = resolve(backend)
-    with torch.no_grad(), CatchAuxError():
+    group = resolve_group(process_group, "laplace.diag_ggn.update")
+
+    def compute():
         jac, hess_jac, aux = batch_ggn_factors(state.params, batch, forward, outer_log_likelihood, backend=backend)
-        term = ggn_diag(jac, hess_jac, backend=backend)
+        return ggn_diag(jac, hess_jac, backend=backend), aux
+
+    with torch.no_grad(), CatchAuxError():
+        if group is None:
+            term, aux = compute()
+        else:
+            what = "laplace.diag_ggn.update"
+            term, aux = group.reduce_term(compute, what=what, params=state.params, batch=batch, kind="ggn", shape="P")
     return _diag.add_to_prec(state, term, aux, inplace)
 
 

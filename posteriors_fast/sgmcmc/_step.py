@@ -10,11 +10,12 @@ once from a faster generator (:mod:`posteriors_fast.ops.normal`): same
 distribution, different numbers.
 """
 
+import contextlib
 import math
 from typing import Any, List, Tuple
 
 import torch
-from optree import tree_flatten
+from optree import tree_flatten, tree_leaves
 
 from posteriors_fast._internal import checks as _checks
 from posteriors_fast._internal.errors import CatchAuxError
@@ -50,10 +51,24 @@ def hmc_settings(lr, alpha, beta, sigma, temperature) -> Tuple[float, float]:
     return noise_scale(temperature, lr, alpha, beta, "alpha"), sigma**-2
 
 
-def gradient(log_posterior, params, batch, backend: str) -> Tuple[List[torch.Tensor], Any, torch.Tensor, Any]:
+def gradient(
+    log_posterior, params, batch, backend: str, group=None, what: str = "", settings: Any = ()
+) -> Tuple[List[torch.Tensor], Any, torch.Tensor, Any]:
     """``(grad leaves, treespec, log posterior, aux)``, with the parameters,
     the value and the gradient checked for NaN and inf with one host sync
-    (:mod:`posteriors_fast.ops.value_grad`)."""
+    (:mod:`posteriors_fast.ops.value_grad`). With a data-parallel ``group``
+    (a ``posteriors_fast.distributed.Group``), the reduced gradient and value
+    over every rank's shard of the batch (one all-reduce of P + 1 values;
+    ``aux`` is this rank's), after every rank's checks passed."""
+    if group is not None and group.mode != "chains":
+
+        def local():
+            leaves, _, value, aux = gradient(log_posterior, params, batch, backend)
+            return leaves, value, aux
+
+        grads, value, aux = group.reduce_gradient(local, what=what, params=params, batch=batch, extra=settings)
+        leaves, spec = tree_flatten(grads)
+        return leaves, spec, value, aux
     with CatchAuxError(), _checks.blame_batch(batch, "log_posterior"):
         grads, value, aux, witness = value_grad(log_posterior, params, batch, "log_posterior", backend=backend)
     leaves, spec = tree_flatten(grads)
@@ -66,3 +81,20 @@ def gradient(log_posterior, params, batch, backend: str) -> Tuple[List[torch.Ten
         witness,
     )
     return leaves, spec, value, aux
+
+
+def noise(group, params, draws: bool = True):
+    """Context for one step's noise draws: as they are without a group (or
+    when nothing is drawn); from the group's noise stream with one (the same
+    on every rank of a data-parallel group, seed + rank for ``chains``)."""
+    if group is None or not draws:
+        return contextlib.nullcontext()
+    leaves = tree_leaves(params)
+    return group.noise(leaves[0].device if leaves else None)
+
+
+def check_params(group, params, what: str) -> None:
+    """At init: a data-parallel group's ranks hold the same parameters
+    (independent chains may start anywhere)."""
+    if group is not None and group.mode != "chains":
+        group.check_params(params, what)

@@ -16,6 +16,7 @@ from torch.func import grad_and_value  # noqa: F401  (posteriors 0.0.5 exposes i
 from posteriors_fast._internal.errors import CatchAuxError  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast._internal.state import copy_leaves_, write_field
 from posteriors_fast.backends import resolve
+from posteriors_fast.distributed import resolve as resolve_group
 from posteriors_fast.ops.sghmc_step import sghmc_step
 from posteriors_fast.sgmcmc import _step
 from posteriors_fast.sgmcmc._momenta import initial_momenta
@@ -33,6 +34,7 @@ def build(
     temperature: float = 1.0,
     momenta: TensorTree | float | None = None,
     backend: str | None = None,
+    process_group=None,
 ) -> Transform:
     """Bind the SGHMC hyperparameters into a ``Transform``.
 
@@ -45,14 +47,24 @@ def build(
         temperature: T >= 0.
         momenta: Initial momenta: None (standard normal), a scalar or a tree.
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        process_group: None (one process); a ``torch.distributed`` process
+            group or ``posteriors_fast.distributed.data_parallel(...)``: one
+            chain, each rank passing its shard of the batch; the gradient and
+            value are the ranks' weighted mean (Σ n_r g_r / Σ n_r, exact for a
+            per-datum mean log posterior; ``reduction="sum"`` adds them; one
+            all-reduce of P + 1 values per step) and the noise is the same on
+            every rank, so the chain is bit-identical everywhere; or
+            ``posteriors_fast.distributed.chains(...)``: an independent chain
+            per rank on its own data, noise from seed + rank.
 
     Returns:
         ``Transform(init, update)``.
     """
     backend = resolve(backend)
+    group = resolve_group(process_group, "sgmcmc.sghmc", _MODES)
     _step.hmc_settings(lr, alpha, beta, sigma, temperature)
     return Transform(
-        partial(init, momenta=momenta),
+        partial(init, momenta=momenta, process_group=group),
         partial(
             update,
             log_posterior=log_posterior,
@@ -62,8 +74,12 @@ def build(
             sigma=sigma,
             temperature=temperature,
             backend=backend,
+            process_group=group,
         ),
     )
+
+
+_MODES = ("data", "chains")
 
 
 class SGHMCState(NamedTuple):
@@ -82,18 +98,23 @@ class SGHMCState(NamedTuple):
     aux: Any = None
 
 
-def init(params: TensorTree, momenta: TensorTree | float | None = None) -> SGHMCState:
+def init(params: TensorTree, momenta: TensorTree | float | None = None, process_group=None) -> SGHMCState:
     """Initial state at ``params`` with ``momenta``.
 
     Args:
         params: Pytree of finite floating-point tensors (kept by reference).
         momenta: None (standard normal draws), a scalar for every entry, or a
             tree like ``params`` (copied).
+        process_group: As in ``build``; a data-parallel group's ranks must
+            hold the same params (checked) and draw the same momenta.
 
     Returns:
         ``SGHMCState`` with its own (empty) log-posterior tensor.
     """
-    return SGHMCState(params, initial_momenta(params, momenta), torch.tensor([]))
+    group = resolve_group(process_group, "sgmcmc.sghmc.init", _MODES)
+    _step.check_params(group, params, "sgmcmc.sghmc.init")
+    with _step.noise(group, params, draws=momenta is None):
+        return SGHMCState(params, initial_momenta(params, momenta), torch.tensor([]))
 
 
 def update(
@@ -107,6 +128,7 @@ def update(
     temperature: float = 1.0,
     inplace: bool = False,
     backend: str | None = None,
+    process_group=None,
 ) -> SGHMCState:
     """One SGHMC step (see the module docstring).
 
@@ -118,18 +140,24 @@ def update(
         inplace: Overwrite the state's tensors (only after every check passed).
         backend: ``"eager"`` (the reference's noise draws), ``"compiled"`` or
             None for the current default (an addition to posteriors 0.0.5).
+        process_group: As in ``build``: ``batch`` is this rank's shard (data
+            parallel) or this chain's batch (chains); ``aux`` is this rank's.
 
     Returns:
         The new ``SGHMCState``.
     """
     scale, prec = _step.hmc_settings(lr, alpha, beta, sigma, temperature)
     backend = resolve(backend)
-    grads, spec, value, aux = _step.gradient(log_posterior, state.params, batch, backend)
+    group = resolve_group(process_group, "sgmcmc.sghmc.update", _MODES)
+    grads, spec, value, aux = _step.gradient(
+        log_posterior, state.params, batch, backend, group, "sgmcmc.sghmc.update", (lr, alpha, beta, sigma, temperature)
+    )
     params = tree_flatten(state.params)[0]
     momenta = tree_flatten(state.momenta)[0]
-    new_params, new_momenta = sghmc_step(
-        params, momenta, grads, lr * prec, 1.0 - lr * prec * alpha, lr, scale, backend=backend
-    )
+    with _step.noise(group, params):
+        new_params, new_momenta = sghmc_step(
+            params, momenta, grads, lr * prec, 1.0 - lr * prec * alpha, lr, scale, backend=backend
+        )
     if not inplace:
         return SGHMCState(tree_unflatten(spec, new_params), tree_unflatten(spec, new_momenta), value, aux)
     copy_leaves_(params + momenta, new_params + new_momenta)

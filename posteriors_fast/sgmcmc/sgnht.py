@@ -21,6 +21,7 @@ from posteriors_fast._internal import checks as _checks
 from posteriors_fast._internal.errors import CatchAuxError  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast._internal.state import copy_leaves_, write_field
 from posteriors_fast.backends import resolve
+from posteriors_fast.distributed import resolve as resolve_group
 from posteriors_fast.ops.normal import normal
 from posteriors_fast.sgmcmc import _step
 from posteriors_fast.sgmcmc._momenta import initial_momenta
@@ -39,6 +40,7 @@ def build(
     momenta: TensorTree | float | None = None,
     xi: float = None,
     backend: str | None = None,
+    process_group=None,
 ) -> Transform:
     """Bind the SGNHT hyperparameters into a ``Transform``.
 
@@ -52,14 +54,24 @@ def build(
         momenta: Initial momenta: None (standard normal), a scalar or a tree.
         xi: Initial thermostat ξ; ``None`` (or 0, as in posteriors 0.0.5) means α.
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
+        process_group: None (one process); a ``torch.distributed`` process
+            group or ``posteriors_fast.distributed.data_parallel(...)``: one
+            chain, each rank passing its shard of the batch; the gradient and
+            value are the ranks' weighted mean (Σ n_r g_r / Σ n_r, exact for a
+            per-datum mean log posterior; ``reduction="sum"`` adds them; one
+            all-reduce of P + 1 values per step) and the noise is the same on
+            every rank, so the chain is bit-identical everywhere; or
+            ``posteriors_fast.distributed.chains(...)``: an independent chain
+            per rank on its own data, noise from seed + rank.
 
     Returns:
         ``Transform(init, update)``.
     """
     backend = resolve(backend)
+    group = resolve_group(process_group, "sgmcmc.sgnht", _MODES)
     _step.hmc_settings(lr, alpha, beta, sigma, temperature)
     return Transform(
-        partial(init, momenta=momenta, xi=xi or alpha),
+        partial(init, momenta=momenta, xi=xi or alpha, process_group=group),
         partial(
             update,
             log_posterior=log_posterior,
@@ -69,8 +81,12 @@ def build(
             sigma=sigma,
             temperature=temperature,
             backend=backend,
+            process_group=group,
         ),
     )
+
+
+_MODES = ("data", "chains")
 
 
 class SGNHTState(NamedTuple):
@@ -95,6 +111,7 @@ def init(
     params: TensorTree,
     momenta: TensorTree | float | None = None,
     xi: float | torch.Tensor = 0.01,
+    process_group=None,
 ) -> SGNHTState:
     """Initial state at ``params`` with ``momenta`` and thermostat ``xi``.
 
@@ -103,14 +120,19 @@ def init(
         momenta: None (standard normal draws), a scalar for every entry, or a
             tree like ``params`` (copied).
         xi: Initial thermostat, a finite number or one-element tensor (copied).
+        process_group: As in ``build``; a data-parallel group's ranks must
+            hold the same params (checked) and draw the same momenta.
 
     Returns:
         ``SGNHTState`` with its own (empty) log-posterior tensor.
     """
+    group = resolve_group(process_group, "sgmcmc.sgnht.init", _MODES)
     if not math.isfinite(_checks.scalar_value(xi, "xi")):
         raise ValueError(f"xi must be finite, got {xi!r}")
     xi = xi.detach().clone() if isinstance(xi, torch.Tensor) else torch.tensor(xi)
-    return SGNHTState(params, initial_momenta(params, momenta), xi, torch.tensor([]))
+    _step.check_params(group, params, "sgmcmc.sgnht.init")
+    with _step.noise(group, params, draws=momenta is None):
+        return SGNHTState(params, initial_momenta(params, momenta), xi, torch.tensor([]))
 
 
 def update(
@@ -124,6 +146,7 @@ def update(
     temperature: float = 1.0,
     inplace: bool = False,
     backend: str | None = None,
+    process_group=None,
 ) -> SGNHTState:
     """One SGNHT step (see the module docstring).
 
@@ -135,16 +158,21 @@ def update(
         inplace: Overwrite the state's tensors (only after every check passed).
         backend: ``"eager"`` (the reference's noise draws), ``"compiled"`` or
             None for the current default (an addition to posteriors 0.0.5).
+        process_group: As in ``build``: ``batch`` is this rank's shard (data
+            parallel) or this chain's batch (chains); ``aux`` is this rank's.
 
     Returns:
         The new ``SGNHTState``.
     """
     scale, prec = _step.hmc_settings(lr, alpha, beta, sigma, temperature)
     backend = resolve(backend)
-    grads, spec, value, aux = _step.gradient(log_posterior, state.params, batch, backend)
+    group = resolve_group(process_group, "sgmcmc.sgnht.update", _MODES)
+    grads, spec, value, aux = _step.gradient(
+        log_posterior, state.params, batch, backend, group, "sgmcmc.sgnht.update", (lr, alpha, beta, sigma, temperature)
+    )
     params = tree_flatten(state.params)[0]
     momenta = tree_flatten(state.momenta)[0]
-    with torch.no_grad():
+    with torch.no_grad(), _step.noise(group, params):
         xi = state.xi
         mean_square = tree_ravel(state.momenta)[0].square().mean()
         new_xi = xi + lr * (prec * mean_square - temperature)

@@ -28,9 +28,11 @@ from posteriors_fast._internal.sampling import unravel_draws
 from posteriors_fast._internal.state import write_field
 from posteriors_fast._internal.torchopt_step import step
 from posteriors_fast.backends import neutral, resolve
+from posteriors_fast.distributed import resolve as resolve_group
 from posteriors_fast.tree_utils import tree_insert_, tree_size  # noqa: F401  (posteriors 0.0.5 exposes them here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 from posteriors_fast.utils import L_from_flat, L_to_flat, is_scalar
+from posteriors_fast.vi import _settings
 from posteriors_fast.vi._settings import check_settings
 
 torchopt = optional.load("torchopt")  # posteriors 0.0.5 exposes the module here (None if absent)
@@ -47,6 +49,7 @@ def build(
     stl: bool = True,
     init_L: torch.Tensor | float = 1.0,
     backend: str | None = None,
+    process_group=None,
 ) -> Transform:
     """Bind the settings into a ``Transform``.
 
@@ -59,14 +62,24 @@ def build(
         init_L: Initial Cholesky factor: a scalar c (c·I) or a (P, P) lower-triangular tensor.
         backend: Accepted for a uniform API: both backends run the same torch
             code (the step's cost is the user's log posterior and its gradient).
+        process_group: None (one process); a ``torch.distributed`` process
+            group or ``posteriors_fast.distributed.data_parallel(...)``: one
+            fit, each rank passing its shard of the batch, the same draws
+            from q on every rank and the ranks' gradients combined as a
+            weighted mean (Σ n_r g_r / Σ n_r: exact for a per-datum mean log
+            posterior; ``reduction="sum"`` adds the log-posterior terms; one
+            all-reduce of the gradient per step); or
+            ``posteriors_fast.distributed.chains(...)``: an independent fit per
+            rank, draws from seed + rank.
 
     Returns:
         ``Transform(init, update)``.
     """
     resolve(backend)
     check_settings(temperature, n_samples)
+    group = resolve_group(process_group, "vi.dense", _settings.MODES)
     return Transform(
-        partial(init, optimizer=optimizer, init_L=init_L),
+        partial(init, optimizer=optimizer, init_L=init_L, process_group=group),
         partial(
             update,
             log_posterior=log_posterior,
@@ -74,6 +87,7 @@ def build(
             temperature=temperature,
             n_samples=n_samples,
             stl=stl,
+            process_group=group,
         ),
     )
 
@@ -96,7 +110,7 @@ class VIDenseState(NamedTuple):
     aux: Any = None
 
 
-def init(params: TensorTree, optimizer: Any, init_L: torch.Tensor | float = 1.0) -> VIDenseState:
+def init(params: TensorTree, optimizer: Any, init_L: torch.Tensor | float = 1.0, process_group=None) -> VIDenseState:
     """Initial state: mean ``params``, factor ``init_L`` and
     ``optimizer.init([params, L_flat])``.
 
@@ -105,14 +119,19 @@ def init(params: TensorTree, optimizer: Any, init_L: torch.Tensor | float = 1.0)
         optimizer: The torchopt optimizer of ``build``.
         init_L: A scalar c (c·I on the params' device and dtype) or a (P, P)
             lower-triangular tensor (its lower triangle is used).
+        process_group: As in ``build``; a data-parallel group's ranks must hold
+            the same params (checked).
 
     Returns:
         ``VIDenseState`` with ``L_factor`` the flat lower triangle
         (``L_to_flat``) and its own (empty) ``nelbo`` tensor.
     """
     optional.torchopt("posteriors_fast.vi")
+    group = resolve_group(process_group, "vi.dense.init", _settings.MODES)
     _checks.float_params(params, "params")
     _checks.finite_params(params, "params")
+    if group is not None and group.mode != "chains":
+        group.check_params(params, "vi.dense.init")
     flat = tree_ravel(params)[0]
     size = flat.numel()
     if is_scalar(init_L):
@@ -136,6 +155,7 @@ def update(
     n_samples: int = 1,
     stl: bool = True,
     inplace: bool = False,
+    process_group=None,
 ) -> VIDenseState:
     """One optimizer step on the negative ELBO of ``batch``.
 
@@ -149,6 +169,8 @@ def update(
         stl: Use the sticking-the-landing gradient estimator.
         inplace: Update the mean, the factor and the optimizer state in place;
             nothing changes unless the ELBO and its gradient are finite.
+        process_group: As in ``build``: ``batch`` is this rank's shard; ``aux``
+            is this rank's.
 
     Returns:
         The new ``VIDenseState``, carrying the advanced optimizer state in
@@ -159,24 +181,30 @@ def update(
             ``log_posterior`` at the draws, or the gradient.
     """
     check_settings(temperature, n_samples)
+    group = resolve_group(process_group, "vi.dense.update", _settings.MODES)
+    temperature_here = _settings.local_temperature(group, temperature, batch)
 
     def objective(mean, L_flat):
         with _checks.blame_batch(batch, "log_posterior"):
-            return nelbo(mean, L_flat, batch, log_posterior, temperature, n_samples, stl)
+            return nelbo(mean, L_flat, batch, log_posterior, temperature_here, n_samples, stl)
 
-    (mean, L_flat), opt_state, value, aux = step(
-        objective,
-        (state.params, state.L_factor),
-        (),
-        state.opt_state,
-        optimizer,
-        inplace=inplace,
-        what="the negative ELBO",
-        names=("params", "L_factor"),
-        value_label=_VALUE_LABEL,
-        grad_label=_GRAD_LABEL,
-        needed_by="posteriors_fast.vi",
-    )
+    with _settings.noise(group, state.params):
+        (mean, L_flat), opt_state, value, aux = step(
+            objective,
+            (state.params, state.L_factor),
+            (),
+            state.opt_state,
+            optimizer,
+            inplace=inplace,
+            what="the negative ELBO",
+            names=("params", "L_factor"),
+            value_label=_VALUE_LABEL,
+            grad_label=_GRAD_LABEL,
+            needed_by="posteriors_fast.vi",
+            group=group,
+            batch=batch,
+            settings=(temperature, n_samples, stl),
+        )
     if inplace:
         return write_field(state, "nelbo", value, opt_state=opt_state, aux=aux)
     return VIDenseState(mean, L_flat, opt_state, value, aux)

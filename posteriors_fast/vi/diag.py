@@ -24,9 +24,11 @@ from posteriors_fast._internal.errors import CatchAuxError  # noqa: F401  (poste
 from posteriors_fast._internal.state import write_field
 from posteriors_fast._internal.torchopt_step import step
 from posteriors_fast.backends import neutral, resolve
+from posteriors_fast.distributed import resolve as resolve_group
 from posteriors_fast.tree_utils import tree_insert_  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 from posteriors_fast.utils import diag_normal_log_prob, diag_normal_sample, is_scalar
+from posteriors_fast.vi import _settings
 from posteriors_fast.vi._settings import check_settings
 
 torchopt = optional.load("torchopt")  # posteriors 0.0.5 exposes the module here (None if absent)
@@ -43,6 +45,7 @@ def build(
     stl: bool = True,
     init_log_sds: TensorTree | float = 0.0,
     backend: str | None = None,
+    process_group=None,
 ) -> Transform:
     """Bind the settings into a ``Transform``.
 
@@ -55,14 +58,24 @@ def build(
         init_log_sds: Initial log standard deviations, a scalar or a tree like params.
         backend: Accepted for a uniform API: both backends run the same torch
             code (the step's cost is the user's log posterior and its gradient).
+        process_group: None (one process); a ``torch.distributed`` process
+            group or ``posteriors_fast.distributed.data_parallel(...)``: one
+            fit, each rank passing its shard of the batch, the same draws
+            from q on every rank and the ranks' gradients combined as a
+            weighted mean (Σ n_r g_r / Σ n_r: exact for a per-datum mean log
+            posterior; ``reduction="sum"`` adds the log-posterior terms; one
+            all-reduce of the gradient per step); or
+            ``posteriors_fast.distributed.chains(...)``: an independent fit per
+            rank, draws from seed + rank.
 
     Returns:
         ``Transform(init, update)``.
     """
     resolve(backend)
     check_settings(temperature, n_samples)
+    group = resolve_group(process_group, "vi.diag", _settings.MODES)
     return Transform(
-        partial(init, optimizer=optimizer, init_log_sds=init_log_sds),
+        partial(init, optimizer=optimizer, init_log_sds=init_log_sds, process_group=group),
         partial(
             update,
             log_posterior=log_posterior,
@@ -70,6 +83,7 @@ def build(
             temperature=temperature,
             n_samples=n_samples,
             stl=stl,
+            process_group=group,
         ),
     )
 
@@ -92,7 +106,7 @@ class VIDiagState(NamedTuple):
     aux: Any = None
 
 
-def init(params: TensorTree, optimizer: Any, init_log_sds: TensorTree | float = 0.0) -> VIDiagState:
+def init(params: TensorTree, optimizer: Any, init_log_sds: TensorTree | float = 0.0, process_group=None) -> VIDiagState:
     """Initial state: mean ``params``, log standard deviations ``init_log_sds``
     (copied if a tree) and ``optimizer.init([params, log_sds])``.
 
@@ -100,13 +114,18 @@ def init(params: TensorTree, optimizer: Any, init_log_sds: TensorTree | float = 
         params: Pytree of finite floating-point tensors (kept by reference).
         optimizer: The torchopt optimizer of ``build``.
         init_log_sds: A scalar for every entry or a tree like ``params``.
+        process_group: As in ``build``; a data-parallel group's ranks must hold
+            the same params (checked).
 
     Returns:
         ``VIDiagState`` with its own (empty) ``nelbo`` tensor.
     """
     optional.torchopt("posteriors_fast.vi")
+    group = resolve_group(process_group, "vi.diag.init", _settings.MODES)
     _checks.float_params(params, "params")
     _checks.finite_params(params, "params")
+    if group is not None and group.mode != "chains":
+        group.check_params(params, "vi.diag.init")
     if is_scalar(init_log_sds):
         value = _checks.finite_value(init_log_sds, "init_log_sds")
         log_sds = tree_map(lambda x: torch.full_like(x, value, requires_grad=x.requires_grad), params)
@@ -126,6 +145,7 @@ def update(
     n_samples: int = 1,
     stl: bool = True,
     inplace: bool = False,
+    process_group=None,
 ) -> VIDiagState:
     """One optimizer step on the negative ELBO of ``batch``.
 
@@ -140,6 +160,8 @@ def update(
         inplace: Update the mean, log standard deviations and optimizer state
             in place; nothing changes unless the ELBO and its gradient are
             finite.
+        process_group: As in ``build``: ``batch`` is this rank's shard; ``aux``
+            is this rank's.
 
     Returns:
         The new ``VIDiagState``, carrying the advanced optimizer state in
@@ -150,24 +172,30 @@ def update(
             ``log_posterior`` at the draws, or the gradient.
     """
     check_settings(temperature, n_samples)
+    group = resolve_group(process_group, "vi.diag.update", _settings.MODES)
+    temperature_here = _settings.local_temperature(group, temperature, batch)
 
     def objective(mean, log_sds):
         with _checks.blame_batch(batch, "log_posterior"):
-            return nelbo(mean, tree_map(torch.exp, log_sds), batch, log_posterior, temperature, n_samples, stl)
+            return nelbo(mean, tree_map(torch.exp, log_sds), batch, log_posterior, temperature_here, n_samples, stl)
 
-    (mean, log_sds), opt_state, value, aux = step(
-        objective,
-        (state.params, state.log_sd_diag),
-        (),
-        state.opt_state,
-        optimizer,
-        inplace=inplace,
-        what="the negative ELBO",
-        names=("params", "log_sd_diag"),
-        value_label=_VALUE_LABEL,
-        grad_label=_GRAD_LABEL,
-        needed_by="posteriors_fast.vi",
-    )
+    with _settings.noise(group, state.params):
+        (mean, log_sds), opt_state, value, aux = step(
+            objective,
+            (state.params, state.log_sd_diag),
+            (),
+            state.opt_state,
+            optimizer,
+            inplace=inplace,
+            what="the negative ELBO",
+            names=("params", "log_sd_diag"),
+            value_label=_VALUE_LABEL,
+            grad_label=_GRAD_LABEL,
+            needed_by="posteriors_fast.vi",
+            group=group,
+            batch=batch,
+            settings=(temperature, n_samples, stl),
+        )
     if inplace:
         return write_field(state, "nelbo", value, opt_state=opt_state, aux=aux)
     return VIDiagState(mean, log_sds, opt_state, value, aux)
