@@ -65,8 +65,15 @@ def environment(data: Dict) -> str:
     return (
         f"Measured on {env['device_name']} ({env.get('cpu_flags', '')}; kernels at {env.get('cpu_isa', '?')}), "
         f"{env['threads']} threads, torch {env['torch']}, posteriors {env['posteriors']}, "
-        f"commit {env['commit'][:10]}, {env.get('date', '')}: `docs/results/full_run.json`."
+        f"commit {env['commit'][:10]}, {env.get('date', '')}{_load(env)}: `docs/results/full_run.json`."
     )
+
+
+def _load(env: Dict) -> str:
+    load = env.get("load_average")
+    if not load or not env.get("cpu_count"):
+        return ""
+    return f", load average {load[0]:.1f} on {env['cpu_count']} cores at the start"
 
 
 def headline(data: Dict) -> str:

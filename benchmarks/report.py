@@ -48,8 +48,12 @@ def environment(device: str) -> Dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "commit": commit,
         "date": time.strftime("%Y-%m-%d"),
+        # Other work on a shared machine skews per-call ratios; a reader can
+        # judge a run by the load it started under (1, 5, 15 minute averages).
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     try:
         import posteriors
