@@ -118,3 +118,22 @@ def test_common_phases_leave_out_what_a_provider_failed():
     failed = {"status": "ok", "phases": {"map": {"s": 1.0}, "ekf_dense": {"s": float("nan"), "error": "x"}}}
     assert workflows._common_phases([ok, failed]) == ["map"]
     assert workflows._common_phases([ok, ok]) == ["map", "ekf_dense"]
+
+
+def test_publish_of_the_published_file_itself_regenerates_without_copying(tmp_path, monkeypatch):
+    """``python -m benchmarks.publish --results docs/results/full_run.json``:
+    source and destination are one file (shutil.copyfile would raise
+    SameFileError); the tables are regenerated from it."""
+    from benchmarks import publish
+
+    published = tmp_path / "full_run.json"
+    published.write_text(json.dumps({"marker": 1}))
+    target = tmp_path / "page.md"
+    target.write_text("<!-- generated: fake -->\nold\n<!-- end generated -->\n")
+    monkeypatch.setattr(publish, "PUBLISHED", str(published))
+    monkeypatch.setattr(publish, "TARGETS", (str(target),))
+    monkeypatch.setitem(publish.SECTIONS, "fake", lambda data: f"marker {data['marker']}")
+    monkeypatch.setattr(publish, "load", lambda path=None: json.loads(published.read_text()))
+    assert publish.main(["--results", str(published)]) == 0
+    assert target.read_text() == "<!-- generated: fake -->\nmarker 1\n<!-- end generated -->\n"
+    assert json.loads(published.read_text()) == {"marker": 1}
