@@ -408,6 +408,22 @@ class CostBook:
 BOOK = CostBook(_cache_path())
 
 
+def set_cache_dir(root: Optional[str]) -> None:
+    """Keep the compile-cost estimates (and remembered failures) in
+    ``root/compile_costs.json`` from now on, None for memory only: what
+    ``POSTERIORS_FAST_CACHE_DIR`` sets at import. The estimates measured so
+    far in this process are dropped; the new file's are loaded when needed."""
+    path = None if root is None else os.path.join(root, "compile_costs.json")
+    with BOOK._lock:
+        BOOK.path = path
+        BOOK.graphs.clear()
+        BOOK.kinds.clear()
+        BOOK.failures.clear()
+        BOOK._unsaved.clear()
+        BOOK._medians.clear()
+        BOOK._loaded = False
+
+
 def forget(*, costs: bool = False) -> None:
     """Forget the remembered compile failures, in this process and in the
     cost file, so those graphs are compiled again when the policy says so
