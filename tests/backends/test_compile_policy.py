@@ -672,3 +672,37 @@ def test_cost_book_is_thread_safe_merges_kinds_and_leaves_no_temp_file(tmp_path,
     monkeypatch.setattr(_tiered.json, "dump", broken_dump)
     first.record("a2", "a", 5.0)
     assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["compile_costs.json"]
+
+
+def test_a_users_error_after_the_graph_was_built_keeps_the_compile(monkeypatch):
+    """A real (backend="eager") torch.compile: the graph is built, then the
+    user's check raises while it runs. The error propagates, the compile's
+    time is recorded as the graph's cost, and the next call reuses the graph
+    instead of compiling again."""
+
+    def run(fn, x):
+        return fn(x)
+
+    def picky(x):
+        y = x * 2
+        if bool(y.isnan().any()):  # data-dependent: dynamo builds the graph up to here
+            raise ValueError("picky refuses NaN")
+        return y + 1
+
+    compiles = []
+
+    def compile_():
+        compiles.append(1)
+        return torch.compile(_tiered._fresh_copy(run, len(compiles)), backend="eager", dynamic=False)
+
+    tiered = _tiered.TieredCompile(run, "the picky computation", kind="picky")
+    tiered.book = _tiered.CostBook(None)
+    tiered.policy = _tiered.Policy("always")
+    monkeypatch.setattr(tiered, "_compile", compile_)
+    good, bad = torch.zeros(3), torch.full((3,), float("nan"))
+    with pytest.raises(ValueError, match="picky refuses NaN"):
+        tiered(picky, "sig", picky, bad)
+    (key,) = tiered.book.graphs
+    assert tiered.book.graphs[key] >= 0 and not tiered.book.failures
+    torch.testing.assert_close(tiered(picky, "sig", picky, good), good * 2 + 1)
+    assert len(compiles) == 1
