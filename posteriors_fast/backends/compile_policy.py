@@ -605,6 +605,10 @@ class TieredCompile:
         self._compiled += 1
         return torch.compile(_fresh_copy(self._traced, self._compiled), dynamic=False)
 
+    def _for(self, owner: object) -> str:
+        """`` for <the user function>`` in messages."""
+        return f" for {_describe_owner(owner)}"
+
     def _forget_failures(self) -> None:
         for per_owner in list(self._entries.values()):
             for signature, entry in list(per_owner.items()):
@@ -638,11 +642,11 @@ class TieredCompile:
             if not self._warned_remembered:
                 self._warned_remembered = True
                 logger.warning(
-                    "posteriors_fast: not compiling %s for %s: its compile failed in an earlier process "
+                    "posteriors_fast: not compiling %s%s: its compile failed in an earlier process "
                     "with these versions (%s; remembered in %s). "
                     "posteriors_fast.backends.compile_policy.forget() tries again",
                     self._name,
-                    _describe_owner(owner),
+                    self._for(owner),
                     FAILURE_VERSION,
                     self.book.path,
                 )
@@ -691,11 +695,11 @@ class TieredCompile:
             _STATS["failed"] += 1
             _STATS["compile_s"] += spent
             logger.warning(
-                "posteriors_fast: torch.compile of %s for %s failed (%s: %s); running it eagerly, and not "
+                "posteriors_fast: torch.compile of %s%s failed (%s: %s); running it eagerly, and not "
                 "compiling it again with these versions (remembered in %s; "
                 "posteriors_fast.backends.compile_policy.forget() tries again)",
                 self._name,
-                _describe_owner(owner),
+                self._for(owner),
                 type(err).__name__,
                 str(err).splitlines()[0][:200] if str(err) else "",
                 self.book.path or "this process",
@@ -717,11 +721,11 @@ class TieredCompile:
         if not self._warned_recompile:
             self._warned_recompile = True
             logger.warning(
-                "posteriors_fast: the compiled %s for %s recompiled (something its input signature does "
+                "posteriors_fast: the compiled %s%s recompiled (something its input signature does "
                 "not show changed: a closure variable, a global or a module attribute); it runs eagerly "
                 "from now on",
                 self._name,
-                _describe_owner(owner),
+                self._for(owner),
             )
 
 
@@ -747,6 +751,9 @@ class GuardedCompile(TieredCompile):
     def _compile(self) -> Callable:
         self._compiled += 1
         return torch.compile(_fresh_copy(self._traced, self._compiled), **self._options)
+
+    def _for(self, owner: object) -> str:
+        return ""  # no user function inside: the name says what it is
 
     def __call__(self, *args):
         # With dynamic shapes one graph serves every size: key on what the
