@@ -190,7 +190,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not args.check:
         os.makedirs(os.path.dirname(PUBLISHED), exist_ok=True)
-        shutil.copyfile(args.results, PUBLISHED)
+        # Publishing the published file again (--results docs/results/full_run.json,
+        # to regenerate the tables) has nothing to copy.
+        if not (os.path.exists(PUBLISHED) and os.path.samefile(args.results, PUBLISHED)):
+            shutil.copyfile(args.results, PUBLISHED)
     data = load()
     stale = []
     for path in TARGETS:

@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -290,10 +291,6 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # ---------------------------------------------------------------------------
 # The parent side: fresh processes, interleaved providers, medians.
 
@@ -331,8 +328,6 @@ def measure_workflows(names, providers, rounds: int, threads: int, cache_dir: st
     caller empties first: round 1 runs with cold caches, later rounds with the
     caches the earlier ones left, as a user's second run of a script would.
     """
-    import statistics
-
     env = {
         "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache_dir, "inductor"),
         "POSTERIORS_FAST_CACHE_DIR": os.path.join(cache_dir, "posteriors_fast"),
@@ -344,29 +339,29 @@ def measure_workflows(names, providers, rounds: int, threads: int, cache_dir: st
             order = providers[r % len(providers) :] + providers[: r % len(providers)]
             for provider in order:
                 runs[provider].append(run_child(name, provider, threads, env))
-        common = _common_phases([runs[p][0] for p in providers])
+        firsts = [next((x for x in runs[p] if x.get("status") == "ok"), runs[p][0]) for p in providers]
+        common = _common_phases(firsts)
         for provider in providers:
-            ok = [x for x in runs[provider] if x.get("status") == "ok"]
-            row = {"workflow": name, "provider": provider, "rounds": len(ok)}
+            # A round counts when its process finished and every common phase
+            # completed in it; the others are dropped (and counted), so one
+            # failed round cannot turn a median into NaN.
+            ok = [x for x in runs[provider] if _completed(x, common)]
+            row = {"workflow": name, "provider": provider, "rounds": len(ok), "failed_rounds": rounds - len(ok)}
             if not ok:
-                row.update(status=runs[provider][0].get("status", "error"), note=runs[provider][0].get("note", ""))
+                first = runs[provider][0]
+                note = first.get("note", "") or "a common phase failed in every round"
+                row.update(status=first.get("status", "error") if first.get("status") != "ok" else "error", note=note)
                 rows.append(row)
                 continue
             row.update(
                 status="ok",
                 P=ok[0]["P"],
                 process_s=statistics.median(x["process_s"] for x in ok),
-                cold_process_s=ok[0]["process_s"],
+                cold_process_s=runs[provider][0].get("process_s", float("nan")),
                 common_s=statistics.median(sum(x["phases"][p]["s"] for p in common) for x in ok),
                 compile_s=statistics.median(x["compile_s"] for x in ok),
                 compiles=ok[-1]["compiles"],
-                phases={
-                    phase: {
-                        "s": statistics.median(x["phases"][phase]["s"] for x in ok),
-                        **{k: v for k, v in ok[-1]["phases"][phase].items() if k != "s"},
-                    }
-                    for phase in ok[-1]["phases"]
-                },
+                phases={phase: _phase_median(ok, phase) for phase in ok[-1]["phases"]},
                 common=common,
             )
             rows.append(row)
@@ -380,6 +375,24 @@ def measure_workflows(names, providers, rounds: int, threads: int, cache_dir: st
                 row["vs_eager"] = row["common_s"] / eager["common_s"]
         log(_summary_line(name, [x for x in rows if x["workflow"] == name]))
     return rows
+
+
+def _completed(result: Dict, common: List[str]) -> bool:
+    """Whether a child finished and completed every phase of ``common``."""
+    if result.get("status") != "ok":
+        return False
+    phases = result["phases"]
+    return all(p in phases and "error" not in phases[p] and math.isfinite(phases[p]["s"]) for p in common)
+
+
+def _phase_median(results: List[Dict], phase: str) -> Dict:
+    """A phase's median time over the rounds that completed it, with the last
+    such round's scores; the last round's error when none did (a phase the
+    reference fails, outside the common ones)."""
+    done = [x["phases"][phase] for x in results if phase in x["phases"] and "error" not in x["phases"][phase]]
+    if not done:
+        return results[-1]["phases"][phase]
+    return {**done[-1], "s": statistics.median(d["s"] for d in done)}
 
 
 def _common_phases(results: List[Dict]) -> List[str]:
@@ -397,9 +410,10 @@ def _summary_line(name: str, rows: List[Dict]) -> str:
         if row["status"] != "ok":
             parts.append(f"{row['provider']} {row['status']}")
             continue
+        failed = f", {row['failed_rounds']} failed rounds dropped" if row.get("failed_rounds") else ""
         parts.append(
             f"{row['provider']} {row['common_s']:.2f} s (process {row['process_s']:.1f} s, "
-            f"compile {row['compile_s']:.1f} s, {row.get('speedup', float('nan')):.2f}x)"
+            f"compile {row['compile_s']:.1f} s, {row.get('speedup', float('nan')):.2f}x{failed})"
         )
     return f"workflow {name}: " + ", ".join(parts)
 
@@ -415,9 +429,12 @@ def markdown(rows: List[Dict]) -> str:
         if row["status"] != "ok":
             lines.append(f"| {row['workflow']} | | {row['provider']} | {row['status']}: {row.get('note', '')} |||||")
             continue
+        provider = row["provider"]
+        if row.get("failed_rounds"):
+            provider += f" ({row['failed_rounds']} of {row['rounds'] + row['failed_rounds']} rounds failed, dropped)"
         lines.append(
-            f"| {row['workflow']} | {row['P']} | {row['provider']} | {row['common_s']:.2f} | {row['process_s']:.1f} "
-            f"| {row['cold_process_s']:.1f} | {row['compile_s']:.1f} | {_ratio(row.get('speedup'))} "
+            f"| {row['workflow']} | {row['P']} | {provider} | {row['common_s']:.2f} | {row['process_s']:.1f} "
+            f"| {_seconds(row['cold_process_s'])} | {row['compile_s']:.1f} | {_ratio(row.get('speedup'))} "
             f"| {_ratio(row.get('vs_eager'))} |"
         )
     lines += ["", "| workflow | provider | " + " | ".join(SHORT_PHASES) + " |"]
@@ -438,7 +455,15 @@ def markdown(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def _seconds(value) -> str:
+    return "—" if not isinstance(value, float) or math.isnan(value) else f"{value:.1f}"
+
+
 def _ratio(value) -> str:
     if not isinstance(value, float) or math.isnan(value):
         return "—"
     return f"{value:.2f}x"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -111,9 +111,15 @@ def linearized_forward_diag(
     backend = resolve(backend)
     _checks.same_structure(sd_diag, params, "sd_diag", "params")
     fast = None
-    if not (torch.is_grad_enabled() and any(x.requires_grad for x in tree_leaves(params))):
-        # A forward already found sample-separable (with a per-sample aux):
-        # outputs, Jacobian and aux from one per-sample graph, no batch call.
+    if not (
+        torch.is_grad_enabled()
+        and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves((params, batch)))
+    ):
+        # A forward already found sample-separable (with a per-sample aux, and
+        # outputs that carried no autograd graph, so a closure needing grad
+        # keeps the batch call): outputs, Jacobian and aux from one per-sample
+        # graph without autograd, no batch call. Anything that needs grad
+        # with grad enabled takes the batch call, which records the graph.
         with torch.no_grad(), CatchAuxError():
             fast = per_sample_evaluation(forward_func, params, batch, "forward", backend=backend)
     if fast is not None:

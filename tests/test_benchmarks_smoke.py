@@ -4,6 +4,7 @@ providers, and the report writes its files."""
 
 import importlib
 import json
+import os
 
 import pytest
 
@@ -118,3 +119,69 @@ def test_common_phases_leave_out_what_a_provider_failed():
     failed = {"status": "ok", "phases": {"map": {"s": 1.0}, "ekf_dense": {"s": float("nan"), "error": "x"}}}
     assert workflows._common_phases([ok, failed]) == ["map"]
     assert workflows._common_phases([ok, ok]) == ["map", "ekf_dense"]
+
+
+def test_publish_of_the_published_file_itself_regenerates_without_copying(tmp_path, monkeypatch):
+    """``python -m benchmarks.publish --results docs/results/full_run.json``:
+    source and destination are one file (shutil.copyfile would raise
+    SameFileError); the tables are regenerated from it."""
+    from benchmarks import publish
+
+    published = tmp_path / "full_run.json"
+    published.write_text(json.dumps({"marker": 1}))
+    target = tmp_path / "page.md"
+    target.write_text("<!-- generated: fake -->\nold\n<!-- end generated -->\n")
+    monkeypatch.setattr(publish, "PUBLISHED", str(published))
+    monkeypatch.setattr(publish, "TARGETS", (str(target),))
+    monkeypatch.setitem(publish.SECTIONS, "fake", lambda data: f"marker {data['marker']}")
+    monkeypatch.setattr(publish, "load", lambda path=None: json.loads(published.read_text()))
+    assert publish.main(["--results", str(published)]) == 0
+    assert target.read_text() == "<!-- generated: fake -->\nmarker 1\n<!-- end generated -->\n"
+    assert json.loads(published.read_text()) == {"marker": 1}
+
+
+def test_failed_workflow_rounds_are_dropped_and_counted(monkeypatch):
+    """A later round whose child fails, or fails a common phase, is dropped
+    from the medians (which stay finite) and counted in the row and tables."""
+    from benchmarks import workflows
+
+    def child(seconds, error_in=None, status="ok"):
+        if status != "ok":
+            return {"provider": "x", "status": status, "note": "boom"}
+        phases = {p: {"s": seconds, "acc": 0.9, "nll": 0.3} for p in ("map", "ekf_dense")}
+        if error_in:
+            phases[error_in] = {"s": float("nan"), "error": "RuntimeError: boom"}
+        return {"status": "ok", "P": 10, "process_s": 2 * seconds, "compile_s": 0.0, "compiles": 0, "phases": phases}
+
+    script = {
+        "eager": [child(1.0), child(3.0, error_in="ekf_dense"), child(2.0)],
+        "compiled": [child(0.5), child(0.7), child(0.0, status="error")],
+    }
+    calls = {p: iter(v) for p, v in script.items()}
+    monkeypatch.setattr(workflows, "run_child", lambda name, provider, *a, **k: next(calls[provider]))
+    rows = workflows.measure_workflows(["w"], ["eager", "compiled"], 3, 1, "/nonexistent", log=lambda *_: None)
+    by = {r["provider"]: r for r in rows}
+    assert by["eager"]["failed_rounds"] == 1 and by["eager"]["rounds"] == 2
+    assert by["eager"]["common_s"] == 2 * 1.5 and by["eager"]["phases"]["ekf_dense"]["s"] == 1.5
+    assert by["compiled"]["failed_rounds"] == 1 and by["compiled"]["common_s"] == pytest.approx(2 * 0.6)
+    assert by["compiled"]["vs_eager"] == pytest.approx(0.4)
+    table = workflows.markdown(rows)
+    assert "eager (1 of 3 rounds failed, dropped)" in table and "nan" not in table
+
+
+def test_python_m_benchmarks_keeps_compile_costs_under_its_output(tmp_path, monkeypatch):
+    from benchmarks import __main__ as bench_main
+    from posteriors_fast.backends import compile_policy
+
+    saved = compile_policy.BOOK.path
+    try:
+        monkeypatch.delenv("POSTERIORS_FAST_CACHE_DIR", raising=False)
+        bench_main._isolate_compile_costs(str(tmp_path))
+        assert compile_policy.BOOK.path == str(tmp_path / "compile-costs" / "compile_costs.json")
+        assert os.environ["POSTERIORS_FAST_CACHE_DIR"] == str(tmp_path / "compile-costs")
+        # A directory the user chose is kept.
+        monkeypatch.setenv("POSTERIORS_FAST_CACHE_DIR", str(tmp_path / "mine"))
+        bench_main._isolate_compile_costs(str(tmp_path / "elsewhere"))
+        assert os.environ["POSTERIORS_FAST_CACHE_DIR"] == str(tmp_path / "mine")
+    finally:
+        compile_policy.set_cache_dir(None if saved is None else os.path.dirname(saved))

@@ -1,16 +1,46 @@
 """The examples run (small settings) and their numbers make sense: each
 writes its figure, and the scores it prints are checked, not only its exit."""
 
+import contextlib
 import importlib.util
 import math
 import os
 
+import pytest
+
+from posteriors_fast.backends import selection
 from tests.conftest import skip_unless_installed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 for _module, _why in (("sklearn", "scikit-learn's bundled data"), ("matplotlib", "PNG figures"), ("torchopt", "vi")):
     skip_unless_installed(importlib.util.find_spec(_module) is not None, f"{_module} is not installed ({_why})")
+
+
+@contextlib.contextmanager
+def _default_backend_restored():
+    before = selection._global_default
+    try:
+        yield
+    finally:
+        selection._global_default = before
+
+
+@pytest.fixture(autouse=True)
+def _restore_the_default_backend():
+    """The examples call ``set_backend`` (the process-wide default, "compiled"
+    unless told otherwise): put back what was set before, so later tests see
+    the default they expect."""
+    with _default_backend_restored():
+        yield
+
+
+def test_the_default_backend_is_restored():
+    before = selection._global_default
+    with _default_backend_restored():
+        selection.set_backend("compiled" if before != "compiled" else "eager")
+        assert selection._global_default != before
+    assert selection._global_default == before
 
 
 def _load(name):

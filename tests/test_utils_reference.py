@@ -397,3 +397,28 @@ def test_linearized_forward_diag_keeps_the_graph_of_outputs_when_params_require_
         values, chol, _ = pf.linearized_forward_diag(fwd, params, x, sd)
         assert values.requires_grad
         values.sum().backward()
+
+
+@pytest.mark.parametrize("needs_grad", ["batch", "closure"])
+def test_linearized_forward_diag_keeps_the_graph_when_the_batch_or_a_closure_requires_grad(needs_grad):
+    """After a first call has found the forward sample-separable, a later
+    call whose batch (or a tensor the forward closes over) requires grad
+    still returns outputs with their autograd graph, whose gradient equals
+    the batch forward's (float64 autograd of the plain forward)."""
+    params = random_params("dict", torch.float64)
+    sd = tree_map(lambda t: torch.full_like(t, 0.2), params)
+    (x0, _) = random_batch(5, torch.float64)
+    shift = torch.zeros(3, dtype=torch.float64, requires_grad=needs_grad == "closure")
+
+    def fwd(p, batch):
+        return forward(p, batch) + shift, torch.tensor([])
+
+    pf.linearized_forward_diag(fwd, params, x0.clone(), sd)  # probes: sample-separable
+    for _ in range(2):
+        x = x0.clone().requires_grad_(needs_grad == "batch")
+        values, _, _ = pf.linearized_forward_diag(fwd, params, x, sd)
+        assert values.requires_grad
+        leaf = x if needs_grad == "batch" else shift
+        (got,) = torch.autograd.grad((values**2).sum(), leaf)
+        (want,) = torch.autograd.grad((fwd(params, x)[0] ** 2).sum(), leaf)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

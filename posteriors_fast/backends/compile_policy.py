@@ -7,12 +7,20 @@ run of a few hundred calls never earns that back; a long run does. So the
 default policy, ``"auto"``, is the ski-rental rule: a computation runs
 eagerly, and the time it spends is added up per (user function, input
 signature), until that time reaches ``budget`` times the estimated cost of
-compiling it; then it is compiled. Whatever the length of the run, the time
-spent compiling is then at most about ``1/budget`` times the eager time
-already spent (plus the compiled calls, which are faster), so no run is more
-than about ``1 + 1/budget`` times slower than eager because of compilation
-(twice, for the default ``budget=1``), while long runs reach the compiled
-steady state.
+compiling it; then it is compiled. When the estimate is accurate, whatever
+the length of the run, the time spent compiling is at most about
+``1/budget`` times the eager time already spent (plus the compiled calls,
+which are faster), so no run is more than about ``1 + 1/budget`` times
+slower than eager because of compilation (twice, for the default
+``budget=1``), while long runs reach the compiled steady state.
+
+The bound is only as good as the estimate. A compile that takes ``r`` times
+its estimate stretches it to ``1 + r/budget`` (reached by a run that stops
+right after the compile); the measured cost then replaces the estimate, so
+the next run of the same graph is back within ``1 + 1/budget``. An
+overestimate only compiles later. Recompiles the policy does not decide
+(something outside the signature changed, see below) are not in the bound
+at all; the policy demotes such a graph to eager after its first one.
 
 The estimate of a compile's cost comes from the compiles measured before:
 the last cost of the same graph (same kind, same function code, same
@@ -20,8 +28,11 @@ signature; a warm on-disk inductor cache makes it cheaper), else the median
 of the kind's, else :data:`DEFAULT_COMPILE_S`. Estimates are kept in
 ``compile_costs.json`` in the cache directory (``POSTERIORS_FAST_CACHE_DIR``,
 default ``~/.cache/posteriors_fast``; ``off`` keeps them in memory only), so
-a new process starts from what earlier ones measured; a graph whose compile
-failed is remembered there too and not compiled again with the same torch.
+a new process starts from what earlier ones measured. A graph whose compile
+failed is remembered there too, with the posteriors_fast and torch versions,
+and not compiled again with the same versions (logged, and counted in
+:func:`stats`); :func:`forget` (or deleting the file) tries such graphs
+again.
 
 The policy is a knob (:func:`set_compile_policy`, or the environment):
 
@@ -29,7 +40,9 @@ The policy is a knob (:func:`set_compile_policy`, or the environment):
   graphs; the native kernels still run) or ``always`` (compile on first call);
 * ``POSTERIORS_FAST_COMPILE_BUDGET``: the ``budget`` of ``auto`` (default 1.0;
   larger compiles later, so the bound tightens to ``1 + 1/budget``);
-* ``POSTERIORS_FAST_COMPILE_AFTER=n``: compile on the n-th call instead.
+* ``POSTERIORS_FAST_COMPILE_AFTER=n``: compile on the n-th call instead
+  (under ``auto``, the default, or ``after``; an explicit ``never`` or
+  ``always`` wins and the variable is ignored with a warning).
 
 Each (function, signature) gets its own, separately named copy of the
 computation's code object, compiled static (``dynamic=False``) for its
@@ -37,17 +50,29 @@ shapes, batch size included: dynamo's caches hold one entry per copy (no
 shared recompilation limit, no guard chain that grows with the number of
 functions), a new batch size earns its own compile by the same rule (the
 ragged last batch of an epoch stays eager), and a function rebuilt on every
-call (a fresh lambda) never accrues anything. A failed compile is logged once
-and that entry runs eagerly from then on. Nothing is compiled at import.
+call (a fresh lambda) never accrues anything. The signature holds each
+tensor's shape, dtype and device and the value of each bool, int, float,
+str or None leaf of the batch (graphs specialise on them). What it cannot
+hold (closure variables, globals, module attributes) may still change: a
+compiled entry whose code object then gains a second graph has recompiled,
+and it runs eagerly from then on (logged once per computation). A failed
+compile is logged once and that entry runs eagerly from then on; an error
+the user's function raises on the compiling call propagates and is no
+failure (its compile time is recorded when the graph was built; a trace
+that stopped at the error measured only part of a compile, so nothing is).
+Nothing is compiled at import.
 """
 
+import contextlib
 import hashlib
+import importlib.metadata
 import json
 import logging
 import math
 import os
 import statistics
 import tempfile
+import threading
 import time
 import types
 import weakref
@@ -67,16 +92,20 @@ DEFAULT_COMPILE_S = 5.0
 MAX_COMPILED = 64
 MODES = ("auto", "after", "never", "always")
 
-_FAILED = object()
+_FAILED = object()  # the compile failed (here or, remembered, in an earlier process)
+_DEMOTED = object()  # the compiled graph recompiled: eager from then on
 
 # What this process has compiled under the policy (see stats()).
-_STATS = {"compiles": 0, "failed": 0, "compile_s": 0.0}
+_STATS = {"compiles": 0, "failed": 0, "skipped_failed": 0, "recompiles": 0, "compile_s": 0.0}
 
 
 def stats() -> Dict[str, float]:
-    """What the policy has compiled in this process: ``compiles`` (graphs
-    compiled), ``failed`` (compiles that failed and fell back to eager) and
-    ``compile_s`` (seconds they took beyond an eager call)."""
+    """What the policy has done in this process: ``compiles`` (graphs
+    compiled), ``failed`` (compiles that failed here and fell back to eager),
+    ``skipped_failed`` (graphs left eager because their compile failed in an
+    earlier process, see :func:`forget`), ``recompiles`` (compiled graphs that
+    recompiled and were demoted to eager) and ``compile_s`` (seconds the
+    compiles took beyond an eager call)."""
     return dict(_STATS)
 
 
@@ -101,17 +130,27 @@ class Policy:
 
 
 def _policy_from_environment() -> Policy:
+    """The policy the environment asks for. An explicit
+    ``POSTERIORS_FAST_COMPILE=never`` or ``always`` wins over
+    ``POSTERIORS_FAST_COMPILE_AFTER`` (which is then ignored, with a warning);
+    ``AFTER`` applies under ``auto`` (the default) and ``after``."""
     mode = os.environ.get("POSTERIORS_FAST_COMPILE", "auto").strip().lower() or "auto"
     after = os.environ.get("POSTERIORS_FAST_COMPILE_AFTER")
     budget = os.environ.get("POSTERIORS_FAST_COMPILE_BUDGET")
     policy = Policy()
     try:
-        if mode not in ("auto", "never", "always"):
-            raise ValueError(f"POSTERIORS_FAST_COMPILE={mode!r} is not one of auto, never, always")
+        if mode not in MODES:
+            raise ValueError(f"POSTERIORS_FAST_COMPILE={mode!r} is not one of {', '.join(MODES)}")
         policy.mode = mode
         if budget:
             policy.budget = _positive(float(budget), "POSTERIORS_FAST_COMPILE_BUDGET")
-        if after:
+        if after and mode in ("never", "always"):
+            logger.warning(
+                "posteriors_fast: POSTERIORS_FAST_COMPILE_AFTER=%s is ignored: POSTERIORS_FAST_COMPILE=%s wins",
+                after,
+                mode,
+            )
+        elif after:
             policy.mode, policy.after = "after", max(1, int(after))
     except ValueError as err:
         logger.warning("posteriors_fast: %s; using the default compile policy", err)
@@ -178,7 +217,15 @@ def describe() -> str:
         text = f"after: compile on call {policy.after} with one function and input signature"
     else:
         text = {"never": "never: always eager", "always": "always: compile on the first call"}[policy.mode]
-    return text + f"; {_STATS['compiles']} compiled in this process"
+    text += f"; {_STATS['compiles']} compiled in this process"
+    failed = _STATS["failed"] + _STATS["skipped_failed"]
+    if failed or _STATS["recompiles"]:
+        text += (
+            f", {failed} left eager after a failed compile ({_STATS['skipped_failed']} remembered from an "
+            f"earlier process; compile_policy.forget() retries them), {_STATS['recompiles']} demoted to "
+            "eager after a recompile"
+        )
+    return text
 
 
 def _cache_path() -> Optional[str]:
@@ -191,12 +238,29 @@ def _cache_path() -> Optional[str]:
     return os.path.join(root, "compile_costs.json")
 
 
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("posteriors_fast")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+#: What a remembered compile failure is valid for: an upgrade of either
+#: package may fix the compile, so it is tried again.
+FAILURE_VERSION = f"posteriors_fast {_package_version()}, torch {torch.__version__}"
+_MAX_GRAPHS = 512  # entries kept per table of the file, oldest dropped first
+_MAX_KIND_COSTS = 16  # recent costs kept per kind
+
+
 @dataclass
 class CostBook:
     """Measured compile costs: per graph key the last one, per kind the
     recent ones, and the graphs whose compile failed; loaded from and saved
     to ``path`` (None: memory only). A file written by another torch version
-    is ignored (its costs and failures need not hold for this one)."""
+    is ignored (its costs need not hold for this one); its failures hold only
+    for the same posteriors_fast and torch versions (:data:`FAILURE_VERSION`).
+    Safe to share between threads; saves merge with what other processes
+    wrote since."""
 
     path: Optional[str] = None
     graphs: Dict[str, float] = field(default_factory=dict)
@@ -204,6 +268,9 @@ class CostBook:
     failures: Dict[str, float] = field(default_factory=dict)
     _loaded: bool = False
     _medians: Dict[str, float] = field(default_factory=dict)
+    # Costs recorded here and not yet merged into the file, per kind.
+    _unsaved: Dict[str, List[float]] = field(default_factory=dict)
+    _lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def _read(self) -> Dict:
         if self.path is None or not os.path.exists(self.path):
@@ -213,10 +280,11 @@ class CostBook:
                 data = json.load(handle)
             if not isinstance(data, dict) or data.get("torch") != torch.__version__:
                 return {}
+            failures = data.get("failures", {}) if data.get("failure_version") == FAILURE_VERSION else {}
             return {
                 "graphs": {str(k): float(v) for k, v in data.get("graphs", {}).items()},
                 "kinds": {str(k): [float(c) for c in v] for k, v in data.get("kinds", {}).items()},
-                "failures": {str(k): float(v) for k, v in data.get("failures", {}).items()},
+                "failures": {str(k): float(v) for k, v in failures.items()},
             }
         except (OSError, ValueError, TypeError, AttributeError) as err:
             logger.debug("posteriors_fast: ignoring unreadable compile-cost file %s (%s)", self.path, err)
@@ -230,64 +298,145 @@ class CostBook:
         for key, value in data.get("graphs", {}).items():
             self.graphs.setdefault(key, value)
         for kind, costs in data.get("kinds", {}).items():
-            self.kinds[kind] = (costs + self.kinds.get(kind, []))[-16:]
+            self.kinds[kind] = (costs + self.kinds.get(kind, []))[-_MAX_KIND_COSTS:]
         for key, value in data.get("failures", {}).items():
             self.failures.setdefault(key, value)
         self._medians.clear()
 
     def estimate(self, key: str, kind: str) -> float:
         """Seconds a compile of graph ``key`` (of ``kind``) is expected to take."""
-        self._load()
-        if key in self.graphs:
-            return self.graphs[key]
-        if kind not in self._medians:
-            costs = self.kinds.get(kind)
-            self._medians[kind] = statistics.median(costs) if costs else DEFAULT_COMPILE_S
-        return self._medians[kind]
+        with self._lock:
+            self._load()
+            if key in self.graphs:
+                return self.graphs[key]
+            if kind not in self._medians:
+                costs = self.kinds.get(kind)
+                self._medians[kind] = statistics.median(costs) if costs else DEFAULT_COMPILE_S
+            return self._medians[kind]
 
     def failed(self, key: str) -> bool:
         """Whether compiling graph ``key`` failed before (here or in an
-        earlier process with this torch)."""
-        self._load()
-        return key in self.failures
+        earlier process with the same posteriors_fast and torch)."""
+        with self._lock:
+            self._load()
+            return key in self.failures
 
     def record(self, key: str, kind: str, seconds: float) -> None:
-        self._load()
+        """A measured compile cost of graph ``key`` (of ``kind``)."""
+        with self._lock:
+            self._load()
+            self._note(key, kind, seconds)
+            self._save()
+
+    def _note(self, key: str, kind: str, seconds: float) -> None:
         self.graphs[key] = seconds
-        self.kinds[kind] = (self.kinds.get(kind, []) + [seconds])[-16:]
+        self.kinds[kind] = (self.kinds.get(kind, []) + [seconds])[-_MAX_KIND_COSTS:]
+        self._unsaved.setdefault(kind, []).append(seconds)
         self._medians.pop(kind, None)
-        self._save()
 
     def record_failure(self, key: str, kind: str, seconds: float) -> None:
-        """A failed compile: never retried for this graph, and its time
-        counts as a cost of the kind."""
-        self._load()
-        self.failures[key] = seconds
-        self.record(key, kind, seconds)
+        """A failed compile: not retried for this graph with these versions
+        (:func:`forget` clears it), and its time counts as a cost of the kind."""
+        with self._lock:
+            self._load()
+            self.failures[key] = seconds
+            self._note(key, kind, seconds)
+            self._save()
 
-    def _save(self) -> None:
+    def forget(self, *, costs: bool = False) -> None:
+        """Forget the remembered compile failures (so they are tried again),
+        and with ``costs=True`` the measured costs too, here and in the file."""
+        with self._lock:
+            self._load()
+            self.failures.clear()
+            if costs:
+                self.graphs.clear()
+                self.kinds.clear()
+                self._unsaved.clear()
+                self._medians.clear()
+            self._save(replace=True)
+
+    def _save(self, replace: bool = False) -> None:
+        """Write the book, merged with what other processes wrote since this
+        one loaded (``replace``: this book's tables alone)."""
         if self.path is None:
             return
-        # Merge with what other processes wrote since this one loaded.
-        on_disk = self._read()
+        on_disk = {} if replace else self._read()
         graphs = {**on_disk.get("graphs", {}), **self.graphs}
         failures = {**on_disk.get("failures", {}), **self.failures}
         for table in (graphs, failures):  # bounded: oldest first (dicts keep insertion order)
-            for old in list(table)[: max(0, len(table) - 512)]:
+            for old in list(table)[: max(0, len(table) - _MAX_GRAPHS)]:
                 del table[old]
+        # Per kind: the file's recent costs (other processes' included) plus
+        # the ones recorded here since the last save; kinds only one side has
+        # are kept.
+        kinds = dict(on_disk.get("kinds", {})) if not replace else {}
+        for kind, costs in self.kinds.items():
+            if kind in kinds:
+                kinds[kind] = (kinds[kind] + self._unsaved.get(kind, []))[-_MAX_KIND_COSTS:]
+            else:
+                kinds[kind] = list(costs)
+        payload = {
+            "torch": torch.__version__,
+            "failure_version": FAILURE_VERSION,
+            "graphs": graphs,
+            "kinds": kinds,
+            "failures": failures,
+        }
+        directory = os.path.dirname(self.path)
+        tmp = None
         try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), suffix=".tmp")
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
             with os.fdopen(fd, "w") as handle:
-                json.dump(
-                    {"torch": torch.__version__, "graphs": graphs, "kinds": self.kinds, "failures": failures}, handle
-                )
+                json.dump(payload, handle)
             os.replace(tmp, self.path)  # atomic: a concurrent reader sees the old or the new file
-        except OSError as err:
+            tmp = None
+        except (OSError, TypeError, ValueError) as err:
             logger.debug("posteriors_fast: compile costs not saved to %s (%s)", self.path, err)
+            return
+        finally:
+            if tmp is not None:  # the write failed: leave no stray temporary file
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        self.graphs, self.failures = graphs, failures
+        self.kinds = kinds
+        self._unsaved.clear()
+        self._medians.clear()
 
 
 BOOK = CostBook(_cache_path())
+
+
+def set_cache_dir(root: Optional[str]) -> None:
+    """Keep the compile-cost estimates (and remembered failures) in
+    ``root/compile_costs.json`` from now on, None for memory only: what
+    ``POSTERIORS_FAST_CACHE_DIR`` sets at import. The estimates measured so
+    far in this process are dropped; the new file's are loaded when needed."""
+    path = None if root is None else os.path.join(root, "compile_costs.json")
+    with BOOK._lock:
+        BOOK.path = path
+        BOOK.graphs.clear()
+        BOOK.kinds.clear()
+        BOOK.failures.clear()
+        BOOK._unsaved.clear()
+        BOOK._medians.clear()
+        BOOK._loaded = False
+
+
+def forget(*, costs: bool = False) -> None:
+    """Forget the remembered compile failures, in this process and in the
+    cost file, so those graphs are compiled again when the policy says so
+    (with ``costs=True`` the measured compile costs too). Deleting
+    ``compile_costs.json`` in the cache directory does the same for new
+    processes."""
+    BOOK.forget(costs=costs)
+    for tiered in list(_INSTANCES):
+        tiered._forget_failures()
+
+
+def _qualname(code: types.CodeType) -> str:
+    return getattr(code, "co_qualname", code.co_name)  # co_qualname: Python >= 3.11
 
 
 def _fresh_copy(fn: Callable, index: int) -> Callable:
@@ -295,15 +444,31 @@ def _fresh_copy(fn: Callable, index: int) -> Callable:
     the code object and its record of which sizes changed between calls
     (automatic dynamic shapes) under the code's file, line and name."""
     name = f"{fn.__name__}__tier{index}"
-    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    names = {"co_name": name}
+    if hasattr(fn.__code__, "co_qualname"):
+        names["co_qualname"] = name
+    code = fn.__code__.replace(**names)
     return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
+#: Non-tensor leaf types whose values enter the signature: torch.compile
+#: specialises on them (``dynamic=False``), so another value is another graph.
+_VALUE_TYPES = (bool, int, float, str, type(None))
 
 
 def shape_signature(params: Any, batch: Any) -> Tuple:
     """What fixes a compiled graph of ``f(params, batch)``: both tree
-    structures, and each leaf's shape, dtype and device (a non-tensor leaf by
-    its type)."""
+    structures, each tensor leaf's shape, dtype and device, and each other
+    leaf's type (and value, for a bool, int, float, str or None)."""
     return signature_and_grad(params, batch)[0]
+
+
+def _leaf_part(x: Any) -> Tuple[Any, bool]:
+    if isinstance(x, torch.Tensor):
+        return (x.shape, x.dtype, x.device), x.requires_grad
+    if type(x) in _VALUE_TYPES:
+        return (type(x), x), False
+    return type(x), False
 
 
 def signature_and_grad(params: Any, batch: Any) -> Tuple[Tuple, bool]:
@@ -314,27 +479,55 @@ def signature_and_grad(params: Any, batch: Any) -> Tuple[Tuple, bool]:
     grad = False
     p_parts = []
     for x in p_leaves:
-        grad = grad or x.requires_grad
-        p_parts.append((x.shape, x.dtype, x.device))
+        part, needs = _leaf_part(x)
+        grad = grad or needs
+        p_parts.append(part)
     b_parts = []
     for x in b_leaves:
-        if isinstance(x, torch.Tensor):
-            grad = grad or x.requires_grad
-            b_parts.append((x.shape, x.dtype, x.device))
-        else:
-            b_parts.append(type(x))
+        part, needs = _leaf_part(x)
+        grad = grad or needs
+        b_parts.append(part)
     return (p_spec, tuple(p_parts), b_spec, tuple(b_parts)), grad
+
+
+def _const_digest(value: Any, digest: "hashlib._Hash") -> None:
+    """Feed a code constant to ``digest`` without anything that differs
+    between processes: nested code objects recursively (their repr holds an
+    address), the members of a frozenset in a sorted order (their iteration
+    order depends on string hashing, randomised per process)."""
+    if isinstance(value, types.CodeType):
+        _code_digest(value, digest)
+    elif isinstance(value, (tuple, frozenset)):
+        parts = []
+        for item in value:
+            inner = hashlib.sha1()
+            _const_digest(item, inner)
+            parts.append(inner.hexdigest())
+        if isinstance(value, frozenset):
+            parts.sort()
+        digest.update(f"{type(value).__name__}({','.join(parts)})".encode())
+    else:
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
+
+
+def _code_digest(code: types.CodeType, digest: "hashlib._Hash") -> None:
+    digest.update(code.co_code)
+    digest.update(repr((code.co_names, code.co_varnames, code.co_freevars, _qualname(code))).encode())
+    for const in code.co_consts:
+        _const_digest(const, digest)
 
 
 def _code_identity(owner: object) -> str:
     """The user function's code, for the cost book: the same source in a new
-    process has the same identity (an object id would not)."""
+    process has the same identity (an object id, or the repr of a nested code
+    object, would not)."""
     fn = getattr(owner, "func", owner)  # functools.partial
     code = getattr(fn, "__code__", None)
     if code is None:
         return f"{type(fn).__module__}.{type(fn).__qualname__}"
-    digest = hashlib.sha1(code.co_code + repr(code.co_consts).encode()).hexdigest()[:12]
-    return f"{code.co_filename}:{code.co_firstlineno}:{code.co_qualname}:{digest}"
+    digest = hashlib.sha1()
+    _code_digest(code, digest)
+    return f"{code.co_filename}:{code.co_firstlineno}:{_qualname(code)}:{digest.hexdigest()[:12]}"
 
 
 def _autograd_must_see(args) -> bool:
@@ -344,12 +537,36 @@ def _autograd_must_see(args) -> bool:
     return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves(args))
 
 
+def _dynamo_code(compiled: Callable) -> Optional[types.CodeType]:
+    """The code object ``torch.compile`` keeps its cache of ``compiled`` on
+    (None for anything that is not a ``torch.compile`` of a function)."""
+    original = getattr(compiled, "_torchdynamo_orig_callable", None)
+    return getattr(original, "__code__", None)
+
+
+def _graphs_cached(code: Optional[types.CodeType]) -> Optional[int]:
+    """How many compiled graphs dynamo holds for ``code``: one per compile,
+    so a growing count after the first is a recompile."""
+    if code is None:
+        return None
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:  # a torch without it: recompiles go unseen
+        return None
+    return len(_debug_get_cache_entry_list(code))
+
+
 @dataclass
 class _Entry:
     key: str
     calls: int = 0
     eager_s: float = 0.0
-    compiled: Any = None  # the compiled callable, or _FAILED
+    compiled: Any = None  # the compiled callable, _FAILED or _DEMOTED
+    code: Optional[types.CodeType] = None  # where dynamo caches its graphs
+    graphs: Optional[int] = None  # how many it held after the compile
+
+
+_INSTANCES: "weakref.WeakSet" = weakref.WeakSet()
 
 
 class TieredCompile:
@@ -362,6 +579,11 @@ class TieredCompile:
     computation with the same result that is faster uncompiled (plain autograd
     rather than the ``torch.func`` transforms a graph needs, for example).
     ``kind`` names the kind of graph for the cost estimates.
+
+    A compiled entry that recompiles (something its signature does not show
+    changed: a closure variable, a global, a module attribute) runs eagerly
+    from then on, with one warning per computation: recompiles are compile
+    costs the policy did not decide to pay.
     """
 
     clock: Callable[[], float] = staticmethod(time.perf_counter)
@@ -373,12 +595,25 @@ class TieredCompile:
         self.kind = kind or fn.__name__
         self._entries: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._compiled = 0
+        self._warned_recompile = False
+        self._warned_remembered = False
         self.policy = _POLICY
         self.book = BOOK
+        _INSTANCES.add(self)
 
     def _compile(self) -> Callable:
         self._compiled += 1
         return torch.compile(_fresh_copy(self._traced, self._compiled), dynamic=False)
+
+    def _for(self, owner: object) -> str:
+        """`` for <the user function>`` in messages."""
+        return f" for {_describe_owner(owner)}"
+
+    def _forget_failures(self) -> None:
+        for per_owner in list(self._entries.values()):
+            for signature, entry in list(per_owner.items()):
+                if entry.compiled is _FAILED:
+                    del per_owner[signature]
 
     def _entry(self, owner: object, signature: Hashable) -> Optional[_Entry]:
         try:
@@ -399,13 +634,28 @@ class TieredCompile:
         if torch.is_grad_enabled() and (_autograd_must_see(args) if needs_grad is None else needs_grad):
             return self._fn(*args)
         entry = self._entry(owner, signature)
-        if entry is None or entry.compiled is _FAILED:
+        if entry is None or entry.compiled is _FAILED or entry.compiled is _DEMOTED:
             return self._fn(*args)
         if entry.calls == 0 and self.book.failed(entry.key):  # failed in an earlier process
             entry.compiled = _FAILED
+            _STATS["skipped_failed"] += 1
+            if not self._warned_remembered:
+                self._warned_remembered = True
+                logger.warning(
+                    "posteriors_fast: not compiling %s%s: its compile failed in an earlier process "
+                    "with these versions (%s; remembered in %s). "
+                    "posteriors_fast.backends.compile_policy.forget() tries again",
+                    self._name,
+                    self._for(owner),
+                    FAILURE_VERSION,
+                    self.book.path,
+                )
             return self._fn(*args)
         if entry.compiled is not None:
-            return entry.compiled(*args)
+            out = entry.compiled(*args)
+            if entry.graphs is not None and _graphs_cached(entry.code) != entry.graphs:
+                self._demote(entry, owner)
+            return out
         estimate = self.book.estimate(entry.key, self.kind)
         if self._compiled >= MAX_COMPILED or not self.policy.should_compile(entry.calls, entry.eager_s, estimate):
             start = self.clock()
@@ -413,36 +663,78 @@ class TieredCompile:
             entry.eager_s += self.clock() - start
             entry.calls += 1
             return out
+        return self._compile_and_call(entry, owner, args)
+
+    def _compile_and_call(self, entry: _Entry, owner: object, args: Tuple):
         # The cost counts building the compiled callable too: the first
         # torch.compile of a process imports dynamo and inductor (seconds).
+        typical = entry.eager_s / entry.calls if entry.calls else 0.0
         start = self.clock()
+        compiled = None
         try:
             compiled = self._compile()
             out = compiled(*args)
         except Exception as err:
+            spent = self.clock() - start
+            code = _dynamo_code(compiled)
             # The user's own error (a bad batch, say) fails eagerly too and
             # propagates from here, unchanged; otherwise the compile failed.
-            spent = self.clock() - start
-            result = self._fn(*args)
+            try:
+                result = self._fn(*args)
+            except Exception:
+                if _graphs_cached(code):
+                    # The graph was built and the error came from running it:
+                    # the compile is measured and kept.
+                    self._keep(entry, compiled, code, max(0.0, spent - typical))
+                # Else the trace stopped at the error, a part of a compile
+                # (inductor, most of the cost, never ran): no estimate, and
+                # the next call with this signature compiles afresh.
+                raise
             entry.compiled = _FAILED
             self.book.record_failure(entry.key, self.kind, spent)
             _STATS["failed"] += 1
             _STATS["compile_s"] += spent
             logger.warning(
-                "posteriors_fast: torch.compile of %s failed (%s: %s); running it eagerly",
+                "posteriors_fast: torch.compile of %s%s failed (%s: %s); running it eagerly, and not "
+                "compiling it again with these versions (remembered in %s; "
+                "posteriors_fast.backends.compile_policy.forget() tries again)",
                 self._name,
+                self._for(owner),
                 type(err).__name__,
                 str(err).splitlines()[0][:200] if str(err) else "",
+                self.book.path or "this process",
             )
             return result
         # The first compiled call compiles: what it took beyond an eager call.
-        typical = entry.eager_s / entry.calls if entry.calls else 0.0
-        cost = max(0.0, self.clock() - start - typical)
+        self._keep(entry, compiled, _dynamo_code(compiled), max(0.0, self.clock() - start - typical))
+        return out
+
+    def _keep(self, entry: _Entry, compiled: Callable, code: Optional[types.CodeType], cost: float) -> None:
         self.book.record(entry.key, self.kind, cost)
         _STATS["compiles"] += 1
         _STATS["compile_s"] += cost
-        entry.compiled = compiled
-        return out
+        entry.compiled, entry.code, entry.graphs = compiled, code, _graphs_cached(code)
+
+    def _demote(self, entry: _Entry, owner: object) -> None:
+        entry.compiled, entry.code = _DEMOTED, None
+        _STATS["recompiles"] += 1
+        if not self._warned_recompile:
+            self._warned_recompile = True
+            logger.warning(
+                "posteriors_fast: the compiled %s%s recompiled (something its input signature does "
+                "not show changed: a closure variable, a global or a module attribute); it runs eagerly "
+                "from now on",
+                self._name,
+                self._for(owner),
+            )
+
+
+def _describe_owner(owner: object) -> str:
+    fn = getattr(owner, "func", owner)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return type(fn).__qualname__
+    return f"{_qualname(code)} ({code.co_filename}:{code.co_firstlineno})"
 
 
 class GuardedCompile(TieredCompile):
@@ -459,6 +751,9 @@ class GuardedCompile(TieredCompile):
     def _compile(self) -> Callable:
         self._compiled += 1
         return torch.compile(_fresh_copy(self._traced, self._compiled), **self._options)
+
+    def _for(self, owner: object) -> str:
+        return ""  # no user function inside: the name says what it is
 
     def __call__(self, *args):
         # With dynamic shapes one graph serves every size: key on what the

@@ -101,8 +101,10 @@ def _remember(fn, signature, verdict) -> None:
 def _probe(forward_func, params, batch, want: torch.Tensor, *, backend: str):
     """``(jac, values)`` from one reverse pass per sample, checked against the
     batch: the per-sample values must reproduce ``want`` and one fixed random
-    cotangent u must give the same ``Jᵀu`` through the batch forward. None
-    when they do not agree (or the per-sample evaluation fails)."""
+    cotangent u must give the same ``Jᵀu`` through the batch forward. False
+    when finite values disagree (the samples are coupled); None when the
+    probe cannot tell (a value is NaN or inf, or the per-sample evaluation
+    fails), so that a later call probes again."""
     probe = torch.randn(
         want.shape,
         generator=torch.Generator(device=want.device).manual_seed(0),
@@ -119,7 +121,11 @@ def _probe(forward_func, params, batch, want: torch.Tensor, *, backend: str):
     agree = _close(values, want.to(values.dtype), tol, 1.0) & _close(
         through_samples, through_batch.to(jac.dtype), tol, 1e-30
     )
-    return (jac, values) if bool(agree) else None
+    finite = torch.stack([t.isfinite().all() for t in (values, want, through_samples, through_batch)]).all()
+    agree, finite = torch.stack([agree, finite]).tolist()  # one host synchronisation
+    if agree:
+        return jac, values
+    return False if finite else None
 
 
 def _batch_size_matches(batch, n: int) -> bool:
@@ -140,17 +146,26 @@ def separable_output_jacobian(forward_func, params, batch, forward_vals, *, back
     over the batch) fails this check for all but a measure-zero set of u, and
     the general Jacobian is used instead. Later calls reuse the verdict and
     check only that the per-sample values reproduce the batch outputs (one
-    comparison, no second pass). O(N·C·P) instead of O(N²·C·P).
+    comparison, no second pass). O(N·C·P) instead of O(N²·C·P). Only finite
+    values that disagree make the verdict "coupled"; a probe that meets NaN or
+    inf, or fails, decides nothing and the next call probes again.
     """
+    return _separable_output_jacobian(forward_func, params, batch, forward_vals, backend=backend)[0]
+
+
+def _separable_output_jacobian(forward_func, params, batch, forward_vals, *, backend: str):
+    """``(jac or None, verdict)``: :func:`separable_output_jacobian` and what
+    is known about the function now: True (separable), False (coupled) or
+    None (undecided)."""
     if not isinstance(forward_vals, torch.Tensor) or forward_vals.ndim not in (1, 2):
-        return None
+        return None, False
     if not _batch_size_matches(batch, forward_vals.shape[0]):
-        return None
+        return None, False
     want = forward_vals.detach().reshape(-1)
     signature = (jacobian_signature(params, batch, True, False), tuple(forward_vals.shape), forward_vals.dtype)
     known = _verdict(forward_func, signature)
     if known is False:
-        return None
+        return None, False
     if known is True:
         try:
             jac, values, _ = sample_jacobian(forward_func, params, batch, True, False, backend=backend)
@@ -159,14 +174,14 @@ def separable_output_jacobian(forward_func, params, batch, forward_vals, *, back
         tol = _SEPARABLE_TOL.get(want.dtype, 1e-3)
         if jac is None or not bool(_close(values, want.to(values.dtype), tol, 1.0)):
             _remember(forward_func, signature, None)  # probe again next time
-            return None
+            return None, None
     else:
         found = _probe(forward_func, params, batch, want, backend=backend)
-        _remember(forward_func, signature, found is not None)
-        if found is None:
-            return None
+        _remember(forward_func, signature, None if found is None else found is not False)
+        if not found:
+            return None, found
         jac, _ = found
-    return jac.reshape(*forward_vals.shape, jac.shape[-1])
+    return jac.reshape(*forward_vals.shape, jac.shape[-1]), True
 
 
 def _merge_sample_dim(aux: Any) -> Any:
@@ -228,16 +243,22 @@ def per_sample_evaluation(fn, params, batch, kind: str, *, backend: str):
 
 def learn_separability(fn, params, batch, kind: str, values, aux, *, backend: str):
     """The (N, ..., P) per-sample Jacobian of ``fn``'s outputs ``values`` (the
-    batch call's, with ``aux``), or None when ``fn`` couples samples; records
-    for :func:`per_sample_evaluation` whether later calls may skip the batch
-    call."""
+    batch call's, with ``aux``), or None when ``fn`` couples samples or the
+    probe could not tell (NaN or inf values, a failing per-sample
+    evaluation: then nothing is recorded and the next call probes again);
+    records for :func:`per_sample_evaluation` whether later calls may skip the
+    batch call: only when the aux is per-sample and neither the values nor
+    the aux carry an autograd graph (the per-sample graph runs without one)."""
     signature = (kind, jacobian_signature(params, batch, True, True, True))
     known = _verdict(fn, signature)
-    jac = None if known is False else separable_output_jacobian(fn, params, batch, values, backend=backend)
+    if known is False:
+        return None
+    jac, verdict = _separable_output_jacobian(fn, params, batch, values, backend=backend)
     if jac is None:
-        _remember(fn, signature, False)
+        _remember(fn, signature, False if verdict is False else None)
     elif known is None:
-        merge = _aux_separable(fn, params, batch, aux, backend)
+        graph = any(isinstance(x, torch.Tensor) and x.requires_grad for x in tree_leaves((values, aux)))
+        merge = not graph and _aux_separable(fn, params, batch, aux, backend)
         _remember(fn, signature, ("merge", tuple(values.shape[1:])) if merge else "values")
     return jac
 

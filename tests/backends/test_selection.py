@@ -237,7 +237,8 @@ def test_failing_compile_falls_back_with_one_warning(monkeypatch, caplog, compil
     messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert messages == [
         "posteriors_fast: torch.compile of the GGN diagonal failed (RuntimeError: "
-        "backend compiler failed: no triton); running it eagerly"
+        "backend compiler failed: no triton); running it eagerly, and not compiling it again with these "
+        "versions (remembered in this process; posteriors_fast.backends.compile_policy.forget() tries again)"
     ]
 
 

@@ -54,10 +54,13 @@ class _Counting:
 
     def __init__(self, aux="logits", coupled=False):
         self.sizes, self.aux, self.coupled = [], aux, coupled
+        self.refuse_single = False  # like BatchNorm in training mode
 
     def __call__(self, p, b):
         x, y = b
         self.sizes.append(x.shape[0])
+        if self.refuse_single and x.shape[0] == 1:
+            raise ValueError("Expected more than 1 value per channel when training")
         z = forward(p, x)
         values = -torch.nn.functional.cross_entropy(z, y, reduction="none")
         if self.coupled:
@@ -113,13 +116,74 @@ def test_per_sample_log_density_of_a_coupled_function_uses_the_batch_jacobian(co
 
 
 def test_per_sample_log_density_rechecks_when_the_fast_path_fails(compile_after):
-    """A batch whose leaves disagree on N fails the per-sample graph; the
-    error then comes from the user's function on the batch, named."""
+    """A function found separable whose per-sample graph later fails (here it
+    starts refusing batches of one) is checked again from scratch: that call
+    runs the batch function and gets the batch Jacobian, right; once the
+    per-sample graph works again a new probe (a batch call) restores the
+    per-sample path."""
     compile_after(1)
     params = random_params("dict", torch.float64)
-    fn = _Counting()
-    _density(fn, params, random_batch(5, torch.float64), "eager")
-    _density(fn, params, random_batch(5, torch.float64, seed=1), "eager")
-    x, y = random_batch(5, torch.float64, seed=2)
-    with pytest.raises(ValueError, match="log_likelihood"):
-        _density(fn, params, (x, y[:3]), "eager")
+    fn, reference = _Counting(), _Counting()
+
+    def check(seed):
+        batch = random_batch(5, torch.float64, seed=seed)
+        jac, values, _ = _density(fn, params, batch, "eager")
+        torch.testing.assert_close(jac, _oracle(reference, params, batch), **tol(torch.float64))
+        torch.testing.assert_close(values, reference(params, batch)[0], **tol(torch.float64))
+
+    check(0)  # probes: separable, per-sample aux
+    start = len(fn.sizes)
+    check(1)
+    assert set(fn.sizes[start:]) == {1}  # the per-sample graph alone
+    fn.refuse_single = True
+    start = len(fn.sizes)
+    check(2)
+    assert 5 in fn.sizes[start:]  # the fast path failed: the batch call ran
+    fn.refuse_single = False
+    start = len(fn.sizes)
+    check(3)
+    assert 5 in fn.sizes[start:]  # the verdict was reset: probed again with a batch call
+    start = len(fn.sizes)
+    check(4)
+    assert set(fn.sizes[start:]) == {1}  # ... which found it separable again
+
+
+def test_a_non_finite_or_failing_probe_decides_nothing():
+    """Only finite values that disagree make a function "coupled": a batch
+    with NaN, or a per-sample evaluation that fails, leaves it undecided and
+    the next clean batch finds it separable."""
+    params = random_params("dict", torch.float64)
+
+    def fwd(p, b):
+        return forward(p, b[0]), torch.tensor([])
+
+    x, y = random_batch(5, torch.float64)
+    nan_x = x.clone()
+    nan_x[2, 0] = float("nan")
+    refuse = [True]
+
+    def picky(p, b):
+        if refuse[0] and b[0].shape[0] == 1:
+            raise ValueError("no batches of one")
+        return fwd(p, b)
+
+    for f, first in ((fwd, (nan_x, y)), (picky, (x, y))):
+        refuse[0] = True
+        with torch.no_grad():
+            z = f(params, first)[0]
+            assert separable_jacobian.learn_separability(f, params, first, "t", z, None, backend="eager") is None
+            refuse[0] = False
+            z = f(params, (x, y))[0]
+            jac = separable_jacobian.learn_separability(f, params, (x, y), "t", z, None, backend="eager")
+        assert jac is not None
+        torch.testing.assert_close(jac.reshape(-1, jac.shape[-1]), _oracle(fwd, params, (x, y)), **tol(torch.float64))
+
+    def coupled(p, b):
+        z = forward(p, b[0])
+        return z - z.mean(0), torch.tensor([])
+
+    with torch.no_grad():
+        z = coupled(params, (x, y))[0]
+        assert separable_jacobian.learn_separability(coupled, params, (x, y), "t", z, None, backend="eager") is None
+    signature = ("t", separable_jacobian.jacobian_signature(params, (x, y), True, True, True))
+    assert separable_jacobian._verdict(coupled, signature) is False  # finite disagreement: remembered

@@ -50,12 +50,21 @@ def _stream(seed, k):
     return s - 2**64 if s >= 2**63 else s
 
 
+#: A leaf large enough that the outputs of a call total more than the 4 MiB
+#: above which the AVX-512 float32 path writes them with streaming stores
+#: (kStreamBytes in csrc/cpu/sghmc_step.cpp): 2 outputs x 600,001 x 4 bytes =
+#: 4.6 MiB in float32 (9.2 MiB in float64, which has no streaming path but
+#: the same threshold test). Ragged, so its last block takes the cached path.
+STREAMED = (600_001,)
+
+
 def _realistic_leaves(dtype, seed):
     """Random θ, m, g; ragged leaf sizes (the noise blocks hold 256 float32 /
-    128 float64 draws, the AVX-512 path streams whole aligned blocks), and a
-    transposed (non-contiguous) leaf."""
+    128 float64 draws, the AVX-512 path streams whole aligned blocks), a
+    transposed (non-contiguous) leaf, and enough entries in all that the
+    streaming-store path runs (:data:`STREAMED`)."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = [(), (1,), (3, 5), (257,), (40, 1000), (1000, 3), (70_001,), (513,)]
+    shapes = [(), (1,), (3, 5), (257,), (40, 1000), (1000, 3), (70_001,), (513,), STREAMED]
     leaves = [[torch.randn(s, dtype=dtype, generator=gen) for s in shapes] for _ in range(3)]
     for leaf in leaves:
         leaf[5] = leaf[5].T  # (3, 1000) view of a (1000, 3) tensor
