@@ -19,7 +19,8 @@ from posteriors_fast._internal import checks as _checks
 from posteriors_fast._internal import products
 from posteriors_fast._internal.cholesky import CholeskyError
 from posteriors_fast._internal.errors import NO_AUX_ERROR_MSG, NON_TENSOR_AUX_ERROR_MSG, CatchAuxError
-from posteriors_fast._internal.jacobian import output_jacobian
+from posteriors_fast._internal.jacobian import jacobian_from_pullback, output_jacobian, output_pullback
+from posteriors_fast._internal.jacobian_chunks import budget_bytes, ggn_diag_rows
 from posteriors_fast._internal.loss_hessian import loss_hessian_times
 from posteriors_fast.backends import neutral, resolve
 from posteriors_fast.distributed import resolve as resolve_group
@@ -495,11 +496,42 @@ def diag_ggn(
             return _distributed_diag_ggn(
                 group, forward, loss, forward_has_aux, loss_has_aux, normalize, params, backend
             )
-        jac, hess_jac, unravel, auxes, _ = _ggn_parts(forward, loss, forward_has_aux, loss_has_aux, normalize, params)
-        result = unravel(ops.ggn_diag.ggn_diag(jac, hess_jac, backend=backend))
+        diagonal, unravel, auxes = _diag_ggn_term(
+            forward, loss, forward_has_aux, loss_has_aux, normalize, params, backend
+        )
+        result = unravel(diagonal)
         return (result, *auxes) if auxes else result
 
     return diagonal_ggn
+
+
+def _diag_ggn_term(forward, loss, forward_has_aux, loss_has_aux, normalize, params, backend):
+    """``(diag(Jᵀ H J), unravel, auxes)`` from one forward pass: the whole
+    Jacobian when it fits in the Jacobian memory budget, otherwise a block of
+    rows at a time (:func:`~posteriors_fast._internal.jacobian_chunks.ggn_diag_rows`)."""
+    flat, unravel = tree_ravel(params)
+    raveled, pullback, z, forward_aux = output_pullback(
+        lambda flat_params: forward(unravel(flat_params)), (flat,), 0, forward_has_aux
+    )
+    z = torch.stack(tree_leaves(z))[0] if not isinstance(z, torch.Tensor) else z
+
+    def loss_value(z_):
+        return loss(z_)[0] if loss_has_aux else loss(z_)
+
+    if raveled.numel() * flat.numel() * flat.element_size() > budget_bytes() and raveled.numel() > 1:
+        diagonal = ggn_diag_rows(pullback, loss_value, z, flat.numel(), normalize)
+    else:
+        jac = jacobian_from_pullback(pullback, raveled)
+        hess_jac = loss_hessian_times(loss_value, z, jac)
+        if normalize:
+            hess_jac = hess_jac / z.shape[0]
+        diagonal = ops.ggn_diag.ggn_diag(jac, hess_jac, backend=backend)
+    auxes = []
+    if forward_has_aux:
+        auxes.append(forward_aux)
+    if loss_has_aux:
+        auxes.append(loss(z)[1])
+    return diagonal, unravel, auxes
 
 
 def _distributed_ggn_parts(group, what, forward, loss, forward_has_aux, loss_has_aux, normalize, params):

@@ -7,20 +7,18 @@ sample-separable (O(N·C·P) instead of O(N²·C·P)); otherwise the general
 Jacobian is used. The loss Hessian is applied through its per-sample blocks.
 """
 
+import torch
 from optree.integrations.torch import tree_ravel
 
 from posteriors_fast._internal import checks
-from posteriors_fast._internal.jacobian import output_jacobian
-from posteriors_fast._internal.loss_hessian import loss_hessian_times
+from posteriors_fast._internal.jacobian import output_jacobian, output_pullback
+from posteriors_fast._internal.jacobian_chunks import budget_bytes, ggn_diag_rows, sample_slices, take
+from posteriors_fast._internal.loss_hessian import hessian_blocks, loss_hessian_times
+from posteriors_fast.ops.ggn_diag import ggn_diag
 from posteriors_fast.ops.separable_jacobian import separable_output_jacobian
 
 
-def batch_ggn_factors(params, batch, forward, outer_log_likelihood, *, backend: str):
-    """``(J, H J, aux)``: J (d, P) the Jacobian of z = forward(params, batch)[0]
-    (raveled), H the Hessian of z ↦ −outer_log_likelihood(z, batch), both
-    checked finite (the error names the function at fault, or the leaf of
-    params holding NaN or inf)."""
-    size = tree_ravel(params)[0].numel()
+def _forward_checked(params, batch, forward):
     with checks.blame_batch(batch, "forward"):
         z, aux = forward(params, batch)
     checks.require_finite(
@@ -29,6 +27,71 @@ def batch_ggn_factors(params, batch, forward, outer_log_likelihood, *, backend: 
             (z, "forward returned NaN or inf"),
         ]
     )
+    return z, aux
+
+
+def batch_ggn_diag(params, batch, forward, outer_log_likelihood, *, backend: str):
+    """``(diag(Jᵀ H J), aux)`` for the batch (see :func:`batch_ggn_factors`),
+    with J built a block of samples at a time when the whole (d, P) Jacobian
+    exceeds the Jacobian memory budget
+    (:mod:`posteriors_fast._internal.jacobian_chunks`)."""
+    flat = tree_ravel(params)[0]
+    size = flat.numel()
+    z, aux = _forward_checked(params, batch, forward)
+    if z.numel() * size * flat.element_size() <= budget_bytes() or z.numel() < 2:
+        jac, hess_jac, aux = batch_ggn_factors(
+            params, batch, forward, outer_log_likelihood, backend=backend, z_aux=(z, aux)
+        )
+        return ggn_diag(jac, hess_jac, backend=backend), aux
+
+    def loss(z_):
+        return -outer_log_likelihood(z_, batch)
+
+    with checks.blame_batch(batch, "outer_log_likelihood"):
+        blocks = hessian_blocks(loss, z.detach())
+    if blocks is not None and z.ndim > 0:
+        term = _separable_ggn_diag(params, batch, forward, z, blocks, size, backend)
+        if term is not None:
+            return term, aux
+    # A forward that couples samples: rows of J through the batch forward.
+    _, pullback, _, _ = output_pullback(lambda p: forward(p, batch)[0], (params,), 0, False)
+    with checks.blame_batch(batch, "outer_log_likelihood"):
+        return ggn_diag_rows(pullback, loss, z.detach(), size, False, check=True), aux
+
+
+def _separable_ggn_diag(params, batch, forward, z, blocks, size, backend):
+    """Σ over blocks of samples of diag(J_bᵀ H_b J_b), each J_b from one
+    reverse pass per sample of the block; None when the forward is not shown
+    to be sample-separable."""
+    n, c = z.shape[0], blocks.shape[1]
+    per = max(1, budget_bytes() // max(1, c * size * z.element_size()))
+    total = torch.zeros(size, dtype=z.dtype, device=z.device)
+    for start, stop in sample_slices(n, per):
+        part = take(batch, start, stop, n)
+        jac = separable_output_jacobian(forward, params, part, z[start:stop], backend=backend)
+        if jac is None:
+            return None
+        jac = jac.reshape(-1, size)
+        hess_jac = torch.bmm(blocks[start:stop], jac.reshape(stop - start, c, size)).reshape(-1, size)
+        checks.require_finite(
+            [
+                (jac, "the gradient of forward is NaN or inf"),
+                (hess_jac, "the Hessian of outer_log_likelihood is NaN or inf"),
+            ]
+        )
+        total += ggn_diag(jac, hess_jac, backend=backend)
+        del jac, hess_jac
+    return total
+
+
+def batch_ggn_factors(params, batch, forward, outer_log_likelihood, *, backend: str, z_aux=None):
+    """``(J, H J, aux)``: J (d, P) the Jacobian of z = forward(params, batch)[0]
+    (raveled), H the Hessian of z ↦ −outer_log_likelihood(z, batch), both
+    checked finite (the error names the function at fault, or the leaf of
+    params holding NaN or inf). ``z_aux``: the checked forward call's result,
+    when the caller has made it."""
+    size = tree_ravel(params)[0].numel()
+    z, aux = _forward_checked(params, batch, forward) if z_aux is None else z_aux
     jac = separable_output_jacobian(forward, params, batch, z, backend=backend)
     if jac is None:
         jac, z, aux = output_jacobian(forward, (params, batch), 0, has_aux=True)

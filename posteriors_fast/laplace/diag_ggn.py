@@ -23,8 +23,7 @@ from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
 from posteriors_fast.distributed import resolve as resolve_group
 from posteriors_fast.laplace import _diag
-from posteriors_fast.laplace._ggn import batch_ggn_factors
-from posteriors_fast.ops.ggn_diag import ggn_diag
+from posteriors_fast.laplace._ggn import batch_ggn_diag
 from posteriors_fast.tree_utils import flexi_tree_map  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast.types import ForwardFn, OuterLogProbFn, TensorTree, Transform
 from posteriors_fast.utils import diag_ggn, diag_normal_sample, is_scalar  # noqa: F401  (as above)
@@ -135,8 +134,7 @@ def update(
     group = resolve_group(process_group, "laplace.diag_ggn.update")
 
     def compute():
-        jac, hess_jac, aux = batch_ggn_factors(state.params, batch, forward, outer_log_likelihood, backend=backend)
-        return ggn_diag(jac, hess_jac, backend=backend), aux
+        return batch_ggn_diag(state.params, batch, forward, outer_log_likelihood, backend=backend)
 
     with torch.no_grad(), CatchAuxError():
         if group is None:
