@@ -20,7 +20,8 @@ from posteriors_fast._internal import products
 from posteriors_fast._internal.cholesky import CholeskyError
 from posteriors_fast._internal.errors import NO_AUX_ERROR_MSG, NON_TENSOR_AUX_ERROR_MSG, CatchAuxError
 from posteriors_fast._internal.jacobian import jacobian_from_pullback, output_jacobian, output_pullback
-from posteriors_fast._internal.jacobian_chunks import budget_bytes, ggn_diag_rows
+from posteriors_fast._internal.jacobian_budget import budget_bytes
+from posteriors_fast._internal.jacobian_chunks import ggn_diag_rows
 from posteriors_fast._internal.loss_hessian import loss_hessian_times
 from posteriors_fast.backends import neutral, resolve
 from posteriors_fast.distributed import resolve as resolve_group

@@ -3,7 +3,7 @@ within it.
 
 An (N, P) per-sample Jacobian takes N·P values: 10 GB in float32 at N = 256,
 P = 10⁷. When it would exceed the budget (``POSTERIORS_FAST_JACOBIAN_MB``,
-default 1024 MiB, read at import; :func:`set_budget_mb` in code), the methods
+default 1024 MiB; :mod:`posteriors_fast._internal.jacobian_budget`), the methods
 that need only sums over samples (the diagonal EKF and Laplace methods,
 ``utils.diag_ggn``) and those that copy the rows into a panel (the low-rank
 methods) build it a chunk of samples at a time with :class:`LogDensityChunks`
@@ -12,8 +12,6 @@ exist at once (plus the model's activations for one chunk, and a temporary
 of the same size as the chunk while it is reduced).
 """
 
-import math
-import os
 from typing import Any, Callable, Iterator, List, Tuple
 
 import torch
@@ -23,75 +21,9 @@ from torch.func import vmap
 
 from posteriors_fast._internal import checks
 from posteriors_fast._internal.errors import split_aux
+from posteriors_fast._internal.jacobian_budget import ENV, budget_bytes, sample_slices, samples_per_chunk, take
 from posteriors_fast._internal.loss_hessian import hessian_blocks, hessian_rows
 from posteriors_fast.ops.separable_jacobian import log_density_jacobian
-
-#: The environment variable that sets the budget, in MiB.
-ENV = "POSTERIORS_FAST_JACOBIAN_MB"
-#: 1 GiB: a (256, 10⁶) float32 Jacobian fits whole; at P = 10⁷ it is built
-#: 26 samples at a time.
-DEFAULT_MB = 1024.0
-
-
-def _read_env() -> float:
-    raw = os.environ.get(ENV, "").strip()
-    if not raw:
-        return DEFAULT_MB
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{ENV} must be a number of MiB > 0, got {raw!r}") from None
-    if not value > 0 or math.isinf(value):
-        raise ValueError(f"{ENV} must be a finite number of MiB > 0, got {raw!r}")
-    return value
-
-
-_budget_mb = _read_env()
-
-
-def budget_bytes() -> int:
-    """The current budget for one block of per-sample Jacobian rows, in bytes."""
-    return int(_budget_mb * 2**20)
-
-
-def set_budget_mb(mb: float) -> float:
-    """Set the budget (MiB, > 0); returns the previous value."""
-    global _budget_mb
-    value = float(mb)
-    if not value > 0 or math.isinf(value):
-        raise ValueError(f"the Jacobian budget must be a finite number of MiB > 0, got {mb!r}")
-    previous, _budget_mb = _budget_mb, value
-    return previous
-
-
-def samples_per_chunk(n: int, rows_per_sample: int, size: int, itemsize: int) -> int:
-    """How many of ``n`` samples, each with ``rows_per_sample`` Jacobian rows
-    of ``size`` entries of ``itemsize`` bytes, fit in the budget (at least 1)."""
-    per_sample = max(1, rows_per_sample * size * itemsize)
-    return max(1, min(n, budget_bytes() // per_sample))
-
-
-def sample_slices(n: int, per_chunk: int) -> List[Tuple[int, int]]:
-    """``[(start, stop), ...]`` covering ``range(n)`` in chunks of at most
-    ``per_chunk`` samples, as equal as possible (fewer distinct shapes for the
-    compiled graphs)."""
-    if n <= per_chunk:
-        return [(0, n)]
-    count = -(-n // per_chunk)
-    bounds = [round(i * n / count) for i in range(count + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def take(batch: Any, start: int, stop: int, n: int) -> Any:
-    """The samples ``start:stop`` of a batch: every tensor leaf with leading
-    dimension ``n`` is sliced; other leaves pass through."""
-
-    def cut(leaf):
-        if isinstance(leaf, torch.Tensor) and leaf.ndim > 0 and leaf.shape[0] == n:
-            return leaf[start:stop]
-        return leaf
-
-    return tree_map(cut, batch)
 
 
 def _cat_aux(parts: List[Any]) -> Any:
@@ -196,7 +128,8 @@ class LogDensityChunks:
             raise ValueError(
                 f"{self.what} couples the samples of a batch (its values on part of the batch differ from "
                 f"those on the whole), so its per-sample Jacobian cannot be built in chunks; the whole "
-                f"({self.n}, {self.size}) Jacobian exceeds {ENV}={_budget_mb:g}: raise it, or pass smaller batches"
+                f"({self.n}, {self.size}) Jacobian exceeds {ENV}={budget_bytes() / 2**20:g}: raise it, "
+                "or pass smaller batches"
             )
 
 

@@ -12,7 +12,8 @@ from optree.integrations.torch import tree_ravel
 
 from posteriors_fast._internal import checks
 from posteriors_fast._internal.jacobian import output_jacobian, output_pullback
-from posteriors_fast._internal.jacobian_chunks import budget_bytes, ggn_diag_rows, sample_slices, take
+from posteriors_fast._internal.jacobian_budget import budget_bytes, sample_slices, take
+from posteriors_fast._internal.jacobian_chunks import ggn_diag_rows
 from posteriors_fast._internal.loss_hessian import hessian_blocks, loss_hessian_times
 from posteriors_fast.ops.ggn_diag import ggn_diag
 from posteriors_fast.ops.separable_jacobian import separable_output_jacobian

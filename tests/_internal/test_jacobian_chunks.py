@@ -15,7 +15,7 @@ from optree import tree_map
 from optree.integrations.torch import tree_ravel
 
 import posteriors_fast as pf
-from posteriors_fast._internal import jacobian_chunks
+from posteriors_fast._internal import jacobian_budget, jacobian_chunks
 from tests.ekf._problem import log_likelihood, log_likelihood_per_sample, logits, make_problem
 
 N = 11
@@ -24,11 +24,11 @@ N = 11
 @contextmanager
 def budget_for(samples: int, size: int, rows_per_sample: int = 1):
     """A budget that holds ``samples`` samples of float64 Jacobian rows."""
-    previous = jacobian_chunks.set_budget_mb(samples * rows_per_sample * size * 8 / 2**20)
+    previous = jacobian_budget.set_budget_mb(samples * rows_per_sample * size * 8 / 2**20)
     try:
         yield
     finally:
-        jacobian_chunks.set_budget_mb(previous)
+        jacobian_budget.set_budget_mb(previous)
 
 
 def _size(params):
@@ -53,10 +53,10 @@ def _coupled_forward(p, batch):
 
 
 def test_sample_slices_cover_the_batch_evenly():
-    assert jacobian_chunks.sample_slices(10, 3) == [(0, 2), (2, 5), (5, 8), (8, 10)]
-    assert jacobian_chunks.sample_slices(5, 8) == [(0, 5)]
+    assert jacobian_budget.sample_slices(10, 3) == [(0, 2), (2, 5), (5, 8), (8, 10)]
+    assert jacobian_budget.sample_slices(5, 8) == [(0, 5)]
     with pytest.raises(ValueError, match="budget"):
-        jacobian_chunks.set_budget_mb(0)
+        jacobian_budget.set_budget_mb(0)
 
 
 @pytest.mark.parametrize("per_sample", [False, True])
@@ -146,7 +146,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     import json, resource, sys
     import torch
     import posteriors_fast as pf
-    from posteriors_fast._internal import jacobian_chunks
+    from posteriors_fast._internal import jacobian_budget, jacobian_chunks
 
     torch.manual_seed(0)
     n, d, k = 64, 2000, 1000  # P = 2·10⁶: the whole float32 Jacobian is 512 MB
@@ -163,7 +163,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     state = transform.update(state, batch)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"delta_bytes": (peak - base) * 1024, "size": k * d, "n": n,
-                      "budget": jacobian_chunks.budget_bytes()}))
+                      "budget": jacobian_budget.budget_bytes()}))
     """
 )
 
