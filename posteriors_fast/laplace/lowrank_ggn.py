@@ -34,6 +34,7 @@ import torch
 from posteriors_fast._internal import lowrank as _lowrank
 from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
+from posteriors_fast.distributed import resolve as resolve_group
 from posteriors_fast.laplace import _lowrank as _common
 from posteriors_fast.laplace._ggn import batch_ggn_root
 from posteriors_fast.laplace._lowrank import LowRankLaplaceState
@@ -42,12 +43,23 @@ from posteriors_fast.types import ForwardFn, OuterLogProbFn, TensorTree, Transfo
 __all__ = ["LowRankLaplaceState", "build", "init", "update", "sample"]
 
 
-def _no_group(process_group, what: str) -> None:
-    if process_group is not None:
-        raise ValueError(
-            f"{what} does not take a process_group yet (the per-rank GGN square roots would need "
-            "their own gather); run it on one process, or use laplace.lowrank_fisher, which does"
-        )
+def _gather_roots(group, compute, what: str, params, batch):
+    """Every rank's GGN square-root rows R_r, weighted as the group's
+    reduction says (√w_r R_r, so that Σ_r w_r R_rᵀR_r is the global GGN),
+    in rank order, and this rank's aux. The rows travel twice through
+    ``gather_factors`` (as J and as w_r·HJ), which weights them; the weight
+    of each row is recovered as ⟨w R_i, R_i⟩ / ⟨R_i, R_i⟩."""
+
+    def pair():
+        rows, aux = compute()
+        return rows, rows, aux
+
+    rows, weighted, aux = group.gather_factors(pair, what=what, params=params, batch=batch)
+    if weighted is rows or torch.equal(weighted, rows):
+        return rows, aux
+    norms = rows.square().sum(1)
+    weight = (weighted * rows).sum(1) / torch.where(norms > 0, norms, torch.ones_like(norms))
+    return rows * weight.clamp_min(0.0).sqrt()[:, None], aux
 
 
 def build(
@@ -70,18 +82,30 @@ def build(
         init_prec_diag: Prior diagonal precision: a scalar >= 0 or a
             non-negative tree like the parameters.
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
-        process_group: Must be None: this method runs on one process (a
-            ValueError says so otherwise).
+        process_group: None (one process), or a ``torch.distributed`` process
+            group / ``posteriors_fast.distributed.data_parallel(...)``: each
+            rank passes its shard of the batch and every rank gets the state
+            of one process on the whole batch (one all-gather of the GGN
+            square-root rows, twice: 2·N·C·P values per step; each rank's
+            ``outer_log_likelihood`` is taken as a sum over its samples unless
+            the group says ``reduction="mean"``).
 
     Returns:
         ``Transform(init, update)`` with these settings bound.
     """
     rank = _lowrank.check_rank(rank)
-    _no_group(process_group, "laplace.lowrank_ggn")
     backend = resolve(backend)
+    group = resolve_group(process_group, "laplace.lowrank_ggn")
     return Transform(
-        partial(init, rank=rank, init_prec_diag=init_prec_diag),
-        partial(update, forward=forward, outer_log_likelihood=outer_log_likelihood, rank=rank, backend=backend),
+        partial(init, rank=rank, init_prec_diag=init_prec_diag, process_group=group),
+        partial(
+            update,
+            forward=forward,
+            outer_log_likelihood=outer_log_likelihood,
+            rank=rank,
+            backend=backend,
+            process_group=group,
+        ),
     )
 
 
@@ -98,13 +122,13 @@ def init(
         rank: Columns of the low-rank factor, a positive integer.
         init_prec_diag: A scalar >= 0 for every entry, or a non-negative tree
             like ``params`` (copied).
-        process_group: Must be None.
+        process_group: As in ``build``; every rank's params must agree (checked).
 
     Returns:
         ``LowRankLaplaceState`` with ``aux=None``.
     """
-    _no_group(process_group, "laplace.lowrank_ggn.init")
-    return _common.initial_state(params, rank, init_prec_diag, None, "laplace.lowrank_ggn.init")
+    group = resolve_group(process_group, "laplace.lowrank_ggn.init")
+    return _common.initial_state(params, rank, init_prec_diag, group, "laplace.lowrank_ggn.init")
 
 
 def update(
@@ -130,7 +154,8 @@ def update(
             ``state.prec_factor`` (versions advance); nothing is written
             unless the whole update succeeds.
         backend: ``"eager"``, ``"compiled"`` or None for the current default.
-        process_group: Must be None.
+        process_group: As in ``build``: ``batch`` is this rank's shard; ``aux``
+            is this rank's.
 
     Returns:
         The updated ``LowRankLaplaceState``.
@@ -140,13 +165,19 @@ def update(
             parameters, the outputs of ``forward``, their gradient, or the
             Hessian of ``outer_log_likelihood``, or a Hessian with a negative
             eigenvalue.
+        posteriors_fast.distributed.RankError: with a process group, the
+            update failed on some rank (raised on every rank; nothing written).
     """
-    _no_group(process_group, "laplace.lowrank_ggn.update")
     backend = resolve(backend)
+    group = resolve_group(process_group, "laplace.lowrank_ggn.update")
     rank = _lowrank.check_rank(rank)
     _lowrank.check_state(state, "LowRankLaplaceState", rank)
     with torch.no_grad(), CatchAuxError():
-        rows, aux = batch_ggn_root(state.params, batch, forward, outer_log_likelihood, backend=backend)
+        compute = partial(batch_ggn_root, state.params, batch, forward, outer_log_likelihood, backend=backend)
+        if group is None:
+            rows, aux = compute()
+        else:
+            rows, aux = _gather_roots(group, compute, "laplace.lowrank_ggn.update", state.params, batch)
     return _common.add_to_prec(state, rows, rank, aux, inplace, backend)
 
 

@@ -63,6 +63,12 @@ def lowrank_truncate_eager(
     gram[m:, m:] = torch.mm(rows, rows.mT).to(torch.float64).mul_(scale * scale)
     _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
     keep = vectors[:, -rank:].flip(-1)
+    # Eigenvectors are defined up to sign, and which sign LAPACK returns
+    # flips with rounding-level changes of the Gram (another batch split,
+    # another thread count): fix it so the largest entry of each is positive,
+    # and the factor is a function of the precision's data, not of rounding.
+    pivot = keep.gather(0, keep.abs().argmax(0, keepdim=True))
+    keep = keep * torch.where(pivot < 0, -1.0, 1.0)
     if keep.shape[1] < rank:
         keep = torch.cat([keep, keep.new_zeros(m + k, rank - keep.shape[1])], 1)
     dtype = factor.dtype

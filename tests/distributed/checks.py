@@ -502,8 +502,10 @@ def check_a_failing_rank_makes_every_rank_raise_and_changes_nothing(rank, world)
     names = [
         "ekf.dense_fisher",
         "ekf.diag_fisher",
+        "ekf.lowrank_fisher",
         "laplace.dense_fisher",
         "laplace.diag_ggn",
+        "laplace.lowrank_ggn",
         "laplace.dense_hessian",
         "sgmcmc.sghmc",
         "vi.diag",
@@ -674,6 +676,7 @@ def check_collectives_per_step(rank, world):
         ("sgmcmc.sghmc", "data"): {"all_reduce": (1, size + 1 + 2)},
         ("ekf.dense_fisher", "data"): {"all_gather": (2, header + world * widest * (size + 1))},
         ("laplace.dense_fisher", "data"): {"all_gather": (2, header + world * widest * (size + 1))},
+        ("ekf.lowrank_fisher", "data"): {"all_gather": (2, header + world * widest * (size + 1))},
         ("ekf.dense_fisher", "sharded"): {
             "all_gather": (3, header + world * widest * (size + 1) + world * (n + 1) * max(rows)),
             "all_reduce": (1, n * n),
