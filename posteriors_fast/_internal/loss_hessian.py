@@ -31,7 +31,10 @@ def hessian_rows(loss: Callable, z: torch.Tensor, start: int, stop: int) -> torc
     def product(tangent):
         return jvp(gradient, (z,), (tangent.reshape(z.shape),))[1].reshape(-1)
 
-    return vmap(product)(basis)
+    # Forward-over-reverse can promote: for a float32 z, the Hessian of
+    # (z.sum() - 1.0) ** 2 comes back float64 (a 0-d intermediate's tangent),
+    # which the products with the float32 Jacobian then refuse.
+    return vmap(product)(basis).to(z.dtype)
 
 
 def hessian_blocks(loss: Callable, z: torch.Tensor):

@@ -1,4 +1,5 @@
-"""The batch GGN factors shared by ``laplace.dense_ggn`` and ``laplace.diag_ggn``.
+"""The batch GGN factors shared by ``laplace.dense_ggn``, ``laplace.diag_ggn``
+and ``laplace.lowrank_ggn``.
 
 Unlike ``utils.ggn`` (which sees only a closure ``forward(params)``), these
 methods call ``forward(params, batch)`` with the batch as an argument, so the
@@ -14,7 +15,7 @@ from posteriors_fast._internal import checks
 from posteriors_fast._internal.jacobian import output_jacobian, output_pullback
 from posteriors_fast._internal.jacobian_budget import budget_bytes, sample_slices, take
 from posteriors_fast._internal.jacobian_chunks import ggn_diag_rows
-from posteriors_fast._internal.loss_hessian import hessian_blocks, loss_hessian_times
+from posteriors_fast._internal.loss_hessian import hessian_blocks, hessian_rows, loss_hessian_times
 from posteriors_fast.ops.ggn_diag import ggn_diag
 from posteriors_fast.ops.separable_jacobian import separable_output_jacobian
 
@@ -85,18 +86,24 @@ def _separable_ggn_diag(params, batch, forward, z, blocks, size, backend):
     return total
 
 
-def batch_ggn_factors(params, batch, forward, outer_log_likelihood, *, backend: str, z_aux=None):
-    """``(J, H J, aux)``: J (d, P) the Jacobian of z = forward(params, batch)[0]
-    (raveled), H the Hessian of z ↦ −outer_log_likelihood(z, batch), both
-    checked finite (the error names the function at fault, or the leaf of
-    params holding NaN or inf). ``z_aux``: the checked forward call's result,
-    when the caller has made it."""
+def _output_jacobian(params, batch, forward, *, backend: str, z_aux=None):
+    """``(J (d, P), z, aux)`` of z = forward(params, batch)[0] (z and params
+    checked finite; J is checked by the callers). ``z_aux``: the checked
+    forward call's result, when the caller has made it."""
     size = tree_ravel(params)[0].numel()
     z, aux = _forward_checked(params, batch, forward) if z_aux is None else z_aux
     jac = separable_output_jacobian(forward, params, batch, z, backend=backend)
     if jac is None:
         jac, z, aux = output_jacobian(forward, (params, batch), 0, has_aux=True)
-    jac = jac.reshape(-1, size)
+    return jac.reshape(-1, size), z, aux
+
+
+def batch_ggn_factors(params, batch, forward, outer_log_likelihood, *, backend: str, z_aux=None):
+    """``(J, H J, aux)``: J (d, P) the Jacobian of z = forward(params, batch)[0]
+    (raveled), H the Hessian of z ↦ −outer_log_likelihood(z, batch), both
+    checked finite (the error names the function at fault, or the leaf of
+    params holding NaN or inf). ``z_aux`` as in :func:`_output_jacobian`."""
+    jac, z, aux = _output_jacobian(params, batch, forward, backend=backend, z_aux=z_aux)
     with checks.blame_batch(batch, "outer_log_likelihood"):
         hess_jac = loss_hessian_times(lambda z_: -outer_log_likelihood(z_, batch), z.detach(), jac)
     checks.require_finite(
@@ -106,3 +113,40 @@ def batch_ggn_factors(params, batch, forward, outer_log_likelihood, *, backend: 
         ]
     )
     return jac, hess_jac, aux
+
+
+def batch_ggn_root(params, batch, forward, outer_log_likelihood, *, backend: str):
+    """``(R, aux)`` with RᵀR = Jᵀ H J, the batch GGN (R of shape (d, P)).
+
+    With H = E diag(λ) Eᵀ, R = diag(√λ) Eᵀ J; H is decomposed per sample
+    (N blocks of (c, c)) when it is block diagonal over the samples (any loss
+    that sums per-sample terms), else as one (d, d) matrix. Eigenvalues below
+    zero by more than rounding (a loss not convex in z) raise a ValueError:
+    RᵀR cannot represent them.
+    """
+    jac, z, aux = _output_jacobian(params, batch, forward, backend=backend)
+    checks.require_finite([(jac, "the gradient of forward is NaN or inf")])
+    z = z.detach()
+
+    def loss(z_):
+        return -outer_log_likelihood(z_, batch)
+
+    with checks.blame_batch(batch, "outer_log_likelihood"):
+        blocks = hessian_blocks(loss, z)
+        if blocks is None:
+            blocks = hessian_rows(loss, z, 0, z.numel())[None]
+    checks.require_finite([(blocks, "the Hessian of outer_log_likelihood is NaN or inf")])
+    blocks = (blocks + blocks.mT) / 2
+    eigvals, eigvecs = torch.linalg.eigh(blocks.to(torch.float64))
+    scale = eigvals.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    tol = 100 * torch.finfo(blocks.dtype).eps * blocks.shape[-1] * scale
+    if bool((eigvals < -tol).any()):
+        raise ValueError(
+            "the Hessian of -outer_log_likelihood in z has a negative eigenvalue "
+            f"({float(eigvals.min()):.3g}): a low-rank GGN needs outer_log_likelihood concave in z"
+        )
+    roots = (eigvecs * eigvals.clamp_min(0.0).sqrt()[..., None, :]).mT.to(jac.dtype)  # (B, c, c)
+    count, width = roots.shape[0], roots.shape[-1]
+    rows = torch.bmm(roots, jac.reshape(count, width, -1)).reshape(jac.shape)
+    checks.require_finite([(rows, "the GGN of this batch overflowed (NaN or inf)")])
+    return rows, aux

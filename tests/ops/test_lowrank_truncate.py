@@ -1,0 +1,64 @@
+"""lowrank_truncate against a float64 dense oracle: U_new U_newᵀ is the best
+rank-r part of UUᵀ + s²RᵀR (Eckart-Young, by a dense eigendecomposition),
+the diagonal of the precision is kept exactly, odd shapes."""
+
+import pytest
+import torch
+
+from posteriors_fast.backends import resolve
+from posteriors_fast.ops.lowrank_truncate import lowrank_truncate
+from tests._compare import tol
+
+
+def _case(size, m, k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    diag = (torch.rand(size, generator=g) + 0.5).to(dtype)
+    factor = torch.randn(size, m, generator=g).to(dtype)
+    rows = torch.randn(k, size, generator=g).to(dtype)
+    return diag, factor, rows
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+@pytest.mark.parametrize(
+    "size, m, k, rank", [(37, 5, 1, 5), (37, 5, 9, 3), (50, 4, 7, 12), (6, 8, 3, 8), (129, 1, 1, 1)]
+)
+def test_best_rank_part_and_exact_diagonal(dtype, backend, size, m, k, rank):
+    diag, factor, rows = _case(size, m, k, dtype)
+    scale = 0.7
+    new_diag, new_factor = lowrank_truncate(diag, factor, rows, scale, rank, backend=resolve(backend))
+    assert new_factor.shape == (size, rank) and new_factor.dtype == dtype and new_diag.dtype == dtype
+    full = factor.double() @ factor.double().T + scale**2 * rows.double().T @ rows.double()
+    vals, vecs = torch.linalg.eigh(full)
+    keep = min(rank, size)
+    want = (vecs[:, -keep:] * vals[-keep:]) @ vecs[:, -keep:].T
+    got = new_factor.double() @ new_factor.double().T
+    top = full.abs().max()
+    torch.testing.assert_close((got / top).to(dtype), (want / top).to(dtype), **tol(dtype, "method"))
+    # the precision's diagonal is exact: d + rowsum(U²) + s² colsum(R²)
+    want_diag = diag.double() + full.diagonal()
+    got_diag = new_diag.double() + new_factor.double().square().sum(1)
+    torch.testing.assert_close(got_diag.to(dtype), want_diag.to(dtype), **tol(dtype, "method"))
+    assert bool((new_diag >= diag - 1e-6 * top).all())  # the dropped part is PSD
+    # columns orthogonal, in decreasing order of norm
+    gram = new_factor.double().T @ new_factor.double()
+    off = gram - torch.diag(gram.diagonal())
+    assert float(off.abs().max()) <= 1e-4 * float(top) * (1 if dtype == torch.float32 else 1e-6)
+    norms = gram.diagonal()
+    assert bool((norms[:-1] >= norms[1:] - 1e-5 * float(top)).all())
+
+
+def test_signs_do_not_depend_on_rounding():
+    """The factor is fixed up to rounding, not up to column signs: a
+    rounding-level change of the inputs changes it by rounding only."""
+    diag, factor, rows = _case(40, 3, 6, torch.float64, seed=3)
+    a = lowrank_truncate(diag, factor, rows, 1.0, 3, backend="eager")[1]
+    b = lowrank_truncate(diag, factor * (1 + 1e-13), rows, 1.0, 3, backend="eager")[1]
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_non_contiguous_inputs():
+    diag, factor, rows = _case(33, 4, 5, torch.float64, seed=1)
+    want = lowrank_truncate(diag, factor, rows, 0.3, 4, backend="eager")
+    got = lowrank_truncate(diag, factor.T.contiguous().T, rows.T.contiguous().T, 0.3, 4, backend="eager")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tol(torch.float64, "op"))
