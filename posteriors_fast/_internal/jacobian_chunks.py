@@ -133,6 +133,42 @@ class LogDensityChunks:
             )
 
 
+def log_density_jacobian_rows(
+    fn: Callable,
+    params: Any,
+    batch: Any,
+    *,
+    per_sample: bool,
+    what: str,
+    backend: str,
+    values_must_be_finite: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+    """:func:`~posteriors_fast.ops.separable_jacobian.log_density_jacobian`
+    (same arguments and result) for the methods that need all N rows (the
+    low-rank ones): beyond the budget, the rows are written block by block
+    into one (N, P) buffer, so the peak is N·P plus one block instead of the
+    whole Jacobian's vmap temporaries and copies."""
+    chunks = LogDensityChunks(
+        fn,
+        params,
+        batch,
+        per_sample=per_sample,
+        what=what,
+        backend=backend,
+        values_must_be_finite=values_must_be_finite,
+    )
+    jac = None
+    for start, stop, rows in chunks:
+        if not chunks.chunked:  # one block: it is the whole Jacobian
+            jac = rows
+        else:
+            if jac is None:
+                jac = rows.new_empty((chunks.n, rows.shape[1]))
+            jac[start:stop] = rows
+        del rows
+    return jac, chunks.values, chunks.aux
+
+
 def fisher_sums(chunks: "LogDensityChunks", with_grad: bool = True) -> Tuple:
     """``(Σ_i J_i², Σ_i J_i, values, aux)`` over the samples of ``chunks``
     (``Σ_i J_i`` is None without ``with_grad``), never holding more than one

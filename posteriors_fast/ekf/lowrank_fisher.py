@@ -49,11 +49,11 @@ from optree.integrations.torch import tree_ravel
 from posteriors_fast._internal import checks as _checks
 from posteriors_fast._internal import lowrank as _lowrank
 from posteriors_fast._internal.errors import CatchAuxError
+from posteriors_fast._internal.jacobian_chunks import log_density_jacobian_rows
 from posteriors_fast._internal.state import rebind_, rebind_tree_, write_field
 from posteriors_fast.backends import resolve
 from posteriors_fast.distributed import resolve as resolve_group
 from posteriors_fast.ops.lowrank_truncate import lowrank_truncate
-from posteriors_fast.ops.separable_jacobian import log_density_jacobian
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 
 
@@ -221,7 +221,7 @@ def update(
     transition = _lowrank.diagonal_argument(transition_cov, state.params, "transition_cov", positive=False)
     with torch.no_grad(), CatchAuxError():
         compute = partial(
-            log_density_jacobian,
+            log_density_jacobian_rows,
             log_likelihood,
             state.params,
             batch,

@@ -124,9 +124,27 @@ def batch_ggn_root(params, batch, forward, outer_log_likelihood, *, backend: str
     zero by more than rounding (a loss not convex in z) raise a ValueError:
     RᵀR cannot represent them.
     """
-    jac, z, aux = _output_jacobian(params, batch, forward, backend=backend)
+    flat = tree_ravel(params)[0]
+    size = flat.numel()
+    z, aux = _forward_checked(params, batch, forward)
+    if z.ndim > 0 and z.shape[0] > 1 and z.numel() * size * flat.element_size() > budget_bytes():
+        roots = _hessian_roots(outer_log_likelihood, batch, z.detach(), flat.dtype)
+        if roots.shape[0] == z.shape[0]:
+            rows = _separable_root_rows(params, batch, forward, z, roots, size, backend)
+            if rows is not None:
+                return rows, aux
+    jac, z, aux = _output_jacobian(params, batch, forward, backend=backend, z_aux=(z, aux))
     checks.require_finite([(jac, "the gradient of forward is NaN or inf")])
-    z = z.detach()
+    roots = _hessian_roots(outer_log_likelihood, batch, z.detach(), jac.dtype)
+    count, width = roots.shape[0], roots.shape[-1]
+    rows = torch.bmm(roots, jac.reshape(count, width, -1)).reshape(jac.shape)
+    checks.require_finite([(rows, "the GGN of this batch overflowed (NaN or inf)")])
+    return rows, aux
+
+
+def _hessian_roots(outer_log_likelihood, batch, z, dtype):
+    """(B, c, c) roots Eᵀ-scaled by √λ of the Hessian of −outer_log_likelihood
+    at z: its N per-sample blocks, or one (d, d) block (B = 1)."""
 
     def loss(z_):
         return -outer_log_likelihood(z_, batch)
@@ -145,8 +163,25 @@ def batch_ggn_root(params, batch, forward, outer_log_likelihood, *, backend: str
             "the Hessian of -outer_log_likelihood in z has a negative eigenvalue "
             f"({float(eigvals.min()):.3g}): a low-rank GGN needs outer_log_likelihood concave in z"
         )
-    roots = (eigvecs * eigvals.clamp_min(0.0).sqrt()[..., None, :]).mT.to(jac.dtype)  # (B, c, c)
-    count, width = roots.shape[0], roots.shape[-1]
-    rows = torch.bmm(roots, jac.reshape(count, width, -1)).reshape(jac.shape)
+    return (eigvecs * eigvals.clamp_min(0.0).sqrt()[..., None, :]).mT.to(dtype)
+
+
+def _separable_root_rows(params, batch, forward, z, roots, size, backend):
+    """R (d, P) written a block of samples at a time (each block's J from one
+    reverse pass per sample), so only R and one block of J exist at once;
+    None when the forward is not shown to be sample-separable."""
+    n, width = z.shape[0], roots.shape[-1]
+    per = max(1, budget_bytes() // max(1, width * size * z.element_size()))
+    rows = None
+    for start, stop in sample_slices(n, per):
+        jac = separable_output_jacobian(forward, params, take(batch, start, stop, n), z[start:stop], backend=backend)
+        if jac is None:
+            return None
+        jac = jac.reshape(stop - start, width, size)
+        checks.require_finite([(jac, "the gradient of forward is NaN or inf")])
+        if rows is None:
+            rows = jac.new_empty((n * width, size))
+        torch.bmm(roots[start:stop], jac, out=rows[start * width : stop * width].view(stop - start, width, size))
+        del jac
     checks.require_finite([(rows, "the GGN of this batch overflowed (NaN or inf)")])
-    return rows, aux
+    return rows

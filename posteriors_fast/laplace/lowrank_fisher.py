@@ -32,11 +32,11 @@ import torch
 
 from posteriors_fast._internal import lowrank as _lowrank
 from posteriors_fast._internal.errors import CatchAuxError
+from posteriors_fast._internal.jacobian_chunks import log_density_jacobian_rows
 from posteriors_fast.backends import resolve
 from posteriors_fast.distributed import resolve as resolve_group
 from posteriors_fast.laplace import _lowrank as _common
 from posteriors_fast.laplace._lowrank import LowRankLaplaceState
-from posteriors_fast.ops.separable_jacobian import log_density_jacobian
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 
 __all__ = ["LowRankLaplaceState", "build", "init", "update", "sample"]
@@ -151,7 +151,7 @@ def update(
     _lowrank.check_state(state, "LowRankLaplaceState", rank)
     with torch.no_grad(), CatchAuxError():
         compute = partial(
-            log_density_jacobian,
+            log_density_jacobian_rows,
             log_posterior,
             state.params,
             batch,

@@ -122,6 +122,40 @@ def test_utils_diag_ggn_chunked_equals_whole(coupled_loss, normalize):
     torch.testing.assert_close(tree_ravel(chunked)[0], torch.diagonal(dense), rtol=1e-10, atol=1e-12)
 
 
+def _same_lowrank(a, b):
+    _close(a.prec_diag, b.prec_diag)
+    # U is unique up to a rotation of its columns: compare U Uᵀ.
+    torch.testing.assert_close(
+        a.prec_factor @ a.prec_factor.mT, b.prec_factor @ b.prec_factor.mT, rtol=1e-10, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_lowrank_fisher_methods_chunked_equal_whole(per_sample):
+    params, batch = make_problem(N, torch.float64, seed=5)
+    fn = log_likelihood_per_sample if per_sample else log_likelihood
+    transforms = [
+        pf.ekf.lowrank_fisher.build(fn, lr=0.5, rank=4, per_sample=per_sample, backend="eager"),
+        pf.laplace.lowrank_fisher.build(fn, rank=4, per_sample=per_sample, init_prec_diag=1.0, backend="eager"),
+    ]
+    for transform in transforms:
+        whole = transform.update(transform.init(params), batch)
+        with budget_for(3, _size(params)):
+            chunked = transform.update(transform.init(params), batch)
+        _same_lowrank(chunked, whole)
+        _close(chunked.params, whole.params)
+        torch.testing.assert_close(chunked.aux, whole.aux, rtol=0, atol=0)
+
+
+def test_lowrank_ggn_chunked_equals_whole():
+    params, batch = make_problem(N, torch.float64, seed=6)
+    transform = pf.laplace.lowrank_ggn.build(_forward, _outer, rank=5, init_prec_diag=1.0, backend="eager")
+    whole = transform.update(transform.init(params), batch)
+    with budget_for(2, _size(params), rows_per_sample=3):
+        chunked = transform.update(transform.init(params), batch)
+    _same_lowrank(chunked, whole)
+
+
 def test_chunked_per_sample_log_density_must_not_couple_samples():
     params, batch = make_problem(N, torch.float64, seed=4)
 
