@@ -58,7 +58,7 @@ def main(argv=None) -> Dict:
     n_train = len(train[1])
     params = mlp_params((64, hidden, classes))
     size = sum(v.numel() for v in params.values())
-    ranks = [2, 16, size] if args.quick else [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, size]
+    ranks = [2, 16, size] if args.quick else [1, 3, 10, 30, 100, 300, 1000, size]
 
     def log_likelihood(p, batch):
         """Mean log-likelihood of the batch, logits as aux."""
