@@ -16,6 +16,18 @@ A V_drop V_dropᵀ Aᵀ, is positive semi-definite and only its diagonal is kept
 (the diagonal variant of LoFi, Chang et al. 2023,
 https://arxiv.org/abs/2305.19535).
 
+With a transition covariance Q = diag(q) the precision is first predicted,
+exactly and at the same rank (Woodbury twice: Λ⁻¹ + Q is a diagonal minus a
+rank-m term),
+
+$$ \\big((D + UUᵀ)^{-1} + Q\\big)^{-1} = D_p + U_p U_pᵀ, \\quad
+D_p = D (I + QD)^{-1}, \\quad U_p = (I + QD)^{-1} U C, \\quad
+C Cᵀ = \\big(I + Uᵀ Q (I + QD)^{-1} U\\big)^{-1}, $$
+
+and the panel is A = [U_p, s Rᵀ]; U_p is never stored: (I + QD)⁻¹U is
+formed a chunk of rows at a time for the Gram, and C is folded into the
+small matrices.
+
 With ``vector`` g the op also returns Σ_new g for Σ_new = (D_new + U_new
 U_newᵀ)⁻¹ (the EKF mean step), by Woodbury through the r×r capacitance
 K = I + U_newᵀ D_new⁻¹ U_new, accumulated in the same pass over U_new that
@@ -55,17 +67,21 @@ def lowrank_truncate_eager(
     scale: float,
     rank: int,
     vector: torch.Tensor | None = None,
+    transition: torch.Tensor | float = 0.0,
 ):
-    """``(d_new, U_new, step, witness)`` for the precision diag(d) + U Uᵀ +
-    s²·RᵀR truncated to rank ``rank`` (see the module docstring).
+    """``(d_new, U_new, step, witness)`` for the precision diag(d) + U Uᵀ,
+    predicted with the transition covariance Q = diag(q) when q != 0, plus
+    s²·RᵀR, truncated to rank ``rank`` (see the module docstring).
 
     Args:
-        diag: d, shape (P,), finite and > 0 where ``vector`` is given.
+        diag: d, shape (P,), finite and > 0 where ``vector`` or ``transition``
+            is given.
         factor: U, shape (P, m).
         rows: R, shape (K, P): the new columns, transposed.
         scale: s, a Python float.
         rank: r >= 1, the width of U_new.
         vector: Optional g, shape (P,).
+        transition: q, a float >= 0 or a (P,) tensor of variances >= 0.
 
     Returns:
         ``d_new (P,)`` and ``U_new (P, r)``, new tensors (columns of U_new
@@ -76,9 +92,34 @@ def lowrank_truncate_eager(
     """
     m, k = factor.shape[1], rows.shape[0]
     dtype = factor.dtype
+    size = factor.shape[0]
+    noise = not (isinstance(transition, float) and transition == 0.0)
     gram = torch.empty(m + k, m + k, dtype=torch.float64, device=factor.device)
-    gram[:m, :m] = torch.mm(factor.mT, factor)
-    cross = torch.mm(rows, factor).to(torch.float64).mul_(scale)
+    if not noise:
+        base, mix = diag, None
+        gram[:m, :m] = torch.mm(factor.mT, factor)
+        cross = torch.mm(rows, factor).to(torch.float64)
+    else:
+        # The predicted factor is U_p = S U C, S = (I + QD)⁻¹, C Cᵀ = (I + UᵀQSU)⁻¹
+        # (exact, see the module docstring): S U is formed a chunk at a time
+        # and C folded into the small matrices, so U_p is never stored.
+        shrink = (diag * transition).add_(1.0).reciprocal_()
+        base = diag * shrink
+        weight = shrink * transition
+        uu, cross, inner = (factor.new_zeros(m, m), factor.new_zeros(k, m), factor.new_zeros(m, m))
+        for a, b in row_chunks(size):
+            part = factor[a:b] * shrink[a:b, None]
+            uu.addmm_(part.mT, part)
+            cross.addmm_(rows[:, a:b], part)
+            inner.addmm_(factor[a:b].mT, factor[a:b] * weight[a:b, None])
+        inner = inner.to(torch.float64)
+        inner.diagonal().add_(1.0)
+        chol = torch.linalg.cholesky((inner + inner.mT).mul_(0.5))  # >= I: positive definite
+        eye = torch.eye(m, dtype=torch.float64, device=factor.device)
+        mix = torch.linalg.solve_triangular(chol.mT, eye, upper=True)  # C = L⁻ᵀ
+        gram[:m, :m] = mix.mT @ uu.to(torch.float64) @ mix
+        cross = cross.to(torch.float64) @ mix
+    cross.mul_(scale)
     gram[m:, :m] = cross
     gram[:m, m:] = cross.mT
     gram[m:, m:] = torch.mm(rows, rows.mT).to(torch.float64).mul_(scale * scale)
@@ -97,19 +138,26 @@ def lowrank_truncate_eager(
     keep = keep * torch.where(pivot < 0, -1.0, 1.0)
     if keep.shape[1] < rank:
         keep = torch.cat([keep, keep.new_zeros(m + k, rank - keep.shape[1])], 1)
-    new_factor = torch.mm(factor, keep[:m].to(dtype))
+    left = keep[:m] if mix is None else mix @ keep[:m]
+    new_factor = torch.mm(factor, left.to(dtype))
+    if noise:
+        new_factor.mul_(shrink[:, None])
     new_factor.addmm_(rows.mT, keep[m:].mul(scale).to(dtype))
-    new_diag = _column_sum_of_squares(rows).mul_(scale * scale).add_(diag)
+    new_diag = _column_sum_of_squares(rows).mul_(scale * scale).add_(base)
     width = new_factor.shape[1]
     inner = None if vector is None else new_factor.new_zeros(width, width)
     proj = None if vector is None else new_factor.new_zeros(width)
-    for a, b in row_chunks(factor.shape[0]):
-        # d_new = d + rowsum(A²) - rowsum(U_new²): the diagonal of the
-        # dropped part, PSD, so clamped at d against rounding.
+    mix = None if mix is None else mix.to(dtype)
+    for a, b in row_chunks(size):
+        # d_new = d_p + rowsum(A²) - rowsum(U_new²): the diagonal of the
+        # dropped part, PSD, so clamped at d_p against rounding.
         part = new_diag[a:b]
-        dropped = torch.linalg.vector_norm(factor[a:b], dim=1).square_()
+        if mix is None:
+            dropped = torch.linalg.vector_norm(factor[a:b], dim=1).square_()
+        else:
+            dropped = torch.linalg.vector_norm(factor[a:b] @ mix, dim=1).mul_(shrink[a:b]).square_()
         dropped.sub_(torch.linalg.vector_norm(new_factor[a:b], dim=1).square_())
-        torch.maximum(part.add_(dropped), diag[a:b], out=part)
+        torch.maximum(part.add_(dropped), base[a:b], out=part)
         if vector is not None:
             scaled = new_factor[a:b] / part[:, None]
             inner.addmm_(new_factor[a:b].mT, scaled)
@@ -149,6 +197,7 @@ for _family in ("triton", "cpp", "torch_compile"):
     )
 
 
-def lowrank_truncate(diag, factor, rows, scale: float, rank: int, vector=None, *, backend: str):
+def lowrank_truncate(diag, factor, rows, scale: float, rank: int, vector=None, transition=0.0, *, backend: str):
     """Dispatching entry point; ``backend`` must already be resolved."""
-    return implementation("lowrank_truncate", backend, factor.device.type)(diag, factor, rows, scale, rank, vector)
+    impl = implementation("lowrank_truncate", backend, factor.device.type)
+    return impl(diag, factor, rows, scale, rank, vector, transition)

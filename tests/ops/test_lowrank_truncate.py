@@ -57,6 +57,39 @@ def test_best_rank_part_and_exact_diagonal(dtype, backend, size, m, k, rank, mon
     assert bool((norms[:-1] >= norms[1:] - 1e-5 * float(top)).all())
 
 
+@pytest.mark.parametrize("transition", ["scalar", "vector"])
+@pytest.mark.parametrize("size, m, k, rank", [(23, 4, 3, 4), (5, 9, 2, 9), (40, 3, 5, 2)])
+def test_the_prediction_is_exact(dtype, transition, size, m, k, rank, monkeypatch):
+    """With Q: the precision is ((D + UUᵀ)⁻¹ + Q)⁻¹ + s²RᵀR truncated, its
+    diagonal part starting from D(I + QD)⁻¹; with rank >= m + K nothing is
+    dropped and the result is that precision exactly."""
+    monkeypatch.setattr(lowrank, "CHUNK_ROWS", 7)
+    diag, factor, rows = _case(size, m, k, dtype, seed=2)
+    gen = torch.Generator().manual_seed(4)
+    q = 0.3 if transition == "scalar" else (torch.rand(size, generator=gen) * 0.5).to(dtype)
+    qd = q * torch.eye(size, dtype=torch.float64) if transition == "scalar" else torch.diag(q.double())
+    prec = torch.diag(diag.double()) + factor.double() @ factor.double().T
+    pred = torch.linalg.inv(torch.linalg.inv(prec) + qd)
+    pred_diag = diag.double() / (1 + (q.double() if torch.is_tensor(q) else q) * diag.double())
+    vector = torch.randn(size, dtype=dtype)
+    new_diag, new_factor, step, _ = lowrank_truncate(diag, factor, rows, 0.5, rank, vector, q, backend="eager")
+    lowrank_part = pred - torch.diag(pred_diag) + 0.25 * rows.double().T @ rows.double()
+    vals, vecs = torch.linalg.eigh(lowrank_part)
+    keep = min(rank, size)
+    want = (vecs[:, -keep:] * vals[-keep:]) @ vecs[:, -keep:].T
+    got = new_factor.double() @ new_factor.double().T
+    top = lowrank_part.abs().max()
+    torch.testing.assert_close((got / top).to(dtype), (want / top).to(dtype), **tol(dtype))
+    new_prec = torch.diag(new_diag.double()) + got
+    want_diag = pred.diagonal() + 0.25 * rows.double().square().sum(0)
+    torch.testing.assert_close(new_prec.diagonal().to(dtype), want_diag.to(dtype), **tol(dtype))
+    torch.testing.assert_close(step, torch.linalg.solve(new_prec, vector.double()).to(dtype), **tol(dtype))
+    wide = lowrank_truncate(diag, factor, rows, 0.5, m + k, None, q, backend="eager")
+    full = torch.diag(wide[0].double()) + wide[1].double() @ wide[1].double().T
+    want_full = pred + 0.25 * rows.double().T @ rows.double()
+    torch.testing.assert_close((full / top).to(dtype), (want_full / top).to(dtype), **tol(dtype))
+
+
 def test_a_non_finite_input_shows_in_the_witness():
     diag, factor, rows = _case(20, 3, 4, torch.float64)
     ones = torch.ones(20, dtype=torch.float64)
