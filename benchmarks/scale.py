@@ -168,7 +168,7 @@ def _step(row: Row, model):
     return lambda: transform.update(state, batch)
 
 
-def run_row(row: Row, budget_s: float = 20.0, max_reps: int = 5) -> dict:
+def run_row(row: Row, budget_s: float = 20.0, max_reps: int = 5, min_reps: int = 3) -> dict:
     """Time one row in this process (the child's job)."""
     import torch
 
@@ -189,7 +189,7 @@ def run_row(row: Row, budget_s: float = 20.0, max_reps: int = 5) -> dict:
         sampler = _PeakSampler()
         sampler.start()
         times, spent = [], 0.0
-        while len(times) < 3 or (spent < budget_s and len(times) < max_reps):
+        while len(times) < min_reps or (spent < budget_s and len(times) < max_reps):
             started = time.perf_counter()
             step()
             times.append(time.perf_counter() - started)
@@ -215,14 +215,15 @@ class _nothing:
 # The parent: a fresh process per row, the ratios, the report.
 
 
-def measure(rows, threads: int, log=print, budget_s: float = 20.0):
+def measure(rows, threads: int, log=print, budget_s: float = 20.0, min_reps: int = 3):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MALLOC_MMAP_THRESHOLD_="65536")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH", "")]))
     results = []
     for index, row in enumerate(rows, 1):
         log(f"[{index}/{len(rows)}] {row.op} ({row.provider}) {row.model} N={row.n} ...", end=" ", flush=True)
-        cmd = [sys.executable, "-m", "benchmarks.scale", "--child", json.dumps(asdict(row)), "--budget", str(budget_s)]
+        cmd = [sys.executable, "-m", "benchmarks.scale", "--child", json.dumps(asdict(row))]
+        cmd += ["--budget", str(budget_s), "--reps", str(min_reps)]
         try:
             run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=ROW_TIMEOUT_S, cwd=root)
             lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
@@ -301,11 +302,13 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of timed calls per row (at least 3)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--reps", type=int, default=3, help="timed calls per row at least (after one warm-up)")
+    parser.add_argument("--skip", default=None, help="leave out rows whose op or model contains this text (comma: any)")
     parser.add_argument("--no-reference", action="store_true", help="skip the posteriors 0.0.5 rows")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(run_row(Row(**json.loads(args.child)), budget_s=args.budget)))
+        print(json.dumps(run_row(Row(**json.loads(args.child)), budget_s=args.budget, min_reps=args.reps)))
         return 0
     from benchmarks import models, report
 
@@ -317,6 +320,9 @@ def main(argv=None) -> int:
         # The ratios need their denominators.
         pairs = {(r.model, r.n) for r in keep}
         rows = [r for r in rows if r in keep or (r.op in ("jacobian", "gram") and (r.model, r.n) in pairs)]
+    if args.skip:
+        unwanted = [w.strip() for w in args.skip.split(",") if w.strip()]
+        rows = [r for r in rows if not any(w in r.op or w in r.model for w in unwanted)]
     threads = args.threads or os.cpu_count() or 1
     env = report.environment("cpu")
     print(
@@ -326,7 +332,7 @@ def main(argv=None) -> int:
     for name, (family, shape) in models.SHAPES.items():
         if name.split("-")[1] in sizes:
             print(f"  {name}: {family} {shape}, P = {models.num_params(name):,}")
-    results = measure(rows, threads, budget_s=args.budget)
+    results = measure(rows, threads, budget_s=args.budget, min_reps=args.reps)
     print()
     print(markdown(results))
     write(results, args.out, env)
