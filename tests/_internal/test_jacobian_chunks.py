@@ -218,3 +218,17 @@ def test_diag_update_peak_memory_stays_within_the_budget():
     bound = 8 * found["size"] * 4 + 4 * found["budget"]
     assert found["delta_bytes"] < bound, (found, bound)
     assert found["delta_bytes"] < whole_jacobian / 4
+
+
+def test_large_p_row_by_row_sums_match_the_fused_reduction():
+    # P above _ROW_LOOP_MIN takes the row-by-row path, in one block or two.
+    jac = torch.randn(
+        9, jacobian_chunks._ROW_LOOP_MIN + 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    square, grad = jacobian_chunks._column_sums(jac, None, None, True)
+    torch.testing.assert_close(square, jac.square().sum(0), rtol=1e-13, atol=0)
+    torch.testing.assert_close(grad, jac.sum(0), rtol=1e-12, atol=1e-13)
+    split = jacobian_chunks._column_sums(jac[:4], None, None, False)
+    split = jacobian_chunks._column_sums(jac[4:], *split, False)
+    assert split[1] is None
+    torch.testing.assert_close(split[0], square, rtol=1e-13, atol=0)
