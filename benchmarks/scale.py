@@ -3,11 +3,12 @@
 Three model families (``benchmarks/models.py``: a tanh MLP, a small CNN on
 32×32×3 images, a small causal transformer LM), each at P ≈ 10⁶ and 10⁷.
 Every row runs in a fresh Python process: one warm-up call, then timed calls
-(median), while a thread samples the resident set size (/proc/self/statm,
-every 2 ms); ``peak_mb`` is the highest RSS during the timed calls less the
-RSS just before them, i.e. what one step holds beyond the model, the batch
-and the state it started from. The child runs with ``MALLOC_MMAP_THRESHOLD_``
-fixed so that freed blocks leave the RSS (docs/environment.md).
+(median), then one call while a thread samples the resident set size
+(/proc/self/statm, every 2 ms) with glibc's mmap threshold fixed
+(``mallopt``) so that freed blocks leave the RSS (docs/environment.md);
+``peak_mb`` is the highest RSS during that call less the RSS just before it,
+i.e. what one step holds beyond the model, the batch and the state it
+started from.
 
 Besides the methods, two rows time the parts no diagonal-plus-low-rank method
 can skip: ``jacobian`` (the per-sample Jacobian of the batch, built within the
@@ -185,15 +186,20 @@ def run_row(row: Row, budget_s: float = 20.0, max_reps: int = 5, min_reps: int =
         started = time.perf_counter()
         step()
         out["first_ms"] = (time.perf_counter() - started) * 1e3
-        base = _rss_bytes()
-        sampler = _PeakSampler()
-        sampler.start()
         times, spent = [], 0.0
         while len(times) < min_reps or (spent < budget_s and len(times) < max_reps):
             started = time.perf_counter()
             step()
             times.append(time.perf_counter() - started)
             spent += times[-1]
+        # Memory: one more call with glibc's mmap threshold fixed, so that
+        # freed blocks leave the RSS (timing with it would add page faults
+        # on every large allocation that the default allocator avoids).
+        out["mmap_threshold_fixed"] = _fix_mmap_threshold()
+        base = _rss_bytes()
+        sampler = _PeakSampler()
+        sampler.start()
+        step()
         peak = sampler.stop()
     times.sort()
     out["median_ms"] = times[len(times) // 2] * 1e3
@@ -201,6 +207,16 @@ def run_row(row: Row, budget_s: float = 20.0, max_reps: int = 5, min_reps: int =
     out["peak_mb"] = (peak - base) / 2**20
     out["rss_mb"] = peak / 2**20
     return out
+
+
+def _fix_mmap_threshold(size: int = 65536) -> bool:
+    """``mallopt(M_MMAP_THRESHOLD, size)`` in this process (glibc only)."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, size))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 class _nothing:
@@ -216,7 +232,7 @@ class _nothing:
 
 
 def measure(rows, threads: int, log=print, budget_s: float = 20.0, min_reps: int = 3):
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MALLOC_MMAP_THRESHOLD_="65536")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH", "")]))
     results = []
