@@ -45,7 +45,10 @@ Time, at the same size (one thread, interleaved medians of 9, on a shared
 machine): the update takes 990 ms where its two unavoidable parts take
 486 ms (the per-sample Jacobian) and 151 ms (one Gram of the (P, N + r)
 panel), 1.56x their sum; a plain-torch step (Jacobian, concatenation, Gram,
-eigendecomposition, projection, fold, Woodbury) takes 2.57x. The difference
+eigendecomposition, projection, fold, Woodbury) takes 2.57x. With two
+threads, the best of 11 interleaved runs: update 581 ms against 302 + 81 ms
+(1.52x), the plain step 2.55x (the medians there were dominated by other
+processes on the two cores). The difference
 is in :mod:`posteriors_fast.ops.lowrank_truncate`: no panel copy, no (P, r)
 or (N, P) temporaries, and the fold and the Woodbury capacitance in one
 cache-sized pass.
