@@ -534,7 +534,9 @@ def diag_ggn(
 ) -> Callable:
     """Build a function returning the diagonal of the generalised Gauss-Newton
     matrix (see :func:`ggn`) as a pytree shaped like the parameters. The P×P
-    matrix is never formed.
+    matrix is never formed, and beyond the Jacobian memory budget
+    (``POSTERIORS_FAST_JACOBIAN_MB``, docs/environment.md) the rows of the
+    output Jacobian are made a block at a time.
 
     Args:
         forward: ``forward(params) -> z`` (or ``(z, aux)``).

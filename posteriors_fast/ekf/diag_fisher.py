@@ -12,7 +12,10 @@ with τ = ``transition_sd``, J the (N, P) per-sample Jacobian of the
 log-likelihoods, J² its elementwise square averaged over samples (the diagonal
 of the empirical Fisher) and ḡ its row mean. One Jacobian (O(N·P) for
 ``per_sample=False``) gives both, and the update runs as fused elementwise work
-on the raveled parameters. P×P is never formed.
+on the raveled parameters. P×P is never formed. When
+J would exceed the Jacobian memory budget (``POSTERIORS_FAST_JACOBIAN_MB``,
+docs/environment.md) it is built a block of samples at a time and only its
+column sums are kept.
 
 The filter and its relation to online natural gradient descent: Ollivier
 (2019), https://arxiv.org/abs/1703.00209.

@@ -7,7 +7,9 @@ empirical Fisher, accumulated batch by batch:
 $$ λ ← λ + \\sum_{i ∈ \\text{batch}} g_i ⊙ g_i, \\qquad g_i = ∇_θ \\log p(y_i, θ | x_i), $$
 
 the column sums of J² for J the (N, P) per-sample Jacobian of the log
-posterior; no P×P matrix is formed. The empirical Fisher: Martens (2020),
+posterior; no P×P matrix is formed. When J would exceed the Jacobian memory budget (``POSTERIORS_FAST_JACOBIAN_MB``,
+docs/environment.md) it is built a block of samples at a time and only its
+column sums are kept. The empirical Fisher: Martens (2020),
 https://jmlr.org/papers/volume21/17-678/17-678.pdf; Laplace approximations
 in deep learning: Daxberger et al. (2021), https://arxiv.org/abs/2106.14806.
 """

@@ -8,7 +8,9 @@ $$ λ ← λ + \\mathrm{diag}\\big(J_fᵀ H_l J_f\\big), \\qquad
 z = f(θ, \\text{batch}),\\quad l(z) = -\\log p(\\text{batch} | z), $$
 
 computed column by column as Σ_j J_f[j, ·] ⊙ (H_l J_f)[j, ·], never forming
-P×P (see :mod:`posteriors_fast.laplace.dense_ggn` for the terms; Martens,
+P×P, and beyond the Jacobian memory budget (``POSTERIORS_FAST_JACOBIAN_MB``,
+docs/environment.md) a block of samples' rows of J_f at a time (see
+:mod:`posteriors_fast.laplace.dense_ggn` for the terms; Martens,
 2020, https://jmlr.org/papers/volume21/17-678/17-678.pdf; Daxberger et al.,
 2021, https://arxiv.org/abs/2106.14806).
 """
