@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from benchmarks import coldstart, report, workflows
+from benchmarks import coldstart, report, scale, workflows
 from benchmarks.config import CASES, MODELS, PROVIDERS
 from benchmarks.harness import BURST, bench_module, measure
 from benchmarks.workloads import num_params
@@ -32,7 +32,8 @@ def _args(argv):
     size.add_argument(
         "--full",
         action="store_true",
-        help="every per-call case and every workflow, long runs included (about 30 minutes on 2 CPU cores)",
+        help="every per-call case and workflow, long runs, cold start and the scale group "
+        "(python -m benchmarks.scale; with it about 2 hours on 2 CPU cores)",
     )
     parser.add_argument(
         "--rounds", type=int, default=None, help="fresh processes per workflow and provider (default 2; 3 with --full)"
@@ -186,6 +187,11 @@ def main(argv=None) -> int:
     if args.full and not args.only:
         print("\ncold start (fresh process per row; cold, then warm on-disk caches):", flush=True)
         cold_rows = coldstart.measure(args.threads or os.cpu_count() or 1)
+    scale_rows = []
+    if args.full and (not args.only or "scale" in args.only):
+        print("\nscale (10⁶ and 10⁷ parameters; fresh process per row):", flush=True)
+        scale_rows = scale.measure(scale.rows_for(), args.threads or os.cpu_count() or 1)
+        scale.write(scale_rows, args.out, env)
     print()
     print(report.markdown(rows))
     if flow_rows:
@@ -194,6 +200,9 @@ def main(argv=None) -> int:
     if cold_rows:
         print()
         print(coldstart.markdown(cold_rows))
+    if scale_rows:
+        print()
+        print(scale.markdown(scale_rows))
     report.write(rows, env, args.out, flow_rows, cold_rows)
     print(f"\nwrote {args.out}/results.csv, results.json, speedups.png in {time.perf_counter() - started:.0f} s")
     print("FLOP counts are nominal (see each bench module's flops()); GFLOP/s = that count / median time.")

@@ -37,6 +37,7 @@ from posteriors_fast.utils import (
     hvp,
     is_scalar,
     linearized_forward_diag,
+    linearized_forward_lowrank,
     model_to_function,
     per_samplify,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "hvp",
     "is_scalar",
     "linearized_forward_diag",
+    "linearized_forward_lowrank",
     "model_to_function",
     "per_samplify",
     "__version__",

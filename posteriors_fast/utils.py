@@ -16,10 +16,12 @@ from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vjp  # noqa: 
 
 from posteriors_fast import ops
 from posteriors_fast._internal import checks as _checks
-from posteriors_fast._internal import products
+from posteriors_fast._internal import lowrank, products
 from posteriors_fast._internal.cholesky import CholeskyError
 from posteriors_fast._internal.errors import NO_AUX_ERROR_MSG, NON_TENSOR_AUX_ERROR_MSG, CatchAuxError
-from posteriors_fast._internal.jacobian import output_jacobian
+from posteriors_fast._internal.jacobian import jacobian_from_pullback, output_jacobian, output_pullback
+from posteriors_fast._internal.jacobian_budget import budget_bytes
+from posteriors_fast._internal.jacobian_chunks import ggn_diag_rows
 from posteriors_fast._internal.loss_hessian import loss_hessian_times
 from posteriors_fast.backends import neutral, resolve
 from posteriors_fast.distributed import resolve as resolve_group
@@ -34,6 +36,7 @@ __all__ = [
     "CatchAuxError",
     "model_to_function",
     "linearized_forward_diag",
+    "linearized_forward_lowrank",
     "hvp",
     "fvp",
     "empirical_fisher",
@@ -110,6 +113,15 @@ def linearized_forward_diag(
     """
     backend = resolve(backend)
     _checks.same_structure(sd_diag, params, "sd_diag", "params")
+    forward_vals, jac, aux = _forward_and_jacobian(forward_func, params, batch, backend)
+    var = tree_ravel(sd_diag)[0] ** 2
+    cov = ops.jsjt.jsjt(jac, var, backend=backend)
+    chol = _cholesky_per_sample(cov, "sd_diag (zeros in sd_diag, or outputs that depend on too few parameters)")
+    return forward_vals, chol, aux
+
+
+def _forward_and_jacobian(forward_func, params, batch, backend):
+    """``(outputs (N, C), jac (N, C, P), aux)`` of ``forward_func`` at ``params``."""
     fast = None
     if not (
         torch.is_grad_enabled()
@@ -124,25 +136,76 @@ def linearized_forward_diag(
             fast = per_sample_evaluation(forward_func, params, batch, "forward", backend=backend)
     if fast is not None:
         jac, forward_vals, aux, _ = fast
-        jac = jac.reshape(*forward_vals.shape[:2], jac.shape[-1])
-    else:
-        forward_vals, aux = forward_func(params, batch)
-        with torch.no_grad(), CatchAuxError():
-            jac = learn_separability(forward_func, params, batch, "forward", forward_vals, aux, backend=backend)
-            if jac is None:
-                jac, out, _ = output_jacobian(forward_func, (params, batch), 0, has_aux=True)
-                jac = jac.reshape(*out.shape[:2], jac.shape[-1])
-    var = tree_ravel(sd_diag)[0] ** 2
-    cov = ops.jsjt.jsjt(jac, var, backend=backend)
+        return forward_vals, jac.reshape(*forward_vals.shape[:2], jac.shape[-1]), aux
+    forward_vals, aux = forward_func(params, batch)
+    with torch.no_grad(), CatchAuxError():
+        jac = learn_separability(forward_func, params, batch, "forward", forward_vals, aux, backend=backend)
+        if jac is None:
+            jac, out, _ = output_jacobian(forward_func, (params, batch), 0, has_aux=True)
+            jac = jac.reshape(*out.shape[:2], jac.shape[-1])
+    return forward_vals, jac, aux
+
+
+def _cholesky_per_sample(cov: torch.Tensor, given: str) -> torch.Tensor:
     chol, info = torch.linalg.cholesky_ex(cov)
     if bool((info != 0).any()):
         bad = int(torch.nonzero(info)[0, 0])
         raise CholeskyError(
             f"J Σ Jᵀ of sample {bad} is not positive definite, so it has no Cholesky "
             "factor: the outputs of that sample do not vary enough with the parameters "
-            "given sd_diag (zeros in sd_diag, or outputs that depend on too few parameters)"
+            f"given {given}"
         )
-    return forward_vals, chol, aux
+    return chol
+
+
+def linearized_forward_lowrank(
+    forward_func: ForwardFn,
+    params: TensorTree,
+    batch: TensorTree,
+    prec_diag: TensorTree,
+    prec_factor: Tensor,
+    backend: str | None = None,
+) -> Tuple[TensorTree, Tensor, TensorTree]:
+    """Predictive mean and covariance factor of the model linearised at
+    ``params`` under a Gaussian over the parameters with a
+    diagonal-plus-low-rank precision (the states of ``ekf.lowrank_fisher``,
+    ``laplace.lowrank_fisher`` and ``laplace.lowrank_ggn``):
+
+    $$ f(x | θ) ≈ N\\big(f(x | θ_m),\\ J Σ Jᵀ\\big), \\quad
+    Σ = (D + UUᵀ)^{-1}, \\quad J Σ Jᵀ = J D^{-1} Jᵀ - Y Yᵀ, $$
+
+    with Y = J D⁻¹ U L⁻ᵀ and L Lᵀ = I + UᵀD⁻¹U (r × r): Σ is never formed
+    (Foong et al. 2019, https://arxiv.org/abs/1906.11537, for the
+    linearised predictive).
+
+    Args:
+        forward_func: ``forward_func(params, batch) -> (outputs, aux)`` with
+            outputs a (N, C) tensor, sample dimension first.
+        params: Pytree of parameters θ_m.
+        batch: Model input.
+        prec_diag: Pytree like ``params``: d, positive everywhere.
+        prec_factor: U, the (P, r) factor of the precision in the raveled
+            parameter order.
+        backend: ``"eager"``, ``"compiled"`` or None for the current default.
+
+    Returns:
+        ``(forward_vals, chol, aux)``: the outputs f(x | θ_m), the (N, C, C) lower
+        Cholesky factors of the per-sample covariances J Σ Jᵀ, and ``aux``.
+    """
+    backend = resolve(backend)
+    _checks.same_structure(prec_diag, params, "prec_diag", "params")
+    diag = tree_ravel(prec_diag)[0].detach()
+    size = diag.numel()
+    if not isinstance(prec_factor, torch.Tensor) or prec_factor.ndim != 2 or prec_factor.shape[0] != size:
+        got = tuple(prec_factor.shape) if isinstance(prec_factor, torch.Tensor) else type(prec_factor).__name__
+        raise ValueError(f"prec_factor must be ({size}, rank) for the {size} parameters, got {got}")
+    if not bool((diag > 0).all()):
+        raise ValueError("prec_diag must be positive everywhere (the covariance needs D⁻¹)")
+    forward_vals, jac, aux = _forward_and_jacobian(forward_func, params, batch, backend)
+    with torch.no_grad():
+        jsjt = partial(ops.jsjt.jsjt, backend=backend)
+        cov = lowrank.output_covariance(jac, diag.to(jac.dtype), prec_factor.detach().to(jac.dtype), jsjt)
+    return forward_vals, _cholesky_per_sample(cov, "prec_diag and prec_factor"), aux
 
 
 def hvp(
@@ -477,7 +540,9 @@ def diag_ggn(
 ) -> Callable:
     """Build a function returning the diagonal of the generalised Gauss-Newton
     matrix (see :func:`ggn`) as a pytree shaped like the parameters. The P×P
-    matrix is never formed.
+    matrix is never formed, and beyond the Jacobian memory budget
+    (``POSTERIORS_FAST_JACOBIAN_MB``, docs/environment.md) the rows of the
+    output Jacobian are made a block at a time.
 
     Args:
         forward: ``forward(params) -> z`` (or ``(z, aux)``).
@@ -501,11 +566,42 @@ def diag_ggn(
             return _distributed_diag_ggn(
                 group, forward, loss, forward_has_aux, loss_has_aux, normalize, params, backend
             )
-        jac, hess_jac, unravel, auxes, _ = _ggn_parts(forward, loss, forward_has_aux, loss_has_aux, normalize, params)
-        result = unravel(ops.ggn_diag.ggn_diag(jac, hess_jac, backend=backend))
+        diagonal, unravel, auxes = _diag_ggn_term(
+            forward, loss, forward_has_aux, loss_has_aux, normalize, params, backend
+        )
+        result = unravel(diagonal)
         return (result, *auxes) if auxes else result
 
     return diagonal_ggn
+
+
+def _diag_ggn_term(forward, loss, forward_has_aux, loss_has_aux, normalize, params, backend):
+    """``(diag(Jᵀ H J), unravel, auxes)`` from one forward pass: the whole
+    Jacobian when it fits in the Jacobian memory budget, otherwise a block of
+    rows at a time (:func:`~posteriors_fast._internal.jacobian_chunks.ggn_diag_rows`)."""
+    flat, unravel = tree_ravel(params)
+    raveled, pullback, z, forward_aux = output_pullback(
+        lambda flat_params: forward(unravel(flat_params)), (flat,), 0, forward_has_aux
+    )
+    z = torch.stack(tree_leaves(z))[0] if not isinstance(z, torch.Tensor) else z
+
+    def loss_value(z_):
+        return loss(z_)[0] if loss_has_aux else loss(z_)
+
+    if raveled.numel() * flat.numel() * flat.element_size() > budget_bytes() and raveled.numel() > 1:
+        diagonal = ggn_diag_rows(pullback, loss_value, z, flat.numel(), normalize)
+    else:
+        jac = jacobian_from_pullback(pullback, raveled)
+        hess_jac = loss_hessian_times(loss_value, z, jac)
+        if normalize:
+            hess_jac = hess_jac / z.shape[0]
+        diagonal = ops.ggn_diag.ggn_diag(jac, hess_jac, backend=backend)
+    auxes = []
+    if forward_has_aux:
+        auxes.append(forward_aux)
+    if loss_has_aux:
+        auxes.append(loss(z)[1])
+    return diagonal, unravel, auxes
 
 
 def _distributed_ggn_parts(group, what, forward, loss, forward_has_aux, loss_has_aux, normalize, params):

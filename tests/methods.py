@@ -128,6 +128,13 @@ class Method:
         return params, random_batch(n, dtype, seed=seed + 1)
 
 
+#: Why the low-rank rows are not compared with posteriors 0.0.5.
+_LOWRANK = (
+    "posteriors 0.0.5 has no low-rank methods; tests/ekf and tests/laplace check them against "
+    "the dense methods (rank >= P) and float64 dense formulas"
+)
+
+
 def _rows():
     rows = []
     for per_sample in (False, True):
@@ -143,6 +150,17 @@ def _rows():
                 splits_batch=True,
                 reference="posteriors 0.0.5 subtracts the Fisher from the precision (a documented defect); "
                 "tests/ekf checks this method against a float64 dense formula",
+            )
+        )
+        rows.append(
+            Method(
+                f"ekf.lowrank_fisher{tag}",
+                "ekf.lowrank_fisher",
+                {"log_likelihood": ll},
+                dict(lr=0.3, rank=4, transition_cov=0.01, init_cov=0.5),
+                per_sample=per_sample,
+                splits_batch=True,
+                reference=_LOWRANK,
             )
         )
         rows.append(
@@ -168,6 +186,17 @@ def _rows():
         )
         rows.append(
             Method(
+                f"laplace.lowrank_fisher{tag}",
+                "laplace.lowrank_fisher",
+                {"log_posterior": lp},
+                dict(rank=4, init_prec_diag=0.5),
+                per_sample=per_sample,
+                splits_batch=True,
+                reference=_LOWRANK,
+            )
+        )
+        rows.append(
+            Method(
                 f"laplace.diag_fisher{tag}",
                 "laplace.diag_fisher",
                 {"log_posterior": lp},
@@ -180,6 +209,7 @@ def _rows():
     rows += [
         Method("laplace.dense_ggn", "laplace.dense_ggn", ggn, dict(init_prec=0.5)),
         Method("laplace.diag_ggn", "laplace.diag_ggn", ggn, dict(init_prec_diag=0.5)),
+        Method("laplace.lowrank_ggn", "laplace.lowrank_ggn", ggn, dict(rank=4, init_prec_diag=0.5), reference=_LOWRANK),
         Method(
             "laplace.dense_hessian",
             "laplace.dense_hessian",

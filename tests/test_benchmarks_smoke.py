@@ -185,3 +185,30 @@ def test_python_m_benchmarks_keeps_compile_costs_under_its_output(tmp_path, monk
         assert os.environ["POSTERIORS_FAST_CACHE_DIR"] == str(tmp_path / "mine")
     finally:
         compile_policy.set_cache_dir(None if saved is None else os.path.dirname(saved))
+
+
+def test_scale_models_are_the_advertised_sizes():
+    from benchmarks import models
+
+    for name in models.SHAPES:
+        target = 1e6 if name.endswith("-1M") else 1e7
+        assert abs(models.num_params(name) / target - 1) < 0.1, name
+
+
+def test_scale_row_runs_and_reports_time_memory_and_ratios():
+    from benchmarks import scale
+
+    got = scale.run_row(scale.Row("sgmcmc.sghmc", "mlp-1M", "eager", 4), budget_s=0.0)
+    assert got["status"] == "ok" and got["reps"] >= 3 and got["median_ms"] > 0, got
+    assert got["P"] == 993_610 and got["peak_mb"] >= 0
+    rows = [
+        {**got, "op": "jacobian", "median_ms": 10.0},
+        {**got, "op": "gram", "median_ms": 5.0},
+        {**got, "op": "ekf.lowrank_fisher", "median_ms": 30.0},
+        {**got, "op": "ekf.diag_fisher", "median_ms": 20.0},
+        {**got, "op": "ekf.diag_fisher", "provider": "posteriors", "median_ms": 60.0},
+    ]
+    scale._ratios(rows)
+    assert rows[2]["x_jac"] == 3.0 and rows[2]["x_jac_gram"] == 2.0
+    assert rows[3]["x_ref"] == 3.0
+    assert "ekf.lowrank_fisher" in scale.markdown(rows)

@@ -73,3 +73,24 @@ def test_streaming_ekf_example(tmp_path):
     # ... and its mean follows the data.
     assert last["rmse_inside"] < 0.8 * first["rmse_inside"]
     assert (tmp_path / "streaming_ekf.png").stat().st_size > 10_000
+
+
+def test_lowrank_digits_example(tmp_path):
+    results = _load("lowrank_digits").main(["--quick", "--out", str(tmp_path)])
+    size = results["P"]
+    for family in ("laplace", "ekf"):
+        got = results[family]
+        assert got["ranks"][-1] == size
+        kls = [row["kl"] for row in got["lowrank"]]
+        # The low-rank posterior approaches the dense one as the rank grows
+        # (KL in float64 from the precisions) ...
+        assert all(b < a for a, b in zip(kls, kls[1:])), (family, kls)
+        # ... it is nearer than the diagonal at every rank ...
+        assert kls[0] < got["diag"]["kl"], (family, kls, got["diag"]["kl"])
+        # ... and at full rank it is the dense posterior (KL ~ 1e-10 measured).
+        assert abs(kls[-1]) < 1e-6, (family, kls)
+        for row in [got["dense"], got["diag"], *got["lowrank"]]:
+            assert row["acc"] > 0.9 and math.isfinite(row["nll"]) and 0.0 <= row["ece"] <= 1.0, (family, row)
+        # Full rank predicts as the dense posterior does.
+        assert abs(got["lowrank"][-1]["nll"] - got["dense"]["nll"]) < 1e-3
+    assert (tmp_path / "lowrank_digits.png").stat().st_size > 10_000

@@ -28,17 +28,15 @@ def ravel_output(out) -> torch.Tensor:
     return tree_ravel(out)[0]
 
 
-def output_jacobian(
-    f: Callable, args: Sequence[Any], argnums: int | Sequence[int], has_aux: bool
-) -> Tuple[torch.Tensor, Any, Any]:
-    """Jacobian of the raveled output of ``f(*args)`` with respect to the
-    arguments selected by ``argnums`` (raveled together, as optree ravels the
-    tuple of them when ``argnums`` is a sequence).
+def output_pullback(f: Callable, args: Sequence[Any], argnums: int | Sequence[int], has_aux: bool) -> Tuple:
+    """One forward pass of ``f(*args)`` ready for vector-Jacobian products of
+    its raveled output with respect to the arguments selected by ``argnums``
+    (raveled together, as optree ravels the tuple of them).
 
     Returns:
-        ``(jac, output, aux)``: ``jac`` (R, P), ``output`` the value returned by
-        ``f`` (unraveled, detached from the transforms), ``aux`` (None without
-        has_aux).
+        ``(raveled, pullback, output, aux)``: ``raveled`` (R,) the raveled
+        output, ``pullback(u) -> (uᵀJ,)`` for u of shape (R,), ``output`` the
+        value returned by ``f``, ``aux`` (None without has_aux).
     """
     args = list(args)
     if isinstance(argnums, int):
@@ -59,6 +57,25 @@ def output_jacobian(
         return ravel_output(value), (value, aux if has_aux else NO_AUX)
 
     raveled, pullback, (output, aux) = vjp(of_flat, flat, has_aux=True)
+    return raveled, pullback, output, aux if has_aux else None
+
+
+def jacobian_from_pullback(pullback: Callable, raveled: torch.Tensor) -> torch.Tensor:
+    """The whole (R, P) Jacobian: ``pullback`` of every unit cotangent."""
     basis = torch.eye(raveled.numel(), dtype=raveled.dtype, device=raveled.device)
-    (jac,) = vmap(pullback)(basis)
-    return jac, output, aux if has_aux else None
+    return vmap(pullback)(basis)[0]
+
+
+def output_jacobian(
+    f: Callable, args: Sequence[Any], argnums: int | Sequence[int], has_aux: bool
+) -> Tuple[torch.Tensor, Any, Any]:
+    """Jacobian of the raveled output of ``f(*args)`` with respect to the
+    arguments selected by ``argnums`` (see :func:`output_pullback`).
+
+    Returns:
+        ``(jac, output, aux)``: ``jac`` (R, P), ``output`` the value returned by
+        ``f`` (unraveled, detached from the transforms), ``aux`` (None without
+        has_aux).
+    """
+    raveled, pullback, output, aux = output_pullback(f, args, argnums, has_aux)
+    return jacobian_from_pullback(pullback, raveled), output, aux

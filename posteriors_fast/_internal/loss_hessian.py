@@ -21,7 +21,7 @@ from torch.func import grad, jvp, vmap
 _CHUNK_ENTRIES = 1 << 22
 
 
-def _hessian_rows(loss: Callable, z: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+def hessian_rows(loss: Callable, z: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Rows ``start:stop`` of the Hessian of ``loss`` at ``z``, shape (rows, d)."""
     d = z.numel()
     basis = torch.zeros(stop - start, d, dtype=z.dtype, device=z.device)
@@ -31,7 +31,10 @@ def _hessian_rows(loss: Callable, z: torch.Tensor, start: int, stop: int) -> tor
     def product(tangent):
         return jvp(gradient, (z,), (tangent.reshape(z.shape),))[1].reshape(-1)
 
-    return vmap(product)(basis)
+    # Forward-over-reverse can promote: for a float32 z, the Hessian of
+    # (z.sum() - 1.0) ** 2 comes back float64 (a 0-d intermediate's tangent),
+    # which the products with the float32 Jacobian then refuse.
+    return vmap(product)(basis).to(z.dtype)
 
 
 def hessian_blocks(loss: Callable, z: torch.Tensor):
@@ -44,7 +47,7 @@ def hessian_blocks(loss: Callable, z: torch.Tensor):
     blocks = []
     for s0 in range(0, n, samples_per_chunk):
         s1 = min(n, s0 + samples_per_chunk)
-        rows = _hessian_rows(loss, z, s0 * c, s1 * c).reshape(s1 - s0, c, n, c)
+        rows = hessian_rows(loss, z, s0 * c, s1 * c).reshape(s1 - s0, c, n, c)
         own = rows[torch.arange(s1 - s0), :, torch.arange(s0, s1), :]  # (m, c, c)
         rows[torch.arange(s1 - s0), :, torch.arange(s0, s1), :] = 0
         if bool(rows.any()):
@@ -77,5 +80,5 @@ def _dense_times(loss: Callable, z: torch.Tensor, jac: torch.Tensor) -> torch.Te
     out = torch.empty(d, jac.shape[1], dtype=jac.dtype, device=jac.device)
     for r0 in range(0, d, rows_per_chunk):
         r1 = min(d, r0 + rows_per_chunk)
-        torch.mm(_hessian_rows(loss, z, r0, r1), jac, out=out[r0:r1])
+        torch.mm(hessian_rows(loss, z, r0, r1), jac, out=out[r0:r1])
     return out

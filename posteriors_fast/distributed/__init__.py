@@ -27,6 +27,9 @@ method                                         collectives (after the 6-int64 he
 ``ekf.diag_fisher``                            all-reduce of Σ J², Σ J, Σ values: 2P+1
 ``laplace.dense_fisher`` (also sharded)        all-gather of the Jacobian rows, N·(P+1)
 ``laplace.dense_ggn`` (also sharded)           all-gather of J and H J rows, 2·N·C·P
+``ekf.lowrank_fisher``, ``laplace.lowrank_``   all-gather of the Jacobian rows (and values),
+``fisher``                                     N·(P+1), before the truncation
+``laplace.lowrank_ggn``                        all-gather of the GGN square-root rows, twice, 2·N·C·P
 ``laplace.dense_hessian``                      all-reduce of the P×P term (sharded: R reduces of P²/R)
 ``laplace.diag_fisher``, ``diag_ggn``          all-reduce of P
 SG-MCMC, ``vi.*``, ``torchopt``, ``optim``     all-reduce of the gradient and value, P+1

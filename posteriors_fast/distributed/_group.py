@@ -613,11 +613,24 @@ class Group:
             summed = [t / total for t in summed]
         return summed, total, result
 
-    def reduce_sums(self, compute: Callable, local: Callable, *, what: str, params, batch, shapes, extra: Any = ()):
+    def reduce_sums(
+        self,
+        compute: Callable,
+        local: Callable,
+        *,
+        what: str,
+        params,
+        batch,
+        shapes,
+        extra: Any = (),
+        count: Callable = None,
+    ):
         """``compute()`` on this rank's shard, then ``local(result)`` -> tensors
         of ``shapes`` ("P" for the parameter count), summed over ranks (one
         all-reduce); returns ``(sums, N, aux)`` with aux = ``result[-1]`` of this
-        rank. An empty shard contributes zeros without calling ``compute``."""
+        rank and N the sum over ranks of ``count(result)`` (default: the
+        leading dimension of ``result[0]``). An empty shard contributes zeros
+        without calling ``compute``."""
         like = _flat_like(params)
         n = self.local_rows(batch)
         zeros = [_zeros(like, s) for s in shapes]
@@ -627,7 +640,7 @@ class Group:
             zeros,
             what=what,
             params=params,
-            count=_first_dim,
+            count=_first_dim if count is None else _or_zero(count),
             kind=None,
             extra=extra,
         )
@@ -721,6 +734,10 @@ def _samples(n: Optional[int]) -> int:
     """The sample count a rank reports: its batch's, or 1 when the batch has
     no common first dimension (reduction="sum" needs none; "mean" refuses it)."""
     return 1 if n is None else n
+
+
+def _or_zero(count: Callable) -> Callable:
+    return lambda result: count(result) if result is not None else 0
 
 
 def _first_dim(result) -> int:

@@ -12,7 +12,10 @@ with τ = ``transition_sd``, J the (N, P) per-sample Jacobian of the
 log-likelihoods, J² its elementwise square averaged over samples (the diagonal
 of the empirical Fisher) and ḡ its row mean. One Jacobian (O(N·P) for
 ``per_sample=False``) gives both, and the update runs as fused elementwise work
-on the raveled parameters. P×P is never formed.
+on the raveled parameters. P×P is never formed. When
+J would exceed the Jacobian memory budget (``POSTERIORS_FAST_JACOBIAN_MB``,
+docs/environment.md) it is built a block of samples at a time and only its
+column sums are kept.
 
 The filter and its relation to online natural gradient descent: Ollivier
 (2019), https://arxiv.org/abs/1703.00209.
@@ -28,10 +31,10 @@ from torch.func import jacrev  # noqa: F401  (posteriors 0.0.5 exposes it here)
 
 from posteriors_fast._internal import checks as _checks
 from posteriors_fast._internal.errors import CatchAuxError
+from posteriors_fast._internal.jacobian_chunks import LogDensityChunks, fisher_sums
 from posteriors_fast._internal.state import rebind_tree_, write_field
 from posteriors_fast.backends import resolve
 from posteriors_fast.distributed import resolve as resolve_group
-from posteriors_fast.ops.separable_jacobian import log_density_jacobian
 from posteriors_fast.tree_utils import flexi_tree_map, tree_insert_  # noqa: F401  (posteriors 0.0.5 exposes them here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 from posteriors_fast.utils import diag_normal_sample, is_scalar, per_samplify  # noqa: F401  (per_samplify: as above)
@@ -175,27 +178,23 @@ def update(
     flat, unravel = tree_ravel(state.params)
     sd = tree_ravel(state.sd_diag)[0].detach()
     with torch.no_grad(), CatchAuxError():
-        compute = partial(
-            log_density_jacobian,
-            log_likelihood,
-            state.params,
-            batch,
-            per_sample=per_sample,
-            what="log_likelihood",
-            backend=backend,
+        chunks = LogDensityChunks(
+            log_likelihood, state.params, batch, per_sample=per_sample, what="log_likelihood", backend=backend
         )
         if group is None:
-            jac, values, aux = compute()
-            fisher, grad, mean_log_lik = jac.square().mean(0), jac.mean(0), values.mean()
+            square_sum, grad_sum, values, aux = fisher_sums(chunks)
+            n = values.shape[0]
+            fisher, grad, mean_log_lik = square_sum / n, grad_sum / n, values.mean()
         else:
             (fisher, grad, mean_log_lik), n, aux = group.reduce_sums(
-                compute,
-                lambda r: (r[0].square().sum(0), r[0].sum(0), r[1].sum()),
+                partial(fisher_sums, chunks),
+                lambda r: (r[0], r[1], r[2].sum()),
                 what="ekf.diag_fisher.update",
                 params=state.params,
                 batch=batch,
                 shapes=("P", "P", ()),
                 extra=(lr, tau, per_sample),
+                count=lambda r: r[2].shape[0],
             )
             fisher, grad, mean_log_lik = fisher / n, grad / n, mean_log_lik / n
         precision = (sd.square() + tau**2).reciprocal_().add_(fisher, alpha=lr)

@@ -1,4 +1,5 @@
-"""The batch GGN factors shared by ``laplace.dense_ggn`` and ``laplace.diag_ggn``.
+"""The batch GGN factors shared by ``laplace.dense_ggn``, ``laplace.diag_ggn``
+and ``laplace.lowrank_ggn``.
 
 Unlike ``utils.ggn`` (which sees only a closure ``forward(params)``), these
 methods call ``forward(params, batch)`` with the batch as an argument, so the
@@ -7,20 +8,19 @@ sample-separable (O(N·C·P) instead of O(N²·C·P)); otherwise the general
 Jacobian is used. The loss Hessian is applied through its per-sample blocks.
 """
 
+import torch
 from optree.integrations.torch import tree_ravel
 
 from posteriors_fast._internal import checks
-from posteriors_fast._internal.jacobian import output_jacobian
-from posteriors_fast._internal.loss_hessian import loss_hessian_times
+from posteriors_fast._internal.jacobian import output_jacobian, output_pullback
+from posteriors_fast._internal.jacobian_budget import budget_bytes, sample_slices, take
+from posteriors_fast._internal.jacobian_chunks import ggn_diag_rows
+from posteriors_fast._internal.loss_hessian import hessian_blocks, hessian_rows, loss_hessian_times
+from posteriors_fast.ops.ggn_diag import ggn_diag
 from posteriors_fast.ops.separable_jacobian import separable_output_jacobian
 
 
-def batch_ggn_factors(params, batch, forward, outer_log_likelihood, *, backend: str):
-    """``(J, H J, aux)``: J (d, P) the Jacobian of z = forward(params, batch)[0]
-    (raveled), H the Hessian of z ↦ −outer_log_likelihood(z, batch), both
-    checked finite (the error names the function at fault, or the leaf of
-    params holding NaN or inf)."""
-    size = tree_ravel(params)[0].numel()
+def _forward_checked(params, batch, forward):
     with checks.blame_batch(batch, "forward"):
         z, aux = forward(params, batch)
     checks.require_finite(
@@ -29,10 +29,81 @@ def batch_ggn_factors(params, batch, forward, outer_log_likelihood, *, backend: 
             (z, "forward returned NaN or inf"),
         ]
     )
+    return z, aux
+
+
+def batch_ggn_diag(params, batch, forward, outer_log_likelihood, *, backend: str):
+    """``(diag(Jᵀ H J), aux)`` for the batch (see :func:`batch_ggn_factors`),
+    with J built a block of samples at a time when the whole (d, P) Jacobian
+    exceeds the Jacobian memory budget
+    (:mod:`posteriors_fast._internal.jacobian_chunks`)."""
+    flat = tree_ravel(params)[0]
+    size = flat.numel()
+    z, aux = _forward_checked(params, batch, forward)
+    if z.numel() * size * flat.element_size() <= budget_bytes() or z.numel() < 2:
+        jac, hess_jac, aux = batch_ggn_factors(
+            params, batch, forward, outer_log_likelihood, backend=backend, z_aux=(z, aux)
+        )
+        return ggn_diag(jac, hess_jac, backend=backend), aux
+
+    def loss(z_):
+        return -outer_log_likelihood(z_, batch)
+
+    with checks.blame_batch(batch, "outer_log_likelihood"):
+        blocks = hessian_blocks(loss, z.detach())
+    if blocks is not None and z.ndim > 0:
+        term = _separable_ggn_diag(params, batch, forward, z, blocks, size, backend)
+        if term is not None:
+            return term, aux
+    # A forward that couples samples: rows of J through the batch forward.
+    _, pullback, _, _ = output_pullback(lambda p: forward(p, batch)[0], (params,), 0, False)
+    with checks.blame_batch(batch, "outer_log_likelihood"):
+        return ggn_diag_rows(pullback, loss, z.detach(), size, False, check=True), aux
+
+
+def _separable_ggn_diag(params, batch, forward, z, blocks, size, backend):
+    """Σ over blocks of samples of diag(J_bᵀ H_b J_b), each J_b from one
+    reverse pass per sample of the block; None when the forward is not shown
+    to be sample-separable."""
+    n, c = z.shape[0], blocks.shape[1]
+    per = max(1, budget_bytes() // max(1, c * size * z.element_size()))
+    total = torch.zeros(size, dtype=z.dtype, device=z.device)
+    for start, stop in sample_slices(n, per):
+        part = take(batch, start, stop, n)
+        jac = separable_output_jacobian(forward, params, part, z[start:stop], backend=backend)
+        if jac is None:
+            return None
+        jac = jac.reshape(-1, size)
+        hess_jac = torch.bmm(blocks[start:stop], jac.reshape(stop - start, c, size)).reshape(-1, size)
+        checks.require_finite(
+            [
+                (jac, "the gradient of forward is NaN or inf"),
+                (hess_jac, "the Hessian of outer_log_likelihood is NaN or inf"),
+            ]
+        )
+        total += ggn_diag(jac, hess_jac, backend=backend)
+        del jac, hess_jac
+    return total
+
+
+def _output_jacobian(params, batch, forward, *, backend: str, z_aux=None):
+    """``(J (d, P), z, aux)`` of z = forward(params, batch)[0] (z and params
+    checked finite; J is checked by the callers). ``z_aux``: the checked
+    forward call's result, when the caller has made it."""
+    size = tree_ravel(params)[0].numel()
+    z, aux = _forward_checked(params, batch, forward) if z_aux is None else z_aux
     jac = separable_output_jacobian(forward, params, batch, z, backend=backend)
     if jac is None:
         jac, z, aux = output_jacobian(forward, (params, batch), 0, has_aux=True)
-    jac = jac.reshape(-1, size)
+    return jac.reshape(-1, size), z, aux
+
+
+def batch_ggn_factors(params, batch, forward, outer_log_likelihood, *, backend: str, z_aux=None):
+    """``(J, H J, aux)``: J (d, P) the Jacobian of z = forward(params, batch)[0]
+    (raveled), H the Hessian of z ↦ −outer_log_likelihood(z, batch), both
+    checked finite (the error names the function at fault, or the leaf of
+    params holding NaN or inf). ``z_aux`` as in :func:`_output_jacobian`."""
+    jac, z, aux = _output_jacobian(params, batch, forward, backend=backend, z_aux=z_aux)
     with checks.blame_batch(batch, "outer_log_likelihood"):
         hess_jac = loss_hessian_times(lambda z_: -outer_log_likelihood(z_, batch), z.detach(), jac)
     checks.require_finite(
@@ -42,3 +113,79 @@ def batch_ggn_factors(params, batch, forward, outer_log_likelihood, *, backend: 
         ]
     )
     return jac, hess_jac, aux
+
+
+def batch_ggn_root(params, batch, forward, outer_log_likelihood, *, backend: str):
+    """``(R, aux)`` with RᵀR = Jᵀ H J, the batch GGN (R of shape (d, P)).
+
+    With H = E diag(λ) Eᵀ, R = diag(√λ) Eᵀ J; H is decomposed per sample
+    (N blocks of (c, c)) when it is block diagonal over the samples (any loss
+    that sums per-sample terms), else as one (d, d) matrix. Eigenvalues below
+    zero by more than rounding (a loss not convex in z) raise a ValueError:
+    RᵀR cannot represent them.
+    """
+    flat = tree_ravel(params)[0]
+    size = flat.numel()
+    z, aux = _forward_checked(params, batch, forward)
+    if z.ndim > 0 and z.shape[0] > 1 and z.numel() * size * flat.element_size() > budget_bytes():
+        roots = _hessian_roots(outer_log_likelihood, batch, z.detach(), flat.dtype)
+        if roots.shape[0] == z.shape[0]:
+            rows = _separable_root_rows(params, batch, forward, z, roots, size, backend)
+            if rows is not None:
+                return rows, aux
+    jac, z, aux = _output_jacobian(params, batch, forward, backend=backend, z_aux=(z, aux))
+    checks.require_finite([(jac, "the gradient of forward is NaN or inf")])
+    roots = _hessian_roots(outer_log_likelihood, batch, z.detach(), jac.dtype)
+    count, width = roots.shape[0], roots.shape[-1]
+    rows = torch.bmm(roots, jac.reshape(count, width, -1)).reshape(jac.shape)
+    checks.require_finite([(rows, "the GGN of this batch overflowed (NaN or inf)")])
+    return rows, aux
+
+
+def _hessian_roots(outer_log_likelihood, batch, z, dtype):
+    """(B, c, c) roots Eᵀ-scaled by √λ of the Hessian of −outer_log_likelihood
+    at z: its N per-sample blocks, or one (d, d) block (B = 1)."""
+
+    def loss(z_):
+        return -outer_log_likelihood(z_, batch)
+
+    with checks.blame_batch(batch, "outer_log_likelihood"):
+        blocks = hessian_blocks(loss, z)
+        if blocks is None:
+            blocks = hessian_rows(loss, z, 0, z.numel())[None]
+    checks.require_finite([(blocks, "the Hessian of outer_log_likelihood is NaN or inf")])
+    blocks = (blocks + blocks.mT) / 2
+    eigvals, eigvecs = torch.linalg.eigh(blocks.to(torch.float64))
+    # Rounding in the forward-over-reverse Hessian is relative to its O(1)
+    # intermediates (softmax probabilities), not to the block's own size: a
+    # confident sample's cross-entropy block (largest eigenvalue ~1e-10) came
+    # out with an eigenvalue of -1.9e-8 in float32 (examples/lowrank_digits.py).
+    scale = eigvals.abs().amax().clamp_min(1.0)
+    tol = 100 * torch.finfo(blocks.dtype).eps * blocks.shape[-1] * scale
+    if bool((eigvals < -tol).any()):
+        raise ValueError(
+            "the Hessian of -outer_log_likelihood in z has a negative eigenvalue "
+            f"({float(eigvals.min()):.3g}): a low-rank GGN needs outer_log_likelihood concave in z"
+        )
+    return (eigvecs * eigvals.clamp_min(0.0).sqrt()[..., None, :]).mT.to(dtype)
+
+
+def _separable_root_rows(params, batch, forward, z, roots, size, backend):
+    """R (d, P) written a block of samples at a time (each block's J from one
+    reverse pass per sample), so only R and one block of J exist at once;
+    None when the forward is not shown to be sample-separable."""
+    n, width = z.shape[0], roots.shape[-1]
+    per = max(1, budget_bytes() // max(1, width * size * z.element_size()))
+    rows = None
+    for start, stop in sample_slices(n, per):
+        jac = separable_output_jacobian(forward, params, take(batch, start, stop, n), z[start:stop], backend=backend)
+        if jac is None:
+            return None
+        jac = jac.reshape(stop - start, width, size)
+        checks.require_finite([(jac, "the gradient of forward is NaN or inf")])
+        if rows is None:
+            rows = jac.new_empty((n * width, size))
+        torch.bmm(roots[start:stop], jac, out=rows[start * width : stop * width].view(stop - start, width, size))
+        del jac
+    checks.require_finite([(rows, "the GGN of this batch overflowed (NaN or inf)")])
+    return rows

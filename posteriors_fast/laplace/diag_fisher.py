@@ -7,7 +7,9 @@ empirical Fisher, accumulated batch by batch:
 $$ λ ← λ + \\sum_{i ∈ \\text{batch}} g_i ⊙ g_i, \\qquad g_i = ∇_θ \\log p(y_i, θ | x_i), $$
 
 the column sums of J² for J the (N, P) per-sample Jacobian of the log
-posterior; no P×P matrix is formed. The empirical Fisher: Martens (2020),
+posterior; no P×P matrix is formed. When J would exceed the Jacobian memory budget (``POSTERIORS_FAST_JACOBIAN_MB``,
+docs/environment.md) it is built a block of samples at a time and only its
+column sums are kept. The empirical Fisher: Martens (2020),
 https://jmlr.org/papers/volume21/17-678/17-678.pdf; Laplace approximations
 in deep learning: Daxberger et al. (2021), https://arxiv.org/abs/2106.14806.
 """
@@ -20,10 +22,10 @@ from optree import tree_map  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from torch.func import jacrev  # noqa: F401  (as above)
 
 from posteriors_fast._internal.errors import CatchAuxError
+from posteriors_fast._internal.jacobian_chunks import LogDensityChunks, fisher_sums
 from posteriors_fast.backends import resolve
 from posteriors_fast.distributed import resolve as resolve_group
 from posteriors_fast.laplace import _diag
-from posteriors_fast.ops.separable_jacobian import log_density_jacobian
 from posteriors_fast.tree_utils import flexi_tree_map  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast.types import LogProbFn, TensorTree, Transform
 from posteriors_fast.utils import diag_normal_sample, is_scalar, per_samplify  # noqa: F401  (as above)
@@ -127,8 +129,7 @@ def update(
     backend = resolve(backend)
     group = resolve_group(process_group, "laplace.diag_fisher.update")
     with torch.no_grad(), CatchAuxError():
-        compute = partial(
-            log_density_jacobian,
+        chunks = LogDensityChunks(
             log_posterior,
             state.params,
             batch,
@@ -138,17 +139,17 @@ def update(
             values_must_be_finite=False,
         )
         if group is None:
-            jac, _, aux = compute()
-            term = jac.square().sum(0)
+            term, _, _, aux = fisher_sums(chunks, with_grad=False)
         else:
             (term,), _, aux = group.reduce_sums(
-                compute,
-                lambda r: (r[0].square().sum(0),),
+                partial(fisher_sums, chunks, with_grad=False),
+                lambda r: (r[0],),
                 what="laplace.diag_fisher.update",
                 params=state.params,
                 batch=batch,
                 shapes=("P",),
                 extra=per_sample,
+                count=lambda r: r[2].shape[0],
             )
     return _diag.add_to_prec(state, term, aux, inplace)
 

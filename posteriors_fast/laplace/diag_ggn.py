@@ -8,7 +8,9 @@ $$ λ ← λ + \\mathrm{diag}\\big(J_fᵀ H_l J_f\\big), \\qquad
 z = f(θ, \\text{batch}),\\quad l(z) = -\\log p(\\text{batch} | z), $$
 
 computed column by column as Σ_j J_f[j, ·] ⊙ (H_l J_f)[j, ·], never forming
-P×P (see :mod:`posteriors_fast.laplace.dense_ggn` for the terms; Martens,
+P×P, and beyond the Jacobian memory budget (``POSTERIORS_FAST_JACOBIAN_MB``,
+docs/environment.md) a block of samples' rows of J_f at a time (see
+:mod:`posteriors_fast.laplace.dense_ggn` for the terms; Martens,
 2020, https://jmlr.org/papers/volume21/17-678/17-678.pdf; Daxberger et al.,
 2021, https://arxiv.org/abs/2106.14806).
 """
@@ -23,8 +25,7 @@ from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
 from posteriors_fast.distributed import resolve as resolve_group
 from posteriors_fast.laplace import _diag
-from posteriors_fast.laplace._ggn import batch_ggn_factors
-from posteriors_fast.ops.ggn_diag import ggn_diag
+from posteriors_fast.laplace._ggn import batch_ggn_diag
 from posteriors_fast.tree_utils import flexi_tree_map  # noqa: F401  (posteriors 0.0.5 exposes it here)
 from posteriors_fast.types import ForwardFn, OuterLogProbFn, TensorTree, Transform
 from posteriors_fast.utils import diag_ggn, diag_normal_sample, is_scalar  # noqa: F401  (as above)
@@ -135,8 +136,7 @@ def update(
     group = resolve_group(process_group, "laplace.diag_ggn.update")
 
     def compute():
-        jac, hess_jac, aux = batch_ggn_factors(state.params, batch, forward, outer_log_likelihood, backend=backend)
-        return ggn_diag(jac, hess_jac, backend=backend), aux
+        return batch_ggn_diag(state.params, batch, forward, outer_log_likelihood, backend=backend)
 
     with torch.no_grad(), CatchAuxError():
         if group is None:

@@ -10,6 +10,7 @@ from posteriors_fast.ops import (  # noqa: F401  (imported to register)
     cov_downdate,
     ggn_diag,
     jsjt,
+    lowrank_truncate,
     lowrank_update,
     new_matrix,
     normal,

@@ -15,6 +15,7 @@ HOT_OPS = {
     "syrk",
     "symm_jt",
     "cov_downdate",
+    "lowrank_truncate",
     "lowrank_update",
     "ggn_diag",
     "jsjt",

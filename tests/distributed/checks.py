@@ -246,6 +246,25 @@ def check_gradient_reductions(rank, world):
     return True
 
 
+def check_lowrank_ggn_mean_reduction(rank, world):
+    """laplace.lowrank_ggn with a per-datum mean outer log-likelihood and
+    reduction="mean": each rank's GGN square-root rows are weighted by
+    √(n_r / N), so the state equals one process on the concatenated batch
+    (also with an empty shard, sizes from _sizes)."""
+    method = next(m for m in METHODS if m.name == "laplace.lowrank_ggn")
+
+    def mean_outer(z, batch):
+        return -torch.nn.functional.cross_entropy(z, batch[1])
+
+    method = type(method)(**{**method.__dict__, "functions": {**method.functions, "outer_log_likelihood": mean_outer}})
+    for inplace in (False, True):
+        state, one, _ = _run_pair(
+            method, torch.float64, rank, world, inplace, group_maker=lambda: pfd.data_parallel(reduction="mean")
+        )
+        assert_tree_close(_comparable(state), _comparable(one), torch.float64)
+    return True
+
+
 def check_batch_size_knob(rank, world):
     """A batch whose tensor leaves do not share a first dimension: "sum"
     needs no batch size; "mean" asks for one (every rank raises, naming
@@ -502,8 +521,10 @@ def check_a_failing_rank_makes_every_rank_raise_and_changes_nothing(rank, world)
     names = [
         "ekf.dense_fisher",
         "ekf.diag_fisher",
+        "ekf.lowrank_fisher",
         "laplace.dense_fisher",
         "laplace.diag_ggn",
+        "laplace.lowrank_ggn",
         "laplace.dense_hessian",
         "sgmcmc.sghmc",
         "vi.diag",
@@ -674,6 +695,7 @@ def check_collectives_per_step(rank, world):
         ("sgmcmc.sghmc", "data"): {"all_reduce": (1, size + 1 + 2)},
         ("ekf.dense_fisher", "data"): {"all_gather": (2, header + world * widest * (size + 1))},
         ("laplace.dense_fisher", "data"): {"all_gather": (2, header + world * widest * (size + 1))},
+        ("ekf.lowrank_fisher", "data"): {"all_gather": (2, header + world * widest * (size + 1))},
         ("ekf.dense_fisher", "sharded"): {
             "all_gather": (3, header + world * widest * (size + 1) + world * (n + 1) * max(rows)),
             "all_reduce": (1, n * n),

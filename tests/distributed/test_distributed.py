@@ -14,6 +14,7 @@ from tests.distributed._harness import run_checks
 CHECKS = [
     "check_every_method_matches_one_process_on_the_concatenated_batch",
     "check_gradient_reductions",
+    "check_lowrank_ggn_mean_reduction",
     "check_batch_size_knob",
     "check_noise_is_shared_and_reproducible",
     "check_independent_chains",

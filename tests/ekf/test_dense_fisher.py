@@ -175,13 +175,16 @@ def test_default_backend_comes_from_global_setting(monkeypatch):
     assert dense_fisher.build(log_likelihood, 0.1).update.keywords["backend"] == "eager"
 
 
-def test_chunked_jacobian_gives_the_same_update(monkeypatch):
-    from posteriors_fast.ops import sample_jacobian as jacobian
+def test_chunked_jacobian_gives_the_same_update():
+    from posteriors_fast._internal import jacobian_budget
 
     params, batch = make_problem(9, torch.float64)
     transform = dense_fisher.build(log_likelihood, 0.4)
     whole = transform.update(transform.init(params), batch)
-    monkeypatch.setattr(jacobian, "_CHUNK_ENTRIES", 2 * P)  # two samples per chunk
-    chunked = transform.update(transform.init(params), batch)
+    previous = jacobian_budget.set_budget_mb(2 * P * 8 / 2**20)  # two samples per vmap chunk
+    try:
+        chunked = transform.update(transform.init(params), batch)
+    finally:
+        jacobian_budget.set_budget_mb(previous)
     torch.testing.assert_close(chunked.cov, whole.cov)
     torch.testing.assert_close(chunked.aux, whole.aux)
