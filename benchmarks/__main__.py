@@ -33,7 +33,7 @@ def _args(argv):
         "--full",
         action="store_true",
         help="every per-call case and workflow, long runs, cold start and the scale group "
-        "(python -m benchmarks.scale; with it about 2 hours on 2 CPU cores)",
+        "(python -m benchmarks.scale, the longest part; --skip leaves groups out)",
     )
     parser.add_argument(
         "--rounds", type=int, default=None, help="fresh processes per workflow and provider (default 2; 3 with --full)"
@@ -42,6 +42,11 @@ def _args(argv):
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument(
         "--only", default=None, help="run only cases whose bench or op contains this text (comma-separated: any)"
+    )
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="groups of --full to leave out, comma-separated: workflows, coldstart, scale",
     )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--providers", default=",".join(PROVIDERS))
@@ -85,7 +90,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     cases = [c for c in CASES if c.quick or args.full]
-    flows = [] if args.quick else [name for name, w in workflows.WORKFLOWS.items() if args.full or not w.long]
+    skip = {g.strip() for g in args.skip.split(",") if g.strip()}
+    flows = [] if args.quick or "workflows" in skip else [name for name, w in workflows.WORKFLOWS.items() if args.full or not w.long]
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
         cases = [c for c in cases if any(w in c.bench or w in c.op for w in wanted)]
@@ -184,11 +190,11 @@ def main(argv=None) -> int:
         flow_providers = [p for p in workflows.PROVIDERS if p in providers]
         flow_rows = workflows.measure_workflows(flows, flow_providers, rounds, threads, cache)
     cold_rows = []
-    if args.full and not args.only:
+    if args.full and not args.only and "coldstart" not in skip:
         print("\ncold start (fresh process per row; cold, then warm on-disk caches):", flush=True)
         cold_rows = coldstart.measure(args.threads or os.cpu_count() or 1)
     scale_rows = []
-    if args.full and (not args.only or "scale" in args.only):
+    if args.full and (not args.only or "scale" in args.only) and "scale" not in skip:
         print("\nscale (10⁶ and 10⁷ parameters; fresh process per row):", flush=True)
         scale_rows = scale.measure(scale.rows_for(), args.threads or os.cpu_count() or 1)
         scale.write(scale_rows, args.out, env)
