@@ -91,7 +91,9 @@ def main(argv=None) -> int:
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     cases = [c for c in CASES if c.quick or args.full]
     skip = {g.strip() for g in args.skip.split(",") if g.strip()}
-    flows = [] if args.quick or "workflows" in skip else [name for name, w in workflows.WORKFLOWS.items() if args.full or not w.long]
+    flows = [name for name, w in workflows.WORKFLOWS.items() if args.full or not w.long]
+    if args.quick or "workflows" in skip:
+        flows = []
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
         cases = [c for c in cases if any(w in c.bench or w in c.op for w in wanted)]
