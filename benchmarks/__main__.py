@@ -46,7 +46,8 @@ def _args(argv):
     parser.add_argument(
         "--skip",
         default="",
-        help="groups of --full to leave out, comma-separated: workflows, coldstart, scale",
+        help="groups of --full to leave out, comma-separated: long-cases (the per-call cases "
+        "beyond the default set), workflows, coldstart, scale",
     )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--providers", default=",".join(PROVIDERS))
@@ -89,8 +90,8 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    cases = [c for c in CASES if c.quick or args.full]
     skip = {g.strip() for g in args.skip.split(",") if g.strip()}
+    cases = [c for c in CASES if c.quick or (args.full and "long-cases" not in skip)]
     flows = [name for name, w in workflows.WORKFLOWS.items() if args.full or not w.long]
     if args.quick or "workflows" in skip:
         flows = []
@@ -99,6 +100,7 @@ def main(argv=None) -> int:
         cases = [c for c in cases if any(w in c.bench or w in c.op for w in wanted)]
         flows = [f for f in flows if any(w in f"workflow {f}" for w in wanted)]
     env = report.environment(device)
+    env["command"] = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
     print(
         f"posteriors_fast benchmarks on {device} ({env['device_name']}), torch {env['torch']}, "
         f"{env['threads']} threads, commit {env['commit'][:10]}; posteriors {env['posteriors']}"

@@ -29,7 +29,7 @@ HEADLINE = [
     ("ekf.dense_fisher.update", "S", 64),
     ("ekf.dense_fisher.update", "M", 64),
     ("ekf.dense_fisher.update per_sample", "S", 64),
-    ("laplace.dense_fisher.update", "M", 256),
+    ("laplace.dense_fisher.update", "S", 64),
     ("laplace.diag_fisher.update", "S", 64),
     ("empirical_fisher", "M", 256),
     ("linearized_forward_diag", "S", 64),
@@ -65,8 +65,12 @@ def environment(data: Dict) -> str:
     return (
         f"Measured on {env['device_name']} ({env.get('cpu_flags', '')}; kernels at {env.get('cpu_isa', '?')}), "
         f"{env['threads']} threads, torch {env['torch']}, posteriors {env['posteriors']}, "
-        f"commit {env['commit'][:10]}, {env.get('date', '')}{_load(env)}: `docs/results/full_run.json`."
+        f"commit {env['commit'][:10]}, {env.get('date', '')}{_load(env)}{_command(env)}: `docs/results/full_run.json`."
     )
+
+
+def _command(env: Dict) -> str:
+    return f", by `{env['command'].strip()}`" if env.get("command") else ""
 
 
 def _load(env: Dict) -> str:
