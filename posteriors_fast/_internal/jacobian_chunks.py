@@ -15,8 +15,7 @@ of the same size as the chunk while it is reduced).
 from typing import Any, Callable, Iterator, List, Tuple
 
 import torch
-from optree import tree_map
-from optree.integrations.torch import tree_ravel
+from optree import tree_leaves, tree_map
 from torch.func import vmap
 
 from posteriors_fast._internal import checks
@@ -66,13 +65,15 @@ class LogDensityChunks:
         self.fn, self.params, self.batch = fn, params, batch
         self.per_sample, self.what, self.backend = per_sample, what, backend
         self.values_must_be_finite = values_must_be_finite
-        flat = tree_ravel(params)[0]
-        self.size = flat.numel()
+        # The size and the raveled dtype's width, without raveling (a copy of P values).
+        leaves = tree_leaves(params)
+        self.size = sum(x.numel() for x in leaves)
         self.n = checks.common_leading_dim(batch)
         if self.n is None or self.n < 2:
             self.slices = [(0, self.n)]
         else:
-            per = samples_per_chunk(self.n, 1, self.size, flat.element_size())
+            width = max((x.element_size() for x in leaves), default=4)
+            per = samples_per_chunk(self.n, 1, self.size, width)
             self.slices = sample_slices(self.n, per)
         self.values: torch.Tensor | None = None
         self.aux: Any = None

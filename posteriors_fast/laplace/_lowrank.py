@@ -9,7 +9,6 @@ from optree.integrations.torch import tree_ravel
 from posteriors_fast._internal import checks as _checks
 from posteriors_fast._internal import lowrank as _lowrank
 from posteriors_fast._internal.state import rebind_, rebind_tree_
-from posteriors_fast.backends import resolve
 from posteriors_fast.ops.lowrank_truncate import lowrank_truncate
 from posteriors_fast.types import TensorTree
 
@@ -48,14 +47,16 @@ def initial_state(params: TensorTree, rank: int, init_prec_diag, group, what: st
     return LowRankLaplaceState(params, unravel(diag.detach()), flat.new_zeros(flat.numel(), rank))
 
 
-def add_to_prec(state, rows: torch.Tensor, rank: int, aux, inplace: bool, backend: str):
+def add_to_prec(state, checked, rows: torch.Tensor, rank: int, aux, inplace: bool, backend: str):
     """The state with RᵀR (``rows`` R of shape (K, P), already checked finite)
     added to the precision and truncated back to ``rank`` columns; written in
-    place (rebound, versions advanced) only once everything succeeded."""
-    _, unravel, diag, factor = _lowrank.check_state(state, "LowRankLaplaceState", rank)
+    place (rebound, versions advanced) only once everything succeeded.
+    ``checked`` is what ``_lowrank.check_state`` returned for ``state`` (the
+    raveled state, made once per update); ``backend`` is resolved."""
+    _, unravel, diag, factor = checked
     with torch.no_grad():
         new_diag, new_factor, _, witness = lowrank_truncate(
-            diag, factor, rows.to(diag.dtype), 1.0, rank, backend=resolve(backend)
+            diag, factor, rows.to(diag.dtype), 1.0, rank, backend=backend
         )
     _checks.require_finite(
         [

@@ -148,7 +148,7 @@ def update(
     backend = resolve(backend)
     group = resolve_group(process_group, "laplace.lowrank_fisher.update")
     rank = _lowrank.check_rank(rank)
-    _lowrank.check_state(state, "LowRankLaplaceState", rank)
+    checked = _lowrank.check_state(state, "LowRankLaplaceState", rank)
     with torch.no_grad(), CatchAuxError():
         compute = partial(
             log_density_jacobian_rows,
@@ -167,7 +167,7 @@ def update(
             jac, _, aux = group.gather_jacobian(
                 compute, what=what, params=state.params, batch=batch, extra=(rank, per_sample)
             )
-    return _common.add_to_prec(state, jac, rank, aux, inplace, backend)
+    return _common.add_to_prec(state, checked, jac, rank, aux, inplace, backend)
 
 
 def sample(state: LowRankLaplaceState, sample_shape: torch.Size = torch.Size([])) -> TensorTree:

@@ -171,14 +171,14 @@ def update(
     backend = resolve(backend)
     group = resolve_group(process_group, "laplace.lowrank_ggn.update")
     rank = _lowrank.check_rank(rank)
-    _lowrank.check_state(state, "LowRankLaplaceState", rank)
+    checked = _lowrank.check_state(state, "LowRankLaplaceState", rank)
     with torch.no_grad(), CatchAuxError():
         compute = partial(batch_ggn_root, state.params, batch, forward, outer_log_likelihood, backend=backend)
         if group is None:
             rows, aux = compute()
         else:
             rows, aux = _gather_roots(group, compute, "laplace.lowrank_ggn.update", state.params, batch)
-    return _common.add_to_prec(state, rows, rank, aux, inplace, backend)
+    return _common.add_to_prec(state, checked, rows, rank, aux, inplace, backend)
 
 
 def sample(state: LowRankLaplaceState, sample_shape: torch.Size = torch.Size([])) -> TensorTree:
