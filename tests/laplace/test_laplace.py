@@ -10,26 +10,10 @@ from posteriors_fast import laplace
 from tests._compare import assert_tree_close, tol
 
 from .._trees import forward, random_batch, random_params
-
-
-def _log_post(p, batch):
-    x, y = batch
-    z = forward(p, x)
-    return -torch.nn.functional.cross_entropy(z, y), z
-
-
-def _log_post_per_sample(p, batch):
-    x, y = batch
-    z = forward(p, x)
-    return -torch.nn.functional.cross_entropy(z, y, reduction="none"), z
-
-
-def _forward(p, batch):
-    return forward(p, batch[0]), batch[0].sum()
-
-
-def _outer(z, batch):
-    return -torch.nn.functional.cross_entropy(z, batch[1], reduction="sum")
+from ._models import forward_fn as _forward
+from ._models import log_post as _log_post
+from ._models import log_post_per_sample as _log_post_per_sample
+from ._models import outer as _outer
 
 
 def _builders(name, per_sample):

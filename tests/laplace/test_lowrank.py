@@ -11,7 +11,11 @@ from optree.integrations.torch import tree_ravel
 from posteriors_fast import laplace
 from tests._compare import tol
 
-from .._trees import forward, random_batch, random_params
+from .._trees import random_batch, random_params
+from ._models import forward_fn as _forward
+from ._models import log_post as _log_post
+from ._models import log_post_per_sample as _log_post_per_sample
+from ._models import outer as _outer
 
 P = 31  # parameters of random_params("nested")
 
@@ -23,26 +27,6 @@ def _flat(tree):
 def _precision(state):
     d, u = _flat(state.prec_diag).double(), state.prec_factor.double()
     return torch.diag(d) + u @ u.T
-
-
-def _log_post(p, batch):
-    x, y = batch
-    z = forward(p, x)
-    return -torch.nn.functional.cross_entropy(z, y), z
-
-
-def _log_post_per_sample(p, batch):
-    x, y = batch
-    z = forward(p, x)
-    return -torch.nn.functional.cross_entropy(z, y, reduction="none"), z
-
-
-def _forward(p, batch):
-    return forward(p, batch[0]), batch[0].sum()
-
-
-def _outer(z, batch):
-    return -torch.nn.functional.cross_entropy(z, batch[1], reduction="sum")
 
 
 def _coupled_outer(z, batch):
