@@ -63,9 +63,6 @@ REFERENCE = ("ekf.diag_fisher", "laplace.diag_fisher", "laplace.diag_ggn")
 #: not a workload for a GGN method.
 NO_GGN = ("transformer",)
 ROW_TIMEOUT_S = 900
-#: The GGN rows hold (N·C + 2·rank)·P values: 27 GB at N = 64, C = 10,
-#: P = 10⁷; at that size they run on batches of 16 (8 GB).
-GGN_N_AT_10M = 16
 
 
 @dataclass
@@ -85,8 +82,7 @@ def rows_for(sizes=("1M", "10M"), large_batch=True, reference=True):
         for op in METHODS:
             if "ggn" in op and model.split("-")[0] in NO_GGN:
                 continue
-            ggn_n = GGN_N_AT_10M if "ggn" in op and model.endswith("-10M") else n
-            out.append(Row(op, model, "eager", ggn_n))
+            out.append(Row(op, model, "eager", n))
         if reference and model.endswith("-1M"):
             for op in REFERENCE:
                 if "ggn" in op and model.split("-")[0] in NO_GGN:

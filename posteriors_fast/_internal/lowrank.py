@@ -75,11 +75,11 @@ def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
     return (matrix + matrix.mT).mul_(0.5)
 
 
-#: Rows of U handled at once where U must be scaled row-wise: the (rows, r)
-#: temporaries stay in the cache and no (P, r) one is allocated. The fused
-#: pass of ops.lowrank_truncate at P = 10⁶, r = 20, N = 64 (float32, one
-#: thread, best of 5): 465 ms for the whole op with chunks of 2¹⁴-2¹⁶ rows,
-#: 485 ms with 2¹⁷, 526 ms with 2¹², 546 ms unchunked (2²⁰ rows).
+#: Rows of U (and columns of R) handled at once: the (rows, r) temporaries
+#: and the block of R stay in the cache and no (P, r) temporary is allocated.
+#: ops.lowrank_truncate at P = 10⁶, r = 20, N = 64 (float32, two threads,
+#: medians of 7, two rounds): 228-262 ms with chunks of 2¹⁴ and 2¹⁵ rows,
+#: 254-287 ms with 2¹³, 257-279 ms with 2¹⁶.
 CHUNK_ROWS = 1 << 15
 
 

@@ -8,12 +8,14 @@ sample-separable (O(N·C·P) instead of O(N²·C·P)); otherwise the general
 Jacobian is used. The loss Hessian is applied through its per-sample blocks.
 """
 
+import itertools
+
 import torch
 from optree.integrations.torch import tree_ravel
 
 from posteriors_fast._internal import checks
 from posteriors_fast._internal.jacobian import output_jacobian, output_pullback
-from posteriors_fast._internal.jacobian_budget import budget_bytes, sample_slices, take
+from posteriors_fast._internal.jacobian_budget import ENV, budget_bytes, sample_slices, take
 from posteriors_fast._internal.jacobian_chunks import ggn_diag_rows
 from posteriors_fast._internal.loss_hessian import hessian_blocks, hessian_rows, loss_hessian_times
 from posteriors_fast.ops.ggn_diag import ggn_diag
@@ -116,13 +118,28 @@ def batch_ggn_factors(params, batch, forward, outer_log_likelihood, *, backend: 
 
 
 def batch_ggn_root(params, batch, forward, outer_log_likelihood, *, backend: str):
-    """``(R, aux)`` with RᵀR = Jᵀ H J, the batch GGN (R of shape (d, P)).
+    """``(R, aux)`` with RᵀR = Jᵀ H J, the batch GGN (R of shape (d, P)): the
+    blocks of :func:`batch_ggn_root_blocks` in one tensor."""
+    blocks, aux = batch_ggn_root_blocks(params, batch, forward, outer_log_likelihood, backend=backend)
+    blocks = list(blocks)
+    return (blocks[0] if len(blocks) == 1 else torch.cat(blocks)), aux
+
+
+def batch_ggn_root_blocks(params, batch, forward, outer_log_likelihood, *, backend: str):
+    """``(blocks, aux)``: the rows of R, RᵀR = Jᵀ H J the batch GGN, as an
+    iterable of (rows, P) blocks whose Grams sum to it.
 
     With H = E diag(λ) Eᵀ, R = diag(√λ) Eᵀ J; H is decomposed per sample
     (N blocks of (c, c)) when it is block diagonal over the samples (any loss
     that sums per-sample terms), else as one (d, d) matrix. Eigenvalues below
     zero by more than rounding (a loss not convex in z) raise a ValueError:
     RᵀR cannot represent them.
+
+    When the (d, P) Jacobian exceeds the Jacobian memory budget, H is block
+    diagonal and the forward is sample-separable, the blocks are blocks of
+    samples, each computed when the iteration reaches it (one reverse pass
+    per sample), so one block of J and one of R exist at a time; otherwise
+    there is one block, the whole R.
     """
     flat = tree_ravel(params)[0]
     size = flat.numel()
@@ -130,16 +147,17 @@ def batch_ggn_root(params, batch, forward, outer_log_likelihood, *, backend: str
     if z.ndim > 0 and z.shape[0] > 1 and z.numel() * size * flat.element_size() > budget_bytes():
         roots = _hessian_roots(outer_log_likelihood, batch, z.detach(), flat.dtype)
         if roots.shape[0] == z.shape[0]:
-            rows = _separable_root_rows(params, batch, forward, z, roots, size, backend)
-            if rows is not None:
-                return rows, aux
+            blocks = _separable_root_blocks(params, batch, forward, z, roots, size, backend)
+            first = next(blocks)
+            if first is not None:
+                return itertools.chain([first], blocks), aux
     jac, z, aux = _output_jacobian(params, batch, forward, backend=backend, z_aux=(z, aux))
     checks.require_finite([(jac, "the gradient of forward is NaN or inf")])
     roots = _hessian_roots(outer_log_likelihood, batch, z.detach(), jac.dtype)
     count, width = roots.shape[0], roots.shape[-1]
     rows = torch.bmm(roots, jac.reshape(count, width, -1)).reshape(jac.shape)
     checks.require_finite([(rows, "the GGN of this batch overflowed (NaN or inf)")])
-    return rows, aux
+    return [rows], aux
 
 
 def _hessian_roots(outer_log_likelihood, batch, z, dtype):
@@ -170,22 +188,27 @@ def _hessian_roots(outer_log_likelihood, batch, z, dtype):
     return (eigvecs * eigvals.clamp_min(0.0).sqrt()[..., None, :]).mT.to(dtype)
 
 
-def _separable_root_rows(params, batch, forward, z, roots, size, backend):
-    """R (d, P) written a block of samples at a time (each block's J from one
-    reverse pass per sample), so only R and one block of J exist at once;
-    None when the forward is not shown to be sample-separable."""
+def _separable_root_blocks(params, batch, forward, z, roots, size, backend):
+    """The rows of R a block of samples at a time (each block's J from one
+    reverse pass per sample); first yields None when the forward is not
+    shown to be sample-separable on the first block."""
     n, width = z.shape[0], roots.shape[-1]
     per = max(1, budget_bytes() // max(1, width * size * z.element_size()))
-    rows = None
-    for start, stop in sample_slices(n, per):
+    for index, (start, stop) in enumerate(sample_slices(n, per)):
         jac = separable_output_jacobian(forward, params, take(batch, start, stop, n), z[start:stop], backend=backend)
         if jac is None:
-            return None
+            if index == 0:
+                yield None
+                return
+            raise ValueError(
+                f"forward couples the samples of samples {start}:{stop} of the batch, though not of the first "
+                f"ones, so its GGN cannot be built in blocks; the whole Jacobian exceeds {ENV}="
+                f"{budget_bytes() / 2**20:g}: raise it, or pass smaller batches"
+            )
         jac = jac.reshape(stop - start, width, size)
         checks.require_finite([(jac, "the gradient of forward is NaN or inf")])
-        if rows is None:
-            rows = jac.new_empty((n * width, size))
-        torch.bmm(roots[start:stop], jac, out=rows[start * width : stop * width].view(stop - start, width, size))
+        rows = torch.bmm(roots[start:stop], jac).reshape(-1, size)
         del jac
-    checks.require_finite([(rows, "the GGN of this batch overflowed (NaN or inf)")])
-    return rows
+        checks.require_finite([(rows, "the GGN of this batch overflowed (NaN or inf)")])
+        yield rows
+        del rows

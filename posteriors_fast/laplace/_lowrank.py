@@ -47,29 +47,31 @@ def initial_state(params: TensorTree, rank: int, init_prec_diag, group, what: st
     return LowRankLaplaceState(params, unravel(diag.detach()), flat.new_zeros(flat.numel(), rank))
 
 
-def add_to_prec(state, checked, rows: torch.Tensor, rank: int, aux, inplace: bool, backend: str):
-    """The state with RᵀR (``rows`` R of shape (K, P), already checked finite)
-    added to the precision and truncated back to ``rank`` columns; written in
-    place (rebound, versions advanced) only once everything succeeded.
-    ``checked`` is what ``_lowrank.check_state`` returned for ``state`` (the
-    raveled state, made once per update); ``backend`` is resolved."""
+def add_to_prec(state, checked, blocks, rank: int, aux, inplace: bool, backend: str):
+    """The state with RᵀR added to the precision and truncated back to
+    ``rank`` columns, R given as an iterable of row blocks (each (K_b, P),
+    checked finite) folded in one after another; written in place (rebound,
+    versions advanced) only once every block succeeded. ``checked`` is what
+    ``_lowrank.check_state`` returned for ``state`` (the raveled state, made
+    once per update); ``backend`` is resolved."""
     _, unravel, diag, factor = checked
+    blocks = iter(blocks)
     with torch.no_grad():
-        new_diag, new_factor, _, witness = lowrank_truncate(
-            diag, factor, rows.to(diag.dtype), 1.0, rank, backend=backend
-        )
-    _checks.require_finite(
-        [
-            (new_diag, "the precision diagonal of this batch overflowed (NaN or inf)"),
-            (new_factor, "the precision factor of this batch overflowed (NaN or inf)"),
-        ],
-        witness,
-    )
-    new_prec_diag = unravel(new_diag)
+        while (rows := next(blocks, None)) is not None:
+            diag, factor, _, witness = lowrank_truncate(diag, factor, rows.to(diag.dtype), 1.0, rank, backend=backend)
+            del rows  # before the next block is built: one block of rows at a time
+            _checks.require_finite(
+                [
+                    (diag, "the precision diagonal of this batch overflowed (NaN or inf)"),
+                    (factor, "the precision factor of this batch overflowed (NaN or inf)"),
+                ],
+                witness,
+            )
+    new_prec_diag = unravel(diag)
     if not inplace:
-        return type(state)(state.params, new_prec_diag, new_factor, aux)
+        return type(state)(state.params, new_prec_diag, factor, aux)
     rebind_tree_(state.prec_diag, new_prec_diag)
-    rebind_(state.prec_factor, new_factor)
+    rebind_(state.prec_factor, factor)
     return state._replace(aux=aux)
 
 

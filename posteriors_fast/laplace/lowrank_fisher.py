@@ -167,7 +167,7 @@ def update(
             jac, _, aux = group.gather_jacobian(
                 compute, what=what, params=state.params, batch=batch, extra=(rank, per_sample)
             )
-    return _common.add_to_prec(state, checked, jac, rank, aux, inplace, backend)
+    return _common.add_to_prec(state, checked, [jac], rank, aux, inplace, backend)
 
 
 def sample(state: LowRankLaplaceState, sample_shape: torch.Size = torch.Size([])) -> TensorTree:

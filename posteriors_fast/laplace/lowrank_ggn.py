@@ -36,7 +36,7 @@ from posteriors_fast._internal.errors import CatchAuxError
 from posteriors_fast.backends import resolve
 from posteriors_fast.distributed import resolve as resolve_group
 from posteriors_fast.laplace import _lowrank as _common
-from posteriors_fast.laplace._ggn import batch_ggn_root
+from posteriors_fast.laplace._ggn import batch_ggn_root, batch_ggn_root_blocks
 from posteriors_fast.laplace._lowrank import LowRankLaplaceState
 from posteriors_fast.types import ForwardFn, OuterLogProbFn, TensorTree, Transform
 
@@ -173,12 +173,14 @@ def update(
     rank = _lowrank.check_rank(rank)
     checked = _lowrank.check_state(state, "LowRankLaplaceState", rank)
     with torch.no_grad(), CatchAuxError():
-        compute = partial(batch_ggn_root, state.params, batch, forward, outer_log_likelihood, backend=backend)
         if group is None:
-            rows, aux = compute()
+            blocks, aux = batch_ggn_root_blocks(state.params, batch, forward, outer_log_likelihood, backend=backend)
         else:
+            compute = partial(batch_ggn_root, state.params, batch, forward, outer_log_likelihood, backend=backend)
             rows, aux = _gather_roots(group, compute, "laplace.lowrank_ggn.update", state.params, batch)
-    return _common.add_to_prec(state, checked, rows, rank, aux, inplace, backend)
+            blocks = [rows]
+            del rows
+        return _common.add_to_prec(state, checked, blocks, rank, aux, inplace, backend)
 
 
 def sample(state: LowRankLaplaceState, sample_shape: torch.Size = torch.Size([])) -> TensorTree:

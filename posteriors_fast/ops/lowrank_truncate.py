@@ -33,31 +33,41 @@ U_newᵀ)⁻¹ (the EKF mean step), by Woodbury through the r×r capacitance
 K = I + U_newᵀ D_new⁻¹ U_new, accumulated in the same pass over U_new that
 computes the fold.
 
-How the data is touched (P = 1.01·10⁶, m = r = 20, K = N = 64, float32, one
-thread, medians under load; the Gram of the concatenated (P, 84) panel alone
-takes about 225 ms, the per-sample Jacobian about 700 ms):
+How the data is touched (P = 9.9·10⁵, m = r = 20, K = N = 64, float32, two
+threads, medians on a quiet machine; the whole op about 250 ms, where the
+Gram of a concatenated (P, 84) panel alone takes about 85 ms and copying R
+into such a panel 150 ms):
 
-* the panel is never formed: copying R into a (P, m + K) buffer costs more
-  (a fresh 336 MB buffer, ≈ 300 ms with its page faults) than the Gram
-  saves. Its Gram comes in three blocks, UᵀU (≈ 28 ms), R U (≈ 110 ms),
-  R Rᵀ (≈ 130 ms), from the tensors as they are;
+* the panel is never formed. The op makes two passes over row chunks of U
+  and the same columns of R (2¹⁵ rows: an 8 MB block of R, in cache): the
+  first accumulates the Gram's blocks UᵀU (≈ 14 ms), R Rᵀ (≈ 43 ms) and
+  (R U)ᵀ (≈ 27 ms; R U itself, 42 ms) and writes Σ_k R_k² through one
+  chunk-sized scratch (≈ 23 ms);
 * the (m + K)² eigendecomposition runs in float64 (≈ 1 ms);
-* the new factor comes from two GEMMs into one output, U V₁ + Rᵀ (s V₂)
-  (≈ 165 ms with a preallocated output, plus ≈ 65 ms of page faults on the
-  fresh (P, r) output, which a new state needs);
-* Σ_k R_k² by one multiply-add per row (≈ 60 ms; ``vector_norm(R, dim=0)``
-  takes 460 ms, ``(R * R).sum(0)`` 240 ms with its (K, P) temporary);
-* one pass over row chunks of U and U_new (2¹⁵ rows, in cache) computes
-  rowsum(U²) − rowsum(U_new²), d_new, and K and U_newᵀD_new⁻¹g for the
-  Woodbury step: separate passes cost ≈ 55 ms more. A non-finite U_new
-  makes K non-finite (its diagonal sums U_new²/d_new), so K stands in
-  for an 80 MB finiteness pass over U_new.
+* the second pass writes the chunk's rows of the new factor, U V₁ + Rᵀ (s V₂),
+  and, while they are in cache, rowsum(U²) − rowsum(U_new²), d_new, and K
+  and U_newᵀD_new⁻¹g for the Woodbury step. Against whole-array GEMMs and
+  separate passes (the op measured 343 ms that way) it saves the re-reads of
+  U_new and the page faults of writing a fresh 80 MB output from a
+  multi-threaded GEMM (the factor GEMM took 144 ms into a fresh output,
+  46 ms into a touched one). Under ``"compiled"`` on the CPU the outputs come
+  from the C++ extension's block pool, so a loop of updates reuses the
+  previous state's memory. A non-finite U_new makes K non-finite (its
+  diagonal sums U_new²/d_new), so K stands in for an 80 MB finiteness pass
+  over U_new.
 """
+
+from typing import Callable
 
 import torch
 
 from posteriors_fast._internal.lowrank import row_chunks
 from posteriors_fast.backends import decline, implementation, register
+from posteriors_fast.ops.new_matrix import new_matrix_cpp
+
+
+def _empty(shape, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
 def lowrank_truncate_eager(
@@ -68,6 +78,7 @@ def lowrank_truncate_eager(
     rank: int,
     vector: torch.Tensor | None = None,
     transition: torch.Tensor | float = 0.0,
+    new: Callable = _empty,
 ):
     """``(d_new, U_new, step, witness)`` for the precision diag(d) + U Uᵀ,
     predicted with the transition covariance Q = diag(q) when q != 0, plus
@@ -82,6 +93,8 @@ def lowrank_truncate_eager(
         rank: r >= 1, the width of U_new.
         vector: Optional g, shape (P,).
         transition: q, a float >= 0 or a (P,) tensor of variances >= 0.
+        new: ``new(shape, like)``: an uninitialised tensor with ``like``'s
+            dtype and device, for d_new and U_new.
 
     Returns:
         ``d_new (P,)`` and ``U_new (P, r)``, new tensors (columns of U_new
@@ -91,38 +104,34 @@ def lowrank_truncate_eager(
         ``vector``: the sum of their entries).
     """
     m, k = factor.shape[1], rows.shape[0]
-    dtype = factor.dtype
-    size = factor.shape[0]
-    noise = not (isinstance(transition, float) and transition == 0.0)
-    gram = torch.empty(m + k, m + k, dtype=torch.float64, device=factor.device)
-    if not noise:
-        base, mix = diag, None
-        gram[:m, :m] = torch.mm(factor.mT, factor)
-        cross = torch.mm(rows, factor).to(torch.float64)
-    else:
+    dtype, size = factor.dtype, factor.shape[0]
+    shrink = mix = None
+    base = diag
+    if not (isinstance(transition, float) and transition == 0.0):
         # The predicted factor is U_p = S U C, S = (I + QD)⁻¹, C Cᵀ = (I + UᵀQSU)⁻¹
         # (exact, see the module docstring): S U is formed a chunk at a time
         # and C folded into the small matrices, so U_p is never stored.
         shrink = (diag * transition).add_(1.0).reciprocal_()
         base = diag * shrink
-        weight = shrink * transition
-        uu, cross, inner = (factor.new_zeros(m, m), factor.new_zeros(k, m), factor.new_zeros(m, m))
-        for a, b in row_chunks(size):
-            part = factor[a:b] * shrink[a:b, None]
-            uu.addmm_(part.mT, part)
-            cross.addmm_(rows[:, a:b], part)
-            inner.addmm_(factor[a:b].mT, factor[a:b] * weight[a:b, None])
+    new_diag = new((size,), factor)
+    weight = None if shrink is None else shrink * transition
+    gram_u, gram_r, cross, inner = _gram_pass(factor, rows, shrink, weight, new_diag)
+    gram = torch.empty(m + k, m + k, dtype=torch.float64, device=factor.device)
+    cross = cross.to(torch.float64)
+    if shrink is None:
+        gram[:m, :m] = gram_u
+    else:
         inner = inner.to(torch.float64)
         inner.diagonal().add_(1.0)
         chol = torch.linalg.cholesky((inner + inner.mT).mul_(0.5))  # >= I: positive definite
         eye = torch.eye(m, dtype=torch.float64, device=factor.device)
         mix = torch.linalg.solve_triangular(chol.mT, eye, upper=True)  # C = L⁻ᵀ
-        gram[:m, :m] = mix.mT @ uu.to(torch.float64) @ mix
-        cross = cross.to(torch.float64) @ mix
+        gram[:m, :m] = mix.mT @ gram_u.to(torch.float64) @ mix
+        cross = cross @ mix
     cross.mul_(scale)
     gram[m:, :m] = cross
     gram[:m, m:] = cross.mT
-    gram[m:, m:] = torch.mm(rows, rows.mT).to(torch.float64).mul_(scale * scale)
+    gram[m:, m:] = gram_r.to(torch.float64).mul_(scale * scale)
     if not bool(torch.isfinite(gram).all()):
         raise ValueError(
             "the Gram of the precision factor and the new columns holds NaN or inf (non-finite input, "
@@ -138,30 +147,10 @@ def lowrank_truncate_eager(
     keep = keep * torch.where(pivot < 0, -1.0, 1.0)
     if keep.shape[1] < rank:
         keep = torch.cat([keep, keep.new_zeros(m + k, rank - keep.shape[1])], 1)
-    left = keep[:m] if mix is None else mix @ keep[:m]
-    new_factor = torch.mm(factor, left.to(dtype))
-    if noise:
-        new_factor.mul_(shrink[:, None])
-    new_factor.addmm_(rows.mT, keep[m:].mul(scale).to(dtype))
-    new_diag = _column_sum_of_squares(rows).mul_(scale * scale).add_(base)
-    width = new_factor.shape[1]
-    inner = None if vector is None else new_factor.new_zeros(width, width)
-    proj = None if vector is None else new_factor.new_zeros(width)
-    mix = None if mix is None else mix.to(dtype)
-    for a, b in row_chunks(size):
-        # d_new = d_p + rowsum(A²) - rowsum(U_new²): the diagonal of the
-        # dropped part, PSD, so clamped at d_p against rounding.
-        part = new_diag[a:b]
-        if mix is None:
-            dropped = torch.linalg.vector_norm(factor[a:b], dim=1).square_()
-        else:
-            dropped = torch.linalg.vector_norm(factor[a:b] @ mix, dim=1).mul_(shrink[a:b]).square_()
-        dropped.sub_(torch.linalg.vector_norm(new_factor[a:b], dim=1).square_())
-        torch.maximum(part.add_(dropped), base[a:b], out=part)
-        if vector is not None:
-            scaled = new_factor[a:b] / part[:, None]
-            inner.addmm_(new_factor[a:b].mT, scaled)
-            proj.addmv_(scaled.mT, vector[a:b])
+    left = (keep[:m] if mix is None else mix @ keep[:m]).to(dtype)
+    right = keep[m:].mul(scale).to(dtype)
+    new_factor = new((size, rank), factor)
+    inner, proj = _factor_pass(factor, rows, new_diag, new_factor, base, shrink, mix, left, right, scale, vector)
     if vector is None:
         return new_diag, new_factor, None, torch.stack([new_diag.sum(), new_factor.sum()]).sum()
     inner = inner.to(torch.float64)
@@ -175,12 +164,56 @@ def lowrank_truncate_eager(
     return new_diag, new_factor, step, witness
 
 
-def _column_sum_of_squares(rows: torch.Tensor) -> torch.Tensor:
-    """Σ_k rows[k]², (P,), one multiply-add per row (see the module docstring)."""
-    out = rows[0] * rows[0]
-    for row in rows[1:]:
-        out.addcmul_(row, row)
-    return out
+def _gram_pass(factor, rows, shrink, weight, colsq):
+    """One pass over row chunks of U (of S U with a transition) and the same
+    columns of R: UᵀU, R Rᵀ and R U in the factor's dtype, with a transition
+    (``weight`` = S Q) also Uᵀ S Q U (else None); Σ_k R_k² is written into
+    ``colsq``."""
+    m, k = factor.shape[1], rows.shape[0]
+    gram_u, gram_r, cross = factor.new_zeros(m, m), factor.new_zeros(k, k), factor.new_zeros(m, k)
+    inner = None if shrink is None else factor.new_zeros(m, m)
+    chunks = row_chunks(factor.shape[0])
+    scratch = rows.new_empty(k, chunks[0][1]) if chunks else None
+    for a, b in chunks:
+        r_part = rows[:, a:b]
+        u_part = factor[a:b] if shrink is None else factor[a:b] * shrink[a:b, None]
+        gram_u.addmm_(u_part.mT, u_part)
+        gram_r.addmm_(r_part, r_part.mT)
+        cross.addmm_(u_part.mT, r_part.mT)  # (R U)ᵀ: 27 ms where R U takes 42 (P = 10⁶, K = 64, m = 20)
+        if shrink is not None:
+            inner.addmm_(factor[a:b].mT, factor[a:b] * weight[a:b, None])
+        torch.sum(torch.mul(r_part, r_part, out=scratch[:, : b - a]), 0, out=colsq[a:b])
+    return gram_u, gram_r, cross.mT, inner
+
+
+def _factor_pass(factor, rows, new_diag, new_factor, base, shrink, mix, left, right, scale, vector):
+    """One pass over row chunks: U_new = S U·left + Rᵀ·right (S = I without
+    a transition) into ``new_factor``, and ``new_diag`` (holding Σ_k R_k²)
+    into d_p + s²·Σ_k R_k² + rowsum(U_p²) − rowsum(U_new²); with ``vector``
+    also U_newᵀD_new⁻¹U_new and U_newᵀD_new⁻¹g (else Nones)."""
+    width = new_factor.shape[1]
+    inner = None if vector is None else new_factor.new_zeros(width, width)
+    proj = None if vector is None else new_factor.new_zeros(width)
+    mix = None if mix is None else mix.to(new_factor.dtype)
+    for a, b in row_chunks(factor.shape[0]):
+        out = torch.mm(factor[a:b], left, out=new_factor[a:b])
+        if shrink is not None:
+            out.mul_(shrink[a:b, None])
+        out.addmm_(rows[:, a:b].mT, right)
+        # d_new = d_p + rowsum(A²) - rowsum(U_new²): the diagonal of the
+        # dropped part, PSD, so clamped at d_p against rounding.
+        part = new_diag[a:b].mul_(scale * scale)
+        if mix is None:
+            dropped = torch.linalg.vector_norm(factor[a:b], dim=1).square_()
+        else:
+            dropped = torch.linalg.vector_norm(factor[a:b] @ mix, dim=1).mul_(shrink[a:b]).square_()
+        dropped.sub_(torch.linalg.vector_norm(out, dim=1).square_())
+        torch.maximum(part.add_(dropped).add_(base[a:b]), base[a:b], out=part)
+        if vector is not None:
+            scaled = out / part[:, None]
+            inner.addmm_(out.mT, scaled)
+            proj.addmv_(scaled.mT, vector[a:b])
+    return inner, proj
 
 
 register(
@@ -189,11 +222,22 @@ register(
     lowrank_truncate_eager,
     doc="append columns to a diagonal-plus-low-rank precision, truncate by eigh of the panel Gram",
 )
-for _family in ("triton", "cpp", "torch_compile"):
+
+
+def lowrank_truncate_cpp(diag, factor, rows, scale, rank, vector=None, transition=0.0):
+    """The same passes with d_new and U_new from the C++ extension's block
+    pool (:mod:`posteriors_fast.ops.new_matrix`): in a loop of updates the
+    previous state's factor is handed out again instead of fresh pages that
+    fault on first touch."""
+    return lowrank_truncate_eager(diag, factor, rows, scale, rank, vector, transition, new=new_matrix_cpp)
+
+
+register("lowrank_truncate", "cpp", lowrank_truncate_cpp, devices=("cpu",))
+for _family in ("triton", "torch_compile"):
     decline(
         "lowrank_truncate",
         _family,
-        "three ATen GEMMs over P do the work; the small eigendecomposition and the norm reductions are memory-bound",
+        "ATen GEMMs over row chunks do the work; the small eigendecomposition and the norm reductions are memory-bound",
     )
 
 

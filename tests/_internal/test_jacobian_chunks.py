@@ -16,6 +16,7 @@ from optree.integrations.torch import tree_ravel
 
 import posteriors_fast as pf
 from posteriors_fast._internal import jacobian_budget, jacobian_chunks
+from posteriors_fast.laplace import _lowrank as lowrank_common
 from tests.ekf._problem import log_likelihood, log_likelihood_per_sample, logits, make_problem
 
 N = 11
@@ -147,13 +148,41 @@ def test_lowrank_fisher_methods_chunked_equal_whole(per_sample):
         torch.testing.assert_close(chunked.aux, whole.aux, rtol=0, atol=0)
 
 
-def test_lowrank_ggn_chunked_equals_whole():
+def _precision_diagonal(state):
+    return tree_ravel(state.prec_diag)[0] + state.prec_factor.square().sum(1)
+
+
+@pytest.mark.parametrize("rank", [5, 28])
+def test_lowrank_ggn_beyond_the_budget_folds_blocks_of_samples(rank, monkeypatch):
+    """Beyond the budget the GGN rows are folded in a block of samples at a
+    time: the state that updates on those blocks as batches give (the loss
+    sums over samples), the precision's diagonal exact, and with rank >= P
+    the whole batch's precision."""
     params, batch = make_problem(N, torch.float64, seed=6)
-    transform = pf.laplace.lowrank_ggn.build(_forward, _outer, rank=5, init_prec_diag=1.0, backend="eager")
+    size = _size(params)
+    assert rank <= 5 or rank >= size
+    transform = pf.laplace.lowrank_ggn.build(_forward, _outer, rank=rank, init_prec_diag=1.0, backend="eager")
     whole = transform.update(transform.init(params), batch)
-    with budget_for(2, _size(params), rows_per_sample=3):
+    folded = []
+    truncate = lowrank_common.lowrank_truncate
+
+    def recording(diag, factor, rows, *args, **kwargs):
+        folded.append(rows.shape[0])
+        return truncate(diag, factor, rows, *args, **kwargs)
+
+    monkeypatch.setattr(lowrank_common, "lowrank_truncate", recording)
+    with budget_for(2, size, rows_per_sample=3):
         chunked = transform.update(transform.init(params), batch)
-    _same_lowrank(chunked, whole)
+    slices = jacobian_budget.sample_slices(N, 2)
+    assert folded[: len(slices)] == [3 * (b - a) for a, b in slices]  # C = 3 rows per sample
+    state = transform.init(params)
+    for a, b in slices:
+        state = transform.update(state, jacobian_budget.take(batch, a, b, N))
+    _same_lowrank(chunked, state)
+    _close(_precision_diagonal(chunked), _precision_diagonal(whole))
+    torch.testing.assert_close(chunked.aux, whole.aux, rtol=0, atol=0)
+    if rank >= size:
+        _same_lowrank(chunked, whole)
 
 
 def test_chunked_per_sample_log_density_must_not_couple_samples():
