@@ -73,6 +73,7 @@ def _cases():
         out.append(Case("ggn_diag", "ggn_diag (diag JᵀHJ)", "-", d, False, p))
     out.append(Case("jsjt", "jsjt (J diag(v) Jᵀ per sample)", "-", 256, False, 4890))
     out.append(Case("lowrank_update", "lowrank_update (EKF covariance step)", "-", 64, False, 4890))
+    out.append(Case("lowrank_truncate", "lowrank_truncate (rank 20 + 64 columns)", "-", 64, False, 1_000_000))
     for p in (1045, 4890):
         out.append(Case("new_matrix", "new_matrix (P×P output)", "-", 0, False, p))
     out.append(Case("normal", "normal (10⁶ draws, 4 leaves)", "-", 0, False, 1_000_000))

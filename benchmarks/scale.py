@@ -57,6 +57,9 @@ METHODS = (
     "laplace.lowrank_fisher",
     "laplace.lowrank_ggn",
 )
+#: Methods also run with backend="compiled", whose native kernels differ
+#: from eager torch at this size (the low-rank fold, ops.lowrank_truncate).
+COMPILED = ("ekf.lowrank_fisher", "laplace.lowrank_fisher", "laplace.lowrank_ggn")
 #: Methods posteriors 0.0.5 has, run at P ≈ 10⁶ only.
 REFERENCE = ("ekf.diag_fisher", "laplace.diag_fisher", "laplace.diag_ggn")
 #: The GGN of a language model has N·T·vocab output rows (2·10⁶ at N = 64):
@@ -83,6 +86,8 @@ def rows_for(sizes=("1M", "10M"), large_batch=True, reference=True):
             if "ggn" in op and model.split("-")[0] in NO_GGN:
                 continue
             out.append(Row(op, model, "eager", n))
+            if op in COMPILED:
+                out.append(Row(op, model, "compiled", n))
         if reference and model.endswith("-1M"):
             for op in REFERENCE:
                 if "ggn" in op and model.split("-")[0] in NO_GGN:

@@ -60,6 +60,16 @@ SCHEMAS = {
         "sghmc_step(Tensor[] params, Tensor[] momenta, Tensor[] grads, float step, float keep, "
         "float lr, float scale, int seed) -> (Tensor[], Tensor[])"
     ),
+    # The second pass of ops.lowrank_truncate over rows p of the new factor
+    # (P, r), for R (K, P) with unit stride along P and right (K, r):
+    #   factor[p] += Σ_k R[k, p]·right[k]   (factor holds the U part on entry);
+    #   diag[p] = max(base[p] + scale2·Σ_k R[k, p]² + prior[p] − ‖factor[p]‖², base[p]);
+    # with vector g returns (Σ_p factor[p]ᵀfactor[p]/diag[p], Σ_p factor[p]·g[p]/diag[p])
+    # in float64, else two empty float64 tensors. diag is written, not read.
+    "lowrank_truncate_fold_": (
+        "lowrank_truncate_fold_(Tensor(a!) factor, Tensor(b!) diag, Tensor rows, Tensor right, Tensor base, "
+        "Tensor prior, float scale2, Tensor? vector) -> (Tensor, Tensor)"
+    ),
 }
 
 #: Allocation helpers: not numerical kernels, so exempt from the no-autograd
@@ -132,6 +142,20 @@ def _sghmc_step_fake(params, momenta, grads, step, keep, lr, scale, seed):
         lambda: "params, momenta and grads must have as many leaves",
     )
     return [torch.empty_like(p) for p in params], [torch.empty_like(m) for m in momenta]
+
+
+@torch.library.register_fake(f"{NAMESPACE}::lowrank_truncate_fold_")
+def _lowrank_truncate_fold_fake(factor, diag, rows, right, base, prior, scale2, vector):
+    torch._check(factor.dim() == 2, lambda: f"factor must be 2-D (P, r), got {tuple(factor.shape)}")
+    size, rank = factor.shape
+    torch._check(
+        rows.dim() == 2 and rows.shape[1] == size, lambda: f"rows must be (K, {size}), got {tuple(rows.shape)}"
+    )
+    torch._check(right.shape == (rows.shape[0], rank), lambda: f"right must be (K, {rank}), got {tuple(right.shape)}")
+    for name, t in (("diag", diag), ("base", base), ("prior", prior)):
+        torch._check(t.shape == (size,), lambda name=name, t=t: f"{name} must be ({size},), got {tuple(t.shape)}")
+    shape = (rank, rank) if vector is not None else (0, 0)
+    return factor.new_empty(shape, dtype=torch.float64), factor.new_empty(shape[:1], dtype=torch.float64)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::new_matrix")

@@ -201,8 +201,8 @@ def _separable_root_blocks(params, batch, forward, z, roots, size, backend):
                 yield None
                 return
             raise ValueError(
-                f"forward couples the samples of samples {start}:{stop} of the batch, though not of the first "
-                f"ones, so its GGN cannot be built in blocks; the whole Jacobian exceeds {ENV}="
+                f"forward couples samples {start}:{stop} of the batch with the others (though not the first "
+                f"ones), so its GGN cannot be built in blocks of samples; the whole Jacobian exceeds {ENV}="
                 f"{budget_bytes() / 2**20:g}: raise it, or pass smaller batches"
             )
         jac = jac.reshape(stop - start, width, size)

@@ -17,8 +17,16 @@ d_{new} = d + \\mathrm{rowsum}(A^2) - \\mathrm{rowsum}(U_{new}^2). $$
 
 What is guaranteed: the diagonal of the precision is exact (d + rowsum(U²)
 equals the prior plus the diagonal of every batch's GGN); after each batch
-the low-rank part is the best rank-r approximation of U Uᵀ + J_fᵀ H_l J_f;
-with r >= P it equals ``laplace.dense_ggn``'s precision (up to rounding).
+the low-rank part is the best rank-r approximation of U Uᵀ + J_fᵀ H_l J_f
+when the batch's N·C rows of R fit the Jacobian memory budget
+(``POSTERIORS_FAST_JACOBIAN_MB``); with r >= P it equals
+``laplace.dense_ggn``'s precision (up to rounding). Beyond the budget, when
+H_l is block diagonal over samples and ``forward`` is sample-separable, the
+rows are built and folded in a block of samples at a time, each block
+truncated in turn: the state is the one that updates on those blocks as
+separate batches give (the diagonal still exact, and still the dense
+precision when r >= P), and memory stays at about one block of rows plus
+2·r·P values, whatever N·C is.
 H_l must be positive semi-definite (``outer_log_likelihood`` concave in z,
 true of exponential-family likelihoods in their natural parameters); a
 clearly negative eigenvalue is an error. Chang et al. (2023),

@@ -34,34 +34,40 @@ K = I + U_newᵀ D_new⁻¹ U_new, accumulated in the same pass over U_new that
 computes the fold.
 
 How the data is touched (P = 9.9·10⁵, m = r = 20, K = N = 64, float32, two
-threads, medians on a quiet machine; the whole op about 250 ms, where the
-Gram of a concatenated (P, 84) panel alone takes about 85 ms and copying R
-into such a panel 150 ms):
+threads, medians on a quiet machine; ``benchmarks/bench_lowrank_truncate.py``
+times the op against the plain-torch step with the panel, and
+``python -m benchmarks.scale`` the methods; the Gram of a concatenated
+(P, 84) panel alone takes about 85 ms, copying R into such a panel 150 ms):
 
-* the panel is never formed. The op makes two passes over row chunks of U
-  and the same columns of R (2¹⁵ rows: an 8 MB block of R, in cache): the
-  first accumulates the Gram's blocks UᵀU (≈ 14 ms), R Rᵀ (≈ 43 ms) and
-  (R U)ᵀ (≈ 27 ms; R U itself, 42 ms) and writes Σ_k R_k² through one
-  chunk-sized scratch (≈ 23 ms);
+* the panel is never formed. The first pass goes over row chunks of U and
+  the same columns of R (2¹⁵ rows: an 8 MB block of R, in cache) and
+  accumulates the Gram's blocks UᵀU (≈ 14 ms), R Rᵀ (≈ 43 ms) and (R U)ᵀ
+  (≈ 27 ms; R U itself, 42 ms); eager, it also writes Σ_k R_k² through one
+  chunk-sized scratch (≈ 23 ms more);
 * the (m + K)² eigendecomposition runs in float64 (≈ 1 ms);
-* the second pass writes the chunk's rows of the new factor, U V₁ + Rᵀ (s V₂),
-  and, while they are in cache, rowsum(U²) − rowsum(U_new²), d_new, and K
-  and U_newᵀD_new⁻¹g for the Woodbury step. Against whole-array GEMMs and
-  separate passes (the op measured 343 ms that way) it saves the re-reads of
-  U_new and the page faults of writing a fresh 80 MB output from a
-  multi-threaded GEMM (the factor GEMM took 144 ms into a fresh output,
-  46 ms into a touched one). Under ``"compiled"`` on the CPU the outputs come
-  from the C++ extension's block pool, so a loop of updates reuses the
-  previous state's memory. A non-finite U_new makes K non-finite (its
-  diagonal sums U_new²/d_new), so K stands in for an 80 MB finiteness pass
-  over U_new.
+* the second pass writes the new factor, U V₁ + Rᵀ (s V₂), the fold
+  rowsum(U²) − rowsum(U_new²) into d_new, and K and U_newᵀD_new⁻¹g for the
+  Woodbury step. Eager, it goes over the same row chunks with ATen GEMMs and
+  reductions while the chunk's rows are in cache (≈ 100 ms; whole-array GEMMs
+  and separate passes took 240 ms, most of it the page faults of a
+  multi-threaded GEMM writing a fresh 80 MB output: 144 ms for the factor
+  GEMM into a fresh output, 46 ms into a touched one). Under ``"compiled"``
+  on the CPU the C++ kernel (``posteriors_fast::lowrank_truncate_fold_``)
+  reads each block of R once for Rᵀ(s V₂), Σ_k R_k², the fold and the
+  Woodbury sums (≈ 50–67 ms with the sums, after one ATen GEMM for U V₁),
+  and the outputs come from the extension's block pool, so a loop of updates
+  reuses the previous state's memory: the op takes about 200 ms against
+  270 ms eager. A non-finite U_new makes K non-finite (its diagonal sums
+  U_new²/d_new), so K stands in for an 80 MB finiteness pass over U_new.
 """
 
 from typing import Callable
 
 import torch
 
+from posteriors_fast import _library
 from posteriors_fast._internal.lowrank import row_chunks
+from posteriors_fast._internal.native import accepts
 from posteriors_fast.backends import decline, implementation, register
 from posteriors_fast.ops.new_matrix import new_matrix_cpp
 
@@ -78,7 +84,6 @@ def lowrank_truncate_eager(
     rank: int,
     vector: torch.Tensor | None = None,
     transition: torch.Tensor | float = 0.0,
-    new: Callable = _empty,
 ):
     """``(d_new, U_new, step, witness)`` for the precision diag(d) + U Uᵀ,
     predicted with the transition covariance Q = diag(q) when q != 0, plus
@@ -93,8 +98,6 @@ def lowrank_truncate_eager(
         rank: r >= 1, the width of U_new.
         vector: Optional g, shape (P,).
         transition: q, a float >= 0 or a (P,) tensor of variances >= 0.
-        new: ``new(shape, like)``: an uninitialised tensor with ``like``'s
-            dtype and device, for d_new and U_new.
 
     Returns:
         ``d_new (P,)`` and ``U_new (P, r)``, new tensors (columns of U_new
@@ -103,6 +106,13 @@ def lowrank_truncate_eager(
         tensor that is finite only if d_new, U_new and step are (without
         ``vector``: the sum of their entries).
     """
+    return _truncate(diag, factor, rows, scale, rank, vector, transition, _empty, _factor_pass)
+
+
+def _truncate(diag, factor, rows, scale, rank, vector, transition, new: Callable, second_pass: Callable):
+    """The op with ``new(shape, like)`` allocating d_new and U_new and
+    ``second_pass`` (:func:`_factor_pass` or :func:`_factor_pass_cpp`)
+    writing them."""
     m, k = factor.shape[1], rows.shape[0]
     dtype, size = factor.dtype, factor.shape[0]
     shrink = mix = None
@@ -115,7 +125,9 @@ def lowrank_truncate_eager(
         base = diag * shrink
     new_diag = new((size,), factor)
     weight = None if shrink is None else shrink * transition
-    gram_u, gram_r, cross, inner = _gram_pass(factor, rows, shrink, weight, new_diag)
+    # The native second pass sums the squares of R itself.
+    colsq = new_diag if second_pass is _factor_pass else None
+    gram_u, gram_r, cross, inner = _gram_pass(factor, rows, shrink, weight, colsq)
     gram = torch.empty(m + k, m + k, dtype=torch.float64, device=factor.device)
     cross = cross.to(torch.float64)
     if shrink is None:
@@ -150,7 +162,7 @@ def lowrank_truncate_eager(
     left = (keep[:m] if mix is None else mix @ keep[:m]).to(dtype)
     right = keep[m:].mul(scale).to(dtype)
     new_factor = new((size, rank), factor)
-    inner, proj = _factor_pass(factor, rows, new_diag, new_factor, base, shrink, mix, left, right, scale, vector)
+    inner, proj = second_pass(factor, rows, new_diag, new_factor, base, shrink, mix, left, right, scale, vector)
     if vector is None:
         return new_diag, new_factor, None, torch.stack([new_diag.sum(), new_factor.sum()]).sum()
     inner = inner.to(torch.float64)
@@ -168,12 +180,12 @@ def _gram_pass(factor, rows, shrink, weight, colsq):
     """One pass over row chunks of U (of S U with a transition) and the same
     columns of R: UᵀU, R Rᵀ and R U in the factor's dtype, with a transition
     (``weight`` = S Q) also Uᵀ S Q U (else None); Σ_k R_k² is written into
-    ``colsq``."""
+    ``colsq`` unless it is None."""
     m, k = factor.shape[1], rows.shape[0]
     gram_u, gram_r, cross = factor.new_zeros(m, m), factor.new_zeros(k, k), factor.new_zeros(m, k)
     inner = None if shrink is None else factor.new_zeros(m, m)
     chunks = row_chunks(factor.shape[0])
-    scratch = rows.new_empty(k, chunks[0][1]) if chunks else None
+    scratch = rows.new_empty(k, chunks[0][1]) if chunks and colsq is not None else None
     for a, b in chunks:
         r_part = rows[:, a:b]
         u_part = factor[a:b] if shrink is None else factor[a:b] * shrink[a:b, None]
@@ -182,7 +194,8 @@ def _gram_pass(factor, rows, shrink, weight, colsq):
         cross.addmm_(u_part.mT, r_part.mT)  # (R U)ᵀ: 27 ms where R U takes 42 (P = 10⁶, K = 64, m = 20)
         if shrink is not None:
             inner.addmm_(factor[a:b].mT, factor[a:b] * weight[a:b, None])
-        torch.sum(torch.mul(r_part, r_part, out=scratch[:, : b - a]), 0, out=colsq[a:b])
+        if colsq is not None:
+            torch.sum(torch.mul(r_part, r_part, out=scratch[:, : b - a]), 0, out=colsq[a:b])
     return gram_u, gram_r, cross.mT, inner
 
 
@@ -224,12 +237,33 @@ register(
 )
 
 
+def _factor_pass_cpp(factor, rows, new_diag, new_factor, base, shrink, mix, left, right, scale, vector):
+    """:func:`_factor_pass` with the rows of R read once, by the C++ kernel
+    (``csrc/cpu/lowrank_truncate.cpp``): the U part of the new factor and
+    rowsum(U_p²) come from ATen first."""
+    torch.mm(factor, left, out=new_factor)
+    if mix is None:
+        prior = torch.linalg.vector_norm(factor, dim=1).square_()
+    else:
+        new_factor.mul_(shrink[:, None])
+        prior = torch.linalg.vector_norm(factor @ mix.to(factor.dtype), dim=1).mul_(shrink).square_()
+    inner, proj = _library.OPS.lowrank_truncate_fold_(
+        new_factor, new_diag, rows, right.contiguous(), base.contiguous(), prior, scale * scale, vector
+    )
+    return (None, None) if vector is None else (inner, proj)
+
+
 def lowrank_truncate_cpp(diag, factor, rows, scale, rank, vector=None, transition=0.0):
-    """The same passes with d_new and U_new from the C++ extension's block
-    pool (:mod:`posteriors_fast.ops.new_matrix`): in a loop of updates the
-    previous state's factor is handed out again instead of fresh pages that
-    fault on first touch."""
-    return lowrank_truncate_eager(diag, factor, rows, scale, rank, vector, transition, new=new_matrix_cpp)
+    """The first pass in ATen and the second in the C++ kernel, d_new and
+    U_new from the extension's block pool (:mod:`posteriors_fast.ops.new_matrix`):
+    in a loop of updates the previous state's factor is handed out again
+    instead of fresh pages that fault on first touch. Eager torch for
+    arguments the kernel does not take (R without unit stride along P, mixed
+    dtypes or devices)."""
+    tensors = [diag, factor, rows, vector] + ([transition] if isinstance(transition, torch.Tensor) else [])
+    if not accepts(*tensors, autograd=False) or rows.stride(1) != 1:
+        return lowrank_truncate_eager(diag, factor, rows, scale, rank, vector, transition)
+    return _truncate(diag, factor, rows, scale, rank, vector, transition, new_matrix_cpp, _factor_pass_cpp)
 
 
 register("lowrank_truncate", "cpp", lowrank_truncate_cpp, devices=("cpu",))

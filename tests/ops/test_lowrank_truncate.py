@@ -5,10 +5,12 @@ the diagonal of the precision is kept exactly, odd shapes."""
 import pytest
 import torch
 
+from posteriors_fast import _library
 from posteriors_fast._internal import lowrank
 from posteriors_fast.backends import resolve
 from posteriors_fast.ops.lowrank_truncate import lowrank_truncate
 from tests._compare import tol
+from tests.ops._native import close, needs_ext
 
 
 def _case(size, m, k, dtype, seed=0):
@@ -118,3 +120,83 @@ def test_non_contiguous_inputs():
     got = lowrank_truncate(diag, factor.T.contiguous().T, rows.T.contiguous().T, 0.3, 4, backend="eager")[:2]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **tol(torch.float64, "op"))
+
+
+def _fold_oracle(factor, rows, right, base, prior, scale2, vector):
+    """The second pass in float64: what posteriors_fast::lowrank_truncate_fold_ computes."""
+    out = factor.double() + rows.double().T @ right.double()
+    square = rows.double().square().sum(0)
+    diag = torch.maximum(base.double() + scale2 * square + prior.double() - out.square().sum(1), base.double())
+    inner = proj = None
+    if vector is not None:
+        inner = out.T @ (out / diag[:, None])
+        proj = out.T @ (vector.double() / diag)
+    return out, diag, inner, proj
+
+
+def _fold_inputs(size, rank, k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    factor = torch.randn(size, rank, generator=g).to(dtype)
+    wide = torch.randn(k, size + 3, generator=g).to(dtype)
+    rows = wide[:, 1 : size + 1]  # unit stride along P, leading stride P + 3
+    right = torch.randn(k, rank, generator=g).to(dtype) * 0.3
+    base = (torch.rand(size, generator=g) + 0.5).to(dtype)
+    # prior large enough that most rows keep a positive dropped part, some clamp
+    prior = (factor.double().square().sum(1) * 2 + torch.rand(size, generator=g).double()).to(dtype)
+    vector = torch.randn(size, generator=g).to(dtype)
+    return factor, rows, right, base, prior, vector
+
+
+@needs_ext
+@pytest.mark.parametrize("size, rank, k", [(1, 1, 1), (17, 8, 3), (40, 20, 64), (4096 + 37, 5, 9), (9000, 20, 2)])
+@pytest.mark.parametrize("with_vector", [True, False])
+def test_native_fold_at_each_isa_level_matches_float64_formulas(dtype, isa, size, rank, k, with_vector):
+    """Ragged against every tile (16 or 8 rows, 8 columns) and the 4096-row tasks."""
+    factor, rows, right, base, prior, vector = _fold_inputs(size, rank, k, dtype)
+    vector = vector if with_vector else None
+    want = _fold_oracle(factor, rows, right, base, prior, 0.49, vector)
+    out, diag = factor.clone(), torch.full((size,), float("nan"), dtype=dtype)  # diag is written, not read
+    versions = out._version, diag._version
+    inner, proj = _library.OPS.lowrank_truncate_fold_(out, diag, rows, right, base, prior, 0.49, vector)
+    assert out._version > versions[0] and diag._version > versions[1]
+    close(out, want[0], dtype)
+    close(diag, want[1], dtype)
+    if with_vector:
+        assert inner.dtype == proj.dtype == torch.float64 and inner.shape == (rank, rank)
+        scale = want[2].abs().max()
+        close((inner / scale).to(dtype), want[2] / scale, dtype)
+        close((proj / want[3].abs().max()).to(dtype), want[3] / want[3].abs().max(), dtype)
+    else:
+        assert inner.numel() == 0 and proj.numel() == 0
+
+
+@needs_ext
+def test_native_fold_opcheck_and_bad_arguments():
+    factor, rows, right, base, prior, vector = _fold_inputs(33, 4, 5, torch.float64)
+    diag = torch.empty_like(base)
+    torch.library.opcheck(
+        _library.OPS.lowrank_truncate_fold_.default, (factor.clone(), diag, rows, right, base, prior, 0.5, vector)
+    )
+    with pytest.raises(RuntimeError, match="rows must have unit stride"):
+        _library.OPS.lowrank_truncate_fold_(factor, diag, rows.T.contiguous().T, right, base, prior, 0.5, None)
+    with pytest.raises(RuntimeError, match="right must be"):
+        _library.OPS.lowrank_truncate_fold_(factor, diag, rows, right[:, :3], base, prior, 0.5, None)
+    with pytest.raises(RuntimeError, match="prior must be Double, got Float"):
+        _library.OPS.lowrank_truncate_fold_(factor, diag, rows, right, base, prior.float(), 0.5, None)
+
+
+@needs_ext
+@pytest.mark.parametrize("transition", [0.0, "vector"])
+def test_native_second_pass_gives_the_eager_result(dtype, transition):
+    diag, factor, rows = _case(300, 6, 11, dtype, seed=7)
+    q = 0.2 if transition == 0.0 else (torch.rand(300, generator=torch.Generator().manual_seed(1)) * 0.4).to(dtype)
+    q = 0.0 if transition == 0.0 else q
+    vector = torch.randn(300, dtype=dtype)
+    eager = lowrank_truncate(diag, factor, rows, 0.8, 5, vector, q, backend="eager")
+    native = lowrank_truncate(diag, factor, rows, 0.8, 5, vector, q, backend="compiled")
+    for got, want in zip(native[:3], eager[:3]):
+        close(got, want.double(), dtype)
+    # R without unit stride along P: the eager passes, the same result
+    strided = lowrank_truncate(diag, factor, rows.T.contiguous().T, 0.8, 5, vector, q, backend="compiled")
+    for got, want in zip(strided[:3], eager[:3]):
+        close(got, want.double(), dtype)
