@@ -248,7 +248,14 @@ def _factor_pass_cpp(factor, rows, new_diag, new_factor, base, shrink, mix, left
         new_factor.mul_(shrink[:, None])
         prior = torch.linalg.vector_norm(factor @ mix.to(factor.dtype), dim=1).mul_(shrink).square_()
     inner, proj = _library.OPS.lowrank_truncate_fold_(
-        new_factor, new_diag, rows, right.contiguous(), base.contiguous(), prior, scale * scale, vector
+        new_factor,
+        new_diag,
+        rows,
+        right.contiguous(),
+        base.contiguous(),
+        prior,
+        scale * scale,
+        None if vector is None else vector.contiguous(),
     )
     return (None, None) if vector is None else (inner, proj)
 
