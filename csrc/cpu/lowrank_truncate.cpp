@@ -34,8 +34,10 @@ constexpr int64_t kCols = 8;
 // which the hardware prefetchers do not follow), and the block's new rows are
 // kept transposed, (r, kBlock), for the norms and the Woodbury sums.
 constexpr int64_t kBlock = 128;
-// Rows per parallel task.
+// Rows per parallel task at least, and tasks at most: each task keeps r² + r
+// doubles of Woodbury sums, added in task order at the end.
 constexpr int64_t kGrain = 4096;
+constexpr int64_t kMaxTasks = 256;
 
 // One block of rows [p0, p0 + w), w <= kBlock. buf: (k, kBlock) scratch;
 // outt: (r_padded, kBlock) scratch; sums: r·r + r values of T, added to.
@@ -165,7 +167,10 @@ void fold_impl(at::Tensor& factor, at::Tensor& diag, const at::Tensor& rows, con
   const T* g = vector == nullptr ? nullptr : vector->const_data_ptr<T>();
   const int64_t ld = rows.stride(0);
   const Isa isa = active_isa();
-  const int64_t tasks = std::max<int64_t>(1, (size + kGrain - 1) / kGrain);
+  // A multiple of kBlock, so only the last block of the last task is partial.
+  const int64_t grain =
+      std::max(kGrain, ((size + kMaxTasks - 1) / kMaxTasks + kBlock - 1) / kBlock * kBlock);
+  const int64_t tasks = std::max<int64_t>(1, (size + grain - 1) / grain);
   const int64_t width = r * r + r;
   // One slot of Woodbury sums per task (in double; within a block in T),
   // summed in task order: the result does not depend on which thread ran
@@ -176,9 +181,9 @@ void fold_impl(at::Tensor& factor, at::Tensor& diag, const at::Tensor& rows, con
     std::vector<T> outt(static_cast<size_t>(r_padded * kBlock));
     std::vector<T> sums(g == nullptr ? 0 : static_cast<size_t>(width));
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t stop = std::min(size, (t + 1) * kGrain);
+      const int64_t stop = std::min(size, (t + 1) * grain);
       double* slot = g == nullptr ? nullptr : slots.data() + t * width;
-      for (int64_t p0 = t * kGrain; p0 < stop; p0 += kBlock) {
+      for (int64_t p0 = t * grain; p0 < stop; p0 += kBlock) {
         if (g != nullptr) std::fill(sums.begin(), sums.end(), T(0));
         block(isa, out, dg, rw, ld, k, padded.data(), bs, pr, g, r, r_padded, static_cast<T>(scale2), p0,
               std::min(kBlock, stop - p0), buf.data(), outt.data(), g == nullptr ? nullptr : sums.data());

@@ -19,7 +19,7 @@ from posteriors_fast._internal.jacobian_budget import ENV, budget_bytes, sample_
 from posteriors_fast._internal.jacobian_chunks import ggn_diag_rows
 from posteriors_fast._internal.loss_hessian import hessian_blocks, hessian_rows, loss_hessian_times
 from posteriors_fast.ops.ggn_diag import ggn_diag
-from posteriors_fast.ops.separable_jacobian import separable_output_jacobian
+from posteriors_fast.ops.separable_jacobian import _separable_output_jacobian, separable_output_jacobian
 
 
 def _forward_checked(params, batch, forward):
@@ -119,10 +119,19 @@ def batch_ggn_factors(params, batch, forward, outer_log_likelihood, *, backend: 
 
 def batch_ggn_root(params, batch, forward, outer_log_likelihood, *, backend: str):
     """``(R, aux)`` with RᵀR = Jᵀ H J, the batch GGN (R of shape (d, P)): the
-    blocks of :func:`batch_ggn_root_blocks` in one tensor."""
-    blocks, aux = batch_ggn_root_blocks(params, batch, forward, outer_log_likelihood, backend=backend)
-    blocks = list(blocks)
-    return (blocks[0] if len(blocks) == 1 else torch.cat(blocks)), aux
+    blocks of :func:`batch_ggn_root_blocks` written into one tensor as they
+    come (R and one block exist at a time)."""
+    blocks, count, aux = _root_blocks(params, batch, forward, outer_log_likelihood, backend)
+    rows, start = None, 0
+    for block in blocks:
+        if rows is None:
+            if block.shape[0] == count:
+                return block, aux
+            rows = block.new_empty((count, block.shape[1]))
+        rows[start : start + block.shape[0]] = block
+        start += block.shape[0]
+        del block  # before the next block is built
+    return rows, aux
 
 
 def batch_ggn_root_blocks(params, batch, forward, outer_log_likelihood, *, backend: str):
@@ -136,11 +145,17 @@ def batch_ggn_root_blocks(params, batch, forward, outer_log_likelihood, *, backe
     RᵀR cannot represent them.
 
     When the (d, P) Jacobian exceeds the Jacobian memory budget, H is block
-    diagonal and the forward is sample-separable, the blocks are blocks of
-    samples, each computed when the iteration reaches it (one reverse pass
-    per sample), so one block of J and one of R exist at a time; otherwise
-    there is one block, the whole R.
+    diagonal and the forward is shown sample-separable on the first block of
+    samples, the blocks are blocks of samples, each computed when the
+    iteration reaches it (one reverse pass per sample), so one block of J and
+    one of R exist at a time; otherwise there is one block, the whole R.
     """
+    blocks, _, aux = _root_blocks(params, batch, forward, outer_log_likelihood, backend)
+    return blocks, aux
+
+
+def _root_blocks(params, batch, forward, outer_log_likelihood, backend):
+    """``(blocks, rows in all, aux)`` for :func:`batch_ggn_root_blocks`."""
     flat = tree_ravel(params)[0]
     size = flat.numel()
     z, aux = _forward_checked(params, batch, forward)
@@ -150,14 +165,14 @@ def batch_ggn_root_blocks(params, batch, forward, outer_log_likelihood, *, backe
             blocks = _separable_root_blocks(params, batch, forward, z, roots, size, backend)
             first = next(blocks)
             if first is not None:
-                return itertools.chain([first], blocks), aux
+                return itertools.chain([first], blocks), z.shape[0] * roots.shape[-1], aux
     jac, z, aux = _output_jacobian(params, batch, forward, backend=backend, z_aux=(z, aux))
     checks.require_finite([(jac, "the gradient of forward is NaN or inf")])
     roots = _hessian_roots(outer_log_likelihood, batch, z.detach(), jac.dtype)
     count, width = roots.shape[0], roots.shape[-1]
     rows = torch.bmm(roots, jac.reshape(count, width, -1)).reshape(jac.shape)
     checks.require_finite([(rows, "the GGN of this batch overflowed (NaN or inf)")])
-    return [rows], aux
+    return [rows], rows.shape[0], aux
 
 
 def _hessian_roots(outer_log_likelihood, batch, z, dtype):
@@ -191,20 +206,26 @@ def _hessian_roots(outer_log_likelihood, batch, z, dtype):
 def _separable_root_blocks(params, batch, forward, z, roots, size, backend):
     """The rows of R a block of samples at a time (each block's J from one
     reverse pass per sample); first yields None when the forward is not
-    shown to be sample-separable on the first block."""
+    shown to be sample-separable on the first block. A later block whose
+    probe cannot decide (another block size: a batch of one refused, say)
+    takes the general Jacobian of its samples, which the first block's
+    verdict makes those rows of the batch's; one found coupled raises."""
     n, width = z.shape[0], roots.shape[-1]
     per = max(1, budget_bytes() // max(1, width * size * z.element_size()))
     for index, (start, stop) in enumerate(sample_slices(n, per)):
-        jac = separable_output_jacobian(forward, params, take(batch, start, stop, n), z[start:stop], backend=backend)
-        if jac is None:
-            if index == 0:
-                yield None
-                return
+        part = take(batch, start, stop, n)
+        jac, verdict = _separable_output_jacobian(forward, params, part, z[start:stop], backend=backend)
+        if jac is None and index == 0:
+            yield None
+            return
+        if jac is None and verdict is False:
             raise ValueError(
                 f"forward couples samples {start}:{stop} of the batch with the others (though not the first "
                 f"ones), so its GGN cannot be built in blocks of samples; the whole Jacobian exceeds {ENV}="
                 f"{budget_bytes() / 2**20:g}: raise it, or pass smaller batches"
             )
+        if jac is None:
+            jac = output_jacobian(forward, (params, part), 0, has_aux=True)[0]
         jac = jac.reshape(stop - start, width, size)
         checks.require_finite([(jac, "the gradient of forward is NaN or inf")])
         rows = torch.bmm(roots[start:stop], jac).reshape(-1, size)

@@ -241,12 +241,19 @@ def _factor_pass_cpp(factor, rows, new_diag, new_factor, base, shrink, mix, left
     """:func:`_factor_pass` with the rows of R read once, by the C++ kernel
     (``csrc/cpu/lowrank_truncate.cpp``): the U part of the new factor and
     rowsum(U_p²) come from ATen first."""
-    torch.mm(factor, left, out=new_factor)
-    if mix is None:
-        prior = torch.linalg.vector_norm(factor, dim=1).square_()
-    else:
-        new_factor.mul_(shrink[:, None])
-        prior = torch.linalg.vector_norm(factor @ mix.to(factor.dtype), dim=1).mul_(shrink).square_()
+    # A chunk of rows at a time: a multi-threaded GEMM writing a fresh output
+    # in one call pays the page faults serially, and U_p is never stored.
+    prior = torch.empty_like(new_diag)
+    mix = None if mix is None else mix.to(factor.dtype)
+    for a, b in row_chunks(factor.shape[0]):
+        out = torch.mm(factor[a:b], left, out=new_factor[a:b])
+        if mix is None:
+            torch.linalg.vector_norm(factor[a:b], dim=1, out=prior[a:b])
+        else:
+            out.mul_(shrink[a:b, None])
+            torch.linalg.vector_norm(factor[a:b] @ mix, dim=1, out=prior[a:b])
+            prior[a:b].mul_(shrink[a:b])
+    prior.square_()
     inner, proj = _library.OPS.lowrank_truncate_fold_(
         new_factor,
         new_diag,

@@ -261,3 +261,50 @@ def test_large_p_row_by_row_sums_match_the_fused_reduction():
     split = jacobian_chunks._column_sums(jac[4:], *split, False)
     assert split[1] is None
     torch.testing.assert_close(split[0], square, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("verdict", [None, False])
+def test_lowrank_ggn_later_block_undecided_or_coupled(verdict, monkeypatch):
+    """A later block whose separability probe cannot decide takes the general
+    Jacobian of its samples (the same state); one found coupled raises and
+    leaves an inplace state as it was."""
+    from posteriors_fast.laplace import _ggn
+
+    params, batch = make_problem(N, torch.float64, seed=6)
+    size = _size(params)
+    transform = pf.laplace.lowrank_ggn.build(_forward, _outer, rank=5, init_prec_diag=1.0, backend="eager")
+    with budget_for(2, size, rows_per_sample=3):
+        want = transform.update(transform.init(params), batch)
+        probe = _ggn._separable_output_jacobian
+        calls = []
+
+        def later_blocks_unknown(forward, p, part, z, **kwargs):
+            calls.append(z.shape[0])
+            return (None, verdict) if len(calls) > 1 else probe(forward, p, part, z, **kwargs)
+
+        monkeypatch.setattr(_ggn, "_separable_output_jacobian", later_blocks_unknown)
+        state = transform.init(params)
+        before = (state.prec_factor.clone(), tree_ravel(state.prec_diag)[0].clone())
+        if verdict is None:
+            got = transform.update(state, batch)
+            _same_lowrank(got, want)
+            assert len(calls) == len(jacobian_budget.sample_slices(N, 2))
+        else:
+            with pytest.raises(ValueError, match="forward couples samples 2:.*POSTERIORS_FAST_JACOBIAN_MB"):
+                transform.update(state, batch, inplace=True)
+            assert torch.equal(state.prec_factor, before[0])
+            assert torch.equal(tree_ravel(state.prec_diag)[0], before[1])
+
+
+def test_batch_ggn_root_beyond_the_budget_is_the_whole_root():
+    """The distributed path gathers the whole R: built block by block into
+    one tensor, it is the R of the whole-batch Jacobian."""
+    from posteriors_fast.laplace._ggn import batch_ggn_root
+
+    params, batch = make_problem(N, torch.float64, seed=3)
+    whole, aux = batch_ggn_root(params, batch, _forward, _outer, backend="eager")
+    with budget_for(2, _size(params), rows_per_sample=3):
+        blocked, blocked_aux = batch_ggn_root(params, batch, _forward, _outer, backend="eager")
+    assert blocked.shape == whole.shape == (3 * N, _size(params))
+    torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(blocked_aux, aux, rtol=0, atol=0)

@@ -186,11 +186,12 @@ def test_native_fold_opcheck_and_bad_arguments():
 
 
 @needs_ext
-@pytest.mark.parametrize("transition", [0.0, "vector"])
+@pytest.mark.parametrize("transition", [0.0, 0.2, "vector"])
 def test_native_second_pass_gives_the_eager_result(dtype, transition):
     diag, factor, rows = _case(300, 6, 11, dtype, seed=7)
-    q = 0.2 if transition == 0.0 else (torch.rand(300, generator=torch.Generator().manual_seed(1)) * 0.4).to(dtype)
-    q = 0.0 if transition == 0.0 else q
+    q = transition
+    if transition == "vector":
+        q = (torch.rand(300, generator=torch.Generator().manual_seed(1)) * 0.4).to(dtype)
     vector = torch.randn(300, dtype=dtype)
     eager = lowrank_truncate(diag, factor, rows, 0.8, 5, vector, q, backend="eager")
     native = lowrank_truncate(diag, factor, rows, 0.8, 5, vector, q, backend="compiled")
@@ -203,3 +204,17 @@ def test_native_second_pass_gives_the_eager_result(dtype, transition):
         want = lowrank_truncate(diag, factor, rows, 0.8, 5, args[2].contiguous(), q, backend="eager")
         for got, expected in zip(strided[:3], want[:3]):
             close(got, expected.double(), dtype)
+
+
+@needs_ext
+def test_native_fold_with_more_rows_than_the_task_cap():
+    """Past 256 tasks of 4096 rows the tasks grow: the sums still cover every row once."""
+    size = 256 * 4096 + 300
+    factor, rows, right, base, prior, vector = _fold_inputs(size, 2, 1, torch.float64, seed=3)
+    want = _fold_oracle(factor, rows, right, base, prior, 0.3, vector)
+    out, diag = factor.clone(), torch.empty_like(base)
+    inner, proj = _library.OPS.lowrank_truncate_fold_(out, diag, rows, right, base, prior, 0.3, vector)
+    close(out, want[0], torch.float64)
+    close(diag, want[1], torch.float64)
+    close(inner, want[2], torch.float64)
+    close(proj, want[3], torch.float64)
