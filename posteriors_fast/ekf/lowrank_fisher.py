@@ -42,10 +42,10 @@ N = 64, r = 20), the peak resident memory an update adds, 483 MB, is that of
 the per-sample Jacobian alone (486 MB).
 
 Time (an MLP 1024-960-10, P = 9.9·10⁵, N = 64, r = 20, float32, two
-threads, interleaved medians of 9 on a quiet machine): the update takes
-342 ms with ``backend="compiled"`` and 419 ms with ``"eager"``, where its two
-unavoidable parts take 156 ms (the per-sample Jacobian) and 85 ms (one Gram
-of the (P, N + r) panel): 1.42x and 1.74x their sum. The difference is in
+threads, interleaved medians of 11): the update takes 456 ms with
+``backend="compiled"`` and 579 ms with ``"eager"``, where its two unavoidable
+parts take 206 ms (the per-sample Jacobian) and 115 ms (one Gram of the
+(P, N + r) panel): 1.42x and 1.80x their sum. The difference is in
 :mod:`posteriors_fast.ops.lowrank_truncate`: no panel copy, no (P, r) or
 (N, P) temporaries, and under ``"compiled"`` one read of R for the new
 factor, the fold and the Woodbury sums (a C++ kernel).
