@@ -595,8 +595,7 @@ class TieredCompile:
         self.kind = kind or fn.__name__
         self._entries: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._compiled = 0
-        self._warned_recompile = False
-        self._warned_remembered = False
+        self._warned: set = set()  # the kinds of warning already logged (once per computation)
         self.policy = _POLICY
         self.book = BOOK
         _INSTANCES.add(self)
@@ -639,17 +638,16 @@ class TieredCompile:
         if entry.calls == 0 and self.book.failed(entry.key):  # failed in an earlier process
             entry.compiled = _FAILED
             _STATS["skipped_failed"] += 1
-            if not self._warned_remembered:
-                self._warned_remembered = True
-                logger.warning(
-                    "posteriors_fast: not compiling %s%s: its compile failed in an earlier process "
-                    "with these versions (%s; remembered in %s). "
-                    "posteriors_fast.backends.compile_policy.forget() tries again",
-                    self._name,
-                    self._for(owner),
-                    FAILURE_VERSION,
-                    self.book.path,
-                )
+            self._warn_once(
+                "remembered",
+                "posteriors_fast: not compiling %s%s: its compile failed in an earlier process "
+                "with these versions (%s; remembered in %s). "
+                "posteriors_fast.backends.compile_policy.forget() tries again",
+                self._name,
+                self._for(owner),
+                FAILURE_VERSION,
+                self.book.path,
+            )
             return self._fn(*args)
         if entry.compiled is not None:
             out = entry.compiled(*args)
@@ -718,15 +716,20 @@ class TieredCompile:
     def _demote(self, entry: _Entry, owner: object) -> None:
         entry.compiled, entry.code = _DEMOTED, None
         _STATS["recompiles"] += 1
-        if not self._warned_recompile:
-            self._warned_recompile = True
-            logger.warning(
-                "posteriors_fast: the compiled %s%s recompiled (something its input signature does "
-                "not show changed: a closure variable, a global or a module attribute); it runs eagerly "
-                "from now on",
-                self._name,
-                self._for(owner),
-            )
+        self._warn_once(
+            "recompile",
+            "posteriors_fast: the compiled %s%s recompiled (something its input signature does "
+            "not show changed: a closure variable, a global or a module attribute); it runs eagerly "
+            "from now on",
+            self._name,
+            self._for(owner),
+        )
+
+    def _warn_once(self, kind: str, message: str, *args) -> None:
+        """Log ``message % args`` at WARNING the first time ``kind`` happens here."""
+        if kind not in self._warned:
+            self._warned.add(kind)
+            logger.warning(message, *args)
 
 
 def _describe_owner(owner: object) -> str:
