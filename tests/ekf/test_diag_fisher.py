@@ -10,18 +10,8 @@ from posteriors_fast.ekf import diag_fisher
 from tests._compare import assert_tree_close, tol
 
 from .._trees import KINDS, forward, random_batch, random_params
-
-
-def _ll(p, batch):
-    x, y = batch
-    z = forward(p, x)
-    return -torch.nn.functional.cross_entropy(z, y), z
-
-
-def _ll_per_sample(p, batch):
-    x, y = batch
-    z = forward(p, x)
-    return -torch.nn.functional.cross_entropy(z, y, reduction="none"), z
+from ..methods import log_likelihood as _ll
+from ..methods import log_likelihood_per_sample as _ll_per_sample
 
 
 @pytest.mark.parametrize("kind", ["dict", "nested"])

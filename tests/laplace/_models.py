@@ -3,20 +3,8 @@
 import torch
 
 from .._trees import forward
-
-
-def log_post(p, batch):
-    """Mean log-likelihood of the batch (a scalar), logits as aux."""
-    x, y = batch
-    z = forward(p, x)
-    return -torch.nn.functional.cross_entropy(z, y), z
-
-
-def log_post_per_sample(p, batch):
-    """One log-likelihood per sample, logits as aux."""
-    x, y = batch
-    z = forward(p, x)
-    return -torch.nn.functional.cross_entropy(z, y, reduction="none"), z
+from ..methods import log_likelihood as log_post  # noqa: F401  (batch mean, logits as aux)
+from ..methods import log_likelihood_per_sample as log_post_per_sample  # noqa: F401  (one value per sample)
 
 
 def forward_fn(p, batch):
