@@ -42,13 +42,13 @@ times the op against the plain-torch step with the panel, and
 * the panel is never formed. The first pass goes over row chunks of U and
   the same columns of R (2¹⁵ rows: an 8 MB block of R, in cache) and
   accumulates the Gram's blocks UᵀU (≈ 14 ms), R Rᵀ (≈ 43 ms) and (R U)ᵀ
-  (≈ 27 ms; R U itself, 42 ms); eager, it also writes Σ_k R_k² through one
-  chunk-sized scratch (≈ 23 ms more);
+  (≈ 27 ms; R U itself, 42 ms);
 * the (m + K)² eigendecomposition runs in float64 (≈ 1 ms);
 * the second pass writes the new factor, U V₁ + Rᵀ (s V₂), the fold
   rowsum(U²) − rowsum(U_new²) into d_new, and K and U_newᵀD_new⁻¹g for the
-  Woodbury step. Eager, it goes over the same row chunks with ATen GEMMs and
-  reductions while the chunk's rows are in cache (≈ 100 ms; whole-array GEMMs
+  Woodbury step, and sums Σ_k R_k² while R is read. Eager, it goes over the
+  same row chunks with ATen GEMMs and reductions while the chunk's rows are
+  in cache (≈ 100 ms, and ≈ 23 ms for Σ_k R_k²; whole-array GEMMs
   and separate passes took 240 ms, most of it the page faults of a
   multi-threaded GEMM writing a fresh 80 MB output: 144 ms for the factor
   GEMM into a fresh output, 46 ms into a touched one). Under ``"compiled"``
@@ -126,9 +126,7 @@ def _truncate(diag, factor, rows, scale, rank, vector, transition, new: Callable
         base = diag * shrink
     new_diag = new((size,), factor)
     weight = None if shrink is None else shrink * transition
-    # The native second pass sums the squares of R itself.
-    colsq = new_diag if second_pass is _factor_pass else None
-    gram_u, gram_r, cross, inner = _gram_pass(factor, rows, shrink, weight, colsq)
+    gram_u, gram_r, cross, inner = _gram_pass(factor, rows, shrink, weight)
     gram = torch.empty(m + k, m + k, dtype=torch.float64, device=factor.device)
     cross = cross.to(torch.float64)
     if shrink is None:
@@ -177,17 +175,14 @@ def _truncate(diag, factor, rows, scale, rank, vector, transition, new: Callable
     return new_diag, new_factor, step, witness
 
 
-def _gram_pass(factor, rows, shrink, weight, colsq):
+def _gram_pass(factor, rows, shrink, weight):
     """One pass over row chunks of U (of S U with a transition) and the same
     columns of R: UᵀU, R Rᵀ and R U in the factor's dtype, with a transition
-    (``weight`` = S Q) also Uᵀ S Q U (else None); Σ_k R_k² is written into
-    ``colsq`` unless it is None."""
+    (``weight`` = S Q) also Uᵀ S Q U (else None)."""
     m, k = factor.shape[1], rows.shape[0]
     gram_u, gram_r, cross = factor.new_zeros(m, m), factor.new_zeros(k, k), factor.new_zeros(m, k)
     inner = None if shrink is None else factor.new_zeros(m, m)
-    chunks = row_chunks(factor.shape[0])
-    scratch = rows.new_empty(k, chunks[0][1]) if chunks and colsq is not None else None
-    for a, b in chunks:
+    for a, b in row_chunks(factor.shape[0]):
         r_part = rows[:, a:b]
         u_part = factor[a:b] if shrink is None else factor[a:b] * shrink[a:b, None]
         gram_u.addmm_(u_part.mT, u_part)
@@ -195,28 +190,31 @@ def _gram_pass(factor, rows, shrink, weight, colsq):
         cross.addmm_(u_part.mT, r_part.mT)  # (R U)ᵀ: 27 ms where R U takes 42 (P = 10⁶, K = 64, m = 20)
         if shrink is not None:
             inner.addmm_(factor[a:b].mT, factor[a:b] * weight[a:b, None])
-        if colsq is not None:
-            torch.sum(torch.mul(r_part, r_part, out=scratch[:, : b - a]), 0, out=colsq[a:b])
     return gram_u, gram_r, cross.mT, inner
 
 
 def _factor_pass(factor, rows, new_diag, new_factor, base, shrink, mix, left, right, scale, vector):
     """One pass over row chunks: U_new = S U·left + Rᵀ·right (S = I without
-    a transition) into ``new_factor``, and ``new_diag`` (holding Σ_k R_k²)
-    into d_p + s²·Σ_k R_k² + rowsum(U_p²) − rowsum(U_new²); with ``vector``
-    also U_newᵀD_new⁻¹U_new and U_newᵀD_new⁻¹g (else Nones)."""
+    a transition) into ``new_factor``, and d_p + s²·Σ_k R_k² + rowsum(U_p²)
+    − rowsum(U_new²) into ``new_diag``; with ``vector`` also
+    U_newᵀD_new⁻¹U_new and U_newᵀD_new⁻¹g (else Nones)."""
     width = new_factor.shape[1]
     inner = None if vector is None else new_factor.new_zeros(width, width)
     proj = None if vector is None else new_factor.new_zeros(width)
     mix = None if mix is None else mix.to(new_factor.dtype)
-    for a, b in row_chunks(factor.shape[0]):
+    chunks = row_chunks(factor.shape[0])
+    scratch = rows.new_empty(rows.shape[0], chunks[0][1]) if chunks else None
+    for a, b in chunks:
+        r_part = rows[:, a:b]
         out = torch.mm(factor[a:b], left, out=new_factor[a:b])
         if shrink is not None:
             out.mul_(shrink[a:b, None])
-        out.addmm_(rows[:, a:b].mT, right)
+        out.addmm_(r_part.mT, right)
         # d_new = d_p + rowsum(A²) - rowsum(U_new²): the diagonal of the
-        # dropped part, PSD, so clamped at d_p against rounding.
-        part = new_diag[a:b].mul_(scale * scale)
+        # dropped part, PSD, so clamped at d_p against rounding. Σ_k R_k²
+        # through one chunk-sized scratch while the chunk of R is in cache.
+        part = torch.sum(torch.mul(r_part, r_part, out=scratch[:, : b - a]), 0, out=new_diag[a:b])
+        part.mul_(scale * scale)
         if mix is None:
             dropped = torch.linalg.vector_norm(factor[a:b], dim=1).square_()
         else:
