@@ -121,7 +121,7 @@ def batch_ggn_root(params, batch, forward, outer_log_likelihood, *, backend: str
     """``(R, aux)`` with RᵀR = Jᵀ H J, the batch GGN (R of shape (d, P)): the
     blocks of :func:`batch_ggn_root_blocks` written into one tensor as they
     come (R and one block exist at a time)."""
-    blocks, count, aux = _root_blocks(params, batch, forward, outer_log_likelihood, backend)
+    blocks, count, aux = batch_ggn_root_blocks(params, batch, forward, outer_log_likelihood, backend=backend)
     rows, start = None, 0
     for block in blocks:
         if rows is None:
@@ -135,8 +135,9 @@ def batch_ggn_root(params, batch, forward, outer_log_likelihood, *, backend: str
 
 
 def batch_ggn_root_blocks(params, batch, forward, outer_log_likelihood, *, backend: str):
-    """``(blocks, aux)``: the rows of R, RᵀR = Jᵀ H J the batch GGN, as an
-    iterable of (rows, P) blocks whose Grams sum to it.
+    """``(blocks, rows, aux)``: the rows of R, RᵀR = Jᵀ H J the batch GGN, as
+    an iterable of (rows, P) blocks whose Grams sum to it, and how many rows
+    they hold in all.
 
     With H = E diag(λ) Eᵀ, R = diag(√λ) Eᵀ J; H is decomposed per sample
     (N blocks of (c, c)) when it is block diagonal over the samples (any loss
@@ -150,12 +151,6 @@ def batch_ggn_root_blocks(params, batch, forward, outer_log_likelihood, *, backe
     iteration reaches it (one reverse pass per sample), so one block of J and
     one of R exist at a time; otherwise there is one block, the whole R.
     """
-    blocks, _, aux = _root_blocks(params, batch, forward, outer_log_likelihood, backend)
-    return blocks, aux
-
-
-def _root_blocks(params, batch, forward, outer_log_likelihood, backend):
-    """``(blocks, rows in all, aux)`` for :func:`batch_ggn_root_blocks`."""
     flat = tree_ravel(params)[0]
     size = flat.numel()
     z, aux = _forward_checked(params, batch, forward)

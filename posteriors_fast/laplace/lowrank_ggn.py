@@ -182,7 +182,7 @@ def update(
     checked = _lowrank.check_state(state, "LowRankLaplaceState", rank)
     with torch.no_grad(), CatchAuxError():
         if group is None:
-            blocks, aux = batch_ggn_root_blocks(state.params, batch, forward, outer_log_likelihood, backend=backend)
+            blocks, _, aux = batch_ggn_root_blocks(state.params, batch, forward, outer_log_likelihood, backend=backend)
         else:
             compute = partial(batch_ggn_root, state.params, batch, forward, outer_log_likelihood, backend=backend)
             rows, aux = _gather_roots(group, compute, "laplace.lowrank_ggn.update", state.params, batch)
