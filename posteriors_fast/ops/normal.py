@@ -40,7 +40,11 @@ def normal_cpp(leaves: List[torch.Tensor]) -> List[torch.Tensor]:
     if not accepts(*leaves, autograd=False):  # only their shapes are used
         return normal_eager(leaves)
     flat = torch.empty(sum(x.numel() for x in leaves), dtype=leaves[0].dtype)
-    _library.OPS.normal_(flat, random_seed())
+    # Only this function holds ``flat``: no version to advance, nothing to
+    # differentiate, so the op goes straight to its CPU kernel past the
+    # Python kernels of _library (which cost more than a small draw).
+    with torch._C._AutoDispatchBelowADInplaceOrView():
+        _library.OPS.normal_(flat, random_seed())
     return [part.view(x.shape) for part, x in zip(flat.split([x.numel() for x in leaves]), leaves)]
 
 

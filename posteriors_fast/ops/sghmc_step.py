@@ -37,7 +37,9 @@ def sghmc_step_cpp(params: Leaves, momenta: Leaves, grads: Leaves, step, keep, l
     (no leaves, mixed or non-float dtypes or devices)."""
     if not accepts(*params, *momenta, *grads, autograd=False):  # runs under no_grad
         return sghmc_step_eager(params, momenta, grads, step, keep, lr, scale)
-    with torch.no_grad():
+    # Nothing is written and nothing differentiated (no_grad): straight to the
+    # CPU kernel, past _library's Python autograd kernel.
+    with torch.no_grad(), torch._C._AutoDispatchBelowADInplaceOrView():
         new_params, new_momenta = _library.OPS.sghmc_step(
             params, momenta, grads, float(step), float(keep), float(lr), float(scale), random_seed()
         )
