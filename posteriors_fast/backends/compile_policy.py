@@ -544,6 +544,40 @@ def _dynamo_code(compiled: Callable) -> Optional[types.CodeType]:
     return getattr(original, "__code__", None)
 
 
+class _DynamoCompiles:
+    """How many compiles dynamo has started in this process, counted by a
+    start callback registered with the policy's first compile: a compiled
+    call during which the count did not move cannot have recompiled, so the
+    per-entry count of graphs is looked up only when it moved.
+    :meth:`count` is None when the callback is not (or no longer: after
+    ``torch._dynamo.reset()``) registered; then every compiled call looks."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self._handler = None
+
+    def _callback(self, *_) -> None:
+        self.started += 1
+
+    def register(self) -> None:
+        try:
+            from torch._dynamo.callback import callback_handler
+        except ImportError:  # a torch without the hook
+            return
+        if self._callback not in callback_handler.start_callbacks:
+            callback_handler.register_start_callback(self._callback)
+        self._handler = callback_handler
+
+    def count(self) -> Optional[int]:
+        handler = self._handler
+        if handler is None or self._callback not in handler.start_callbacks:
+            return None
+        return self.started
+
+
+_DYNAMO_COMPILES = _DynamoCompiles()
+
+
 def _graphs_cached(code: Optional[types.CodeType]) -> Optional[int]:
     """How many compiled graphs dynamo holds for ``code``: one per compile,
     so a growing count after the first is a recompile."""
@@ -650,8 +684,13 @@ class TieredCompile:
             )
             return self._fn(*args)
         if entry.compiled is not None:
+            seen = _DYNAMO_COMPILES.count()
             out = entry.compiled(*args)
-            if entry.graphs is not None and _graphs_cached(entry.code) != entry.graphs:
+            if (
+                entry.graphs is not None
+                and (seen is None or _DYNAMO_COMPILES.count() != seen)
+                and _graphs_cached(entry.code) != entry.graphs
+            ):
                 self._demote(entry, owner)
             return out
         estimate = self.book.estimate(entry.key, self.kind)
@@ -669,6 +708,7 @@ class TieredCompile:
         typical = entry.eager_s / entry.calls if entry.calls else 0.0
         start = self.clock()
         compiled = None
+        _DYNAMO_COMPILES.register()
         try:
             compiled = self._compile()
             out = compiled(*args)

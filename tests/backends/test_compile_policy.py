@@ -433,10 +433,14 @@ def test_non_tensor_leaf_values_are_part_of_the_signature():
     assert sig(params, (x, object())) == sig(params, (x, object()))
 
 
-def test_a_recompile_demotes_the_signature_to_eager(monkeypatch, caplog):
+@pytest.mark.parametrize("reset", [False, True], ids=["counted", "after-dynamo-reset"])
+def test_a_recompile_demotes_the_signature_to_eager(monkeypatch, caplog, reset):
     """A closure variable the signature cannot see changes: dynamo recompiles
     the graph once, the policy notices, warns once and runs that signature
-    eagerly from then on (the results stay right throughout)."""
+    eagerly from then on (the results stay right throughout). The policy
+    counts dynamo's compiles to look for a recompile only when one happened;
+    after ``torch._dynamo.reset()`` drops that count's callback, it looks on
+    every call."""
 
     def run(fn, x):
         return fn(x)
@@ -470,6 +474,12 @@ def test_a_recompile_demotes_the_signature_to_eager(monkeypatch, caplog):
         for _ in range(2):
             torch.testing.assert_close(tiered(user, "sig", user, x), 2 * x)
         assert eager_calls == [] and _tiered.stats()["recompiles"] == before
+        assert _tiered._DYNAMO_COMPILES.count() is not None  # registered by the compile
+        if reset:
+            torch._dynamo.reset()  # drops the callback and the compiled code's caches
+            assert _tiered._DYNAMO_COMPILES.count() is None
+            torch.testing.assert_close(tiered(user, "sig", user, x), 2 * x)  # compiles afresh, no recompile
+            assert eager_calls == [] and _tiered.stats()["recompiles"] == before
         user.__closure__[0].cell_contents = 3  # what a rebuilt model, a new hyperparameter would do
         for _ in range(3):
             torch.testing.assert_close(tiered(user, "sig", user, x), 3 * x)
