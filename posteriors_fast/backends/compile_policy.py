@@ -32,7 +32,9 @@ a new process starts from what earlier ones measured. A graph whose compile
 failed is remembered there too, with the posteriors_fast and torch versions,
 and not compiled again with the same versions (logged, and counted in
 :func:`stats`); :func:`forget` (or deleting the file) tries such graphs
-again.
+again. The same directory keeps which of inductor's CPU vector-ISA libraries
+loaded on this machine (:mod:`posteriors_fast.backends.inductor_isa`), so a
+new process's first compile skips the child processes that check them.
 
 The policy is a knob (:func:`set_compile_policy`, or the environment):
 
@@ -81,6 +83,8 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
 
 import torch
 from optree import tree_flatten, tree_leaves
+
+from posteriors_fast.backends.inductor_isa import remembered_probe
 
 logger = logging.getLogger("posteriors_fast")
 
@@ -408,6 +412,11 @@ class CostBook:
 BOOK = CostBook(_cache_path())
 
 
+def _cache_root() -> Optional[str]:
+    """The cache directory in use (None: memory only)."""
+    return os.path.dirname(BOOK.path) if BOOK.path else None
+
+
 def set_cache_dir(root: Optional[str]) -> None:
     """Keep the compile-cost estimates (and remembered failures) in
     ``root/compile_costs.json`` from now on, None for memory only: what
@@ -710,8 +719,9 @@ class TieredCompile:
         compiled = None
         _DYNAMO_COMPILES.register()
         try:
-            compiled = self._compile()
-            out = compiled(*args)
+            with remembered_probe(_cache_root):
+                compiled = self._compile()
+                out = compiled(*args)
         except Exception as err:
             spent = self.clock() - start
             code = _dynamo_code(compiled)
