@@ -92,8 +92,9 @@ def test_the_machine_key_names_torch_the_cpu_and_the_compiler(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "0.0.0")
     assert inductor_isa._machine_key() != key
     monkeypatch.undo()
-    monkeypatch.setattr(config.cpp, "cxx", ("no-such-compiler-here",))
-    assert inductor_isa._machine_key() != key
+    with config.patch({"cpp.cxx": ("no-such-compiler-here",)}):
+        assert inductor_isa._machine_key() != key
+    assert config.cpp.cxx != ("no-such-compiler-here",)
 
 
 _CHILD = """
