@@ -12,9 +12,18 @@ import sys
 
 import pytest
 import torch
-from torch._inductor.cpu_vec_isa import VecISA
 
 from posteriors_fast.backends import inductor_isa
+
+# torch._inductor is imported inside the tests: importing it while the tests
+# are collected would import triton before tests/kernels/conftest.py sets
+# TRITON_INTERPRET=1.
+
+
+def _vec_isa():
+    from torch._inductor.cpu_vec_isa import VecISA
+
+    return VecISA
 
 
 def _root(path):
@@ -31,28 +40,28 @@ def fake_loads(monkeypatch):
         state["calls"].append(os.path.basename(output_path))
         return state["result"]
 
-    monkeypatch.setattr(VecISA, "_probe_load", check)
+    monkeypatch.setattr(_vec_isa(), "_probe_load", check)
     monkeypatch.setattr(inductor_isa, "_machine_key", lambda: "this machine")
     return state
 
 
 def _ask(name):
-    return VecISA._probe_load(None, f"/some/dir/{name}")
+    return _vec_isa()._probe_load(None, f"/some/dir/{name}")
 
 
 def test_loads_are_remembered_and_answered_for_the_compile_only(tmp_path, fake_loads):
-    check = VecISA.__dict__["_probe_load"]
+    check = _vec_isa().__dict__["_probe_load"]
     with inductor_isa.remembered_probe(_root(tmp_path)):
         assert _ask("a.so") and _ask("b.so")
     assert fake_loads["calls"] == ["a.so", "b.so"]
     assert json.loads((tmp_path / inductor_isa.FILE_NAME).read_text()) == {"this machine": ["a.so", "b.so"]}
-    assert VecISA.__dict__["_probe_load"] is check  # restored
+    assert _vec_isa().__dict__["_probe_load"] is check  # restored
     with inductor_isa.remembered_probe(_root(tmp_path)):
         with inductor_isa.remembered_probe(_root(tmp_path)):  # nested: one install
             assert _ask("a.so") and _ask("b.so")
-        assert VecISA.__dict__["_probe_load"] is not check
+        assert _vec_isa().__dict__["_probe_load"] is not check
     assert fake_loads["calls"] == ["a.so", "b.so"]  # answered from the file
-    assert VecISA.__dict__["_probe_load"] is check
+    assert _vec_isa().__dict__["_probe_load"] is check
     assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
 
 
@@ -79,9 +88,9 @@ def test_another_machine_or_a_bad_file_answers_nothing(tmp_path, fake_loads, con
 
 
 def test_no_cache_directory_changes_nothing(fake_loads):
-    check = VecISA.__dict__["_probe_load"]
+    check = _vec_isa().__dict__["_probe_load"]
     with inductor_isa.remembered_probe(lambda: None):
-        assert VecISA.__dict__["_probe_load"] is check
+        assert _vec_isa().__dict__["_probe_load"] is check
 
 
 def test_the_machine_key_names_torch_the_cpu_and_the_compiler(monkeypatch):
