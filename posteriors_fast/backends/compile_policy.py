@@ -65,7 +65,6 @@ that stopped at the error measured only part of a compile, so nothing is).
 Nothing is compiled at import.
 """
 
-import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -73,7 +72,6 @@ import logging
 import math
 import os
 import statistics
-import tempfile
 import threading
 import time
 import types
@@ -84,6 +82,7 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
 import torch
 from optree import tree_flatten, tree_leaves
 
+from posteriors_fast._internal.json_file import write_json
 from posteriors_fast.backends.inductor_isa import remembered_probe
 
 logger = logging.getLogger("posteriors_fast")
@@ -387,22 +386,8 @@ class CostBook:
             "kinds": kinds,
             "failures": failures,
         }
-        directory = os.path.dirname(self.path)
-        tmp = None
-        try:
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-            with os.fdopen(fd, "w") as handle:
-                json.dump(payload, handle)
-            os.replace(tmp, self.path)  # atomic: a concurrent reader sees the old or the new file
-            tmp = None
-        except (OSError, TypeError, ValueError) as err:
-            logger.debug("posteriors_fast: compile costs not saved to %s (%s)", self.path, err)
+        if not write_json(self.path, payload):
             return
-        finally:
-            if tmp is not None:  # the write failed: leave no stray temporary file
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
         self.graphs, self.failures = graphs, failures
         self.kinds = kinds
         self._unsaved.clear()

@@ -18,17 +18,17 @@ leaves inductor checking as usual.
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import platform
 import shutil
 import sys
-import tempfile
 import threading
 from typing import Callable, Iterator, Optional
 
 import torch
+
+from posteriors_fast._internal.json_file import read_json, write_json
 
 logger = logging.getLogger("posteriors_fast")
 
@@ -56,32 +56,6 @@ def _machine_key() -> str:
     return hashlib.sha1("|".join(parts).encode()).hexdigest()
 
 
-def _read(path: str) -> dict:
-    try:
-        with open(path) as handle:
-            data = json.load(handle)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _write(path: str, data: dict) -> None:
-    tmp = None
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as err:
-        logger.debug("posteriors_fast: inductor ISA checks not saved to %s (%s)", path, err)
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-
-
 @contextlib.contextmanager
 def remembered_probe(directory: Callable[[], Optional[str]]) -> Iterator[None]:
     """Context for one compile: inductor's load checks of its ISA libraries
@@ -101,7 +75,7 @@ def remembered_probe(directory: Callable[[], Optional[str]]) -> Iterator[None]:
         yield
         return
     path = os.path.join(root, FILE_NAME)
-    entry = _read(path).get(key)
+    entry = read_json(path).get(key)
     known = set(entry) if isinstance(entry, list) else set()
     learnt = set()
 
@@ -127,7 +101,7 @@ def remembered_probe(directory: Callable[[], Optional[str]]) -> Iterator[None]:
             if _active["depth"] == 0:
                 VecISA._probe_load = _active["original"]
         if learnt:
-            data = _read(path)
+            data = read_json(path)
             before = data.get(key)
             data[key] = sorted((set(before) if isinstance(before, list) else set()) | known | learnt)
-            _write(path, data)
+            write_json(path, data)
