@@ -25,7 +25,10 @@ at all; the policy demotes such a graph to eager after its first one.
 The estimate of a compile's cost comes from the compiles measured before:
 the last cost of the same graph (same kind, same function code, same
 signature; a warm on-disk inductor cache makes it cheaper), else the median
-of the kind's, else :data:`DEFAULT_COMPILE_S`. Estimates are kept in
+of the kind's, else :data:`DEFAULT_COMPILE_S`; plus, while this process has
+not imported dynamo and inductor, what those imports cost (measured by the
+first compile of a process and kept apart, under :data:`IMPORTS_KIND`, so
+that a graph compiled after others is not charged for them). Estimates are kept in
 ``compile_costs.json`` in the cache directory (``POSTERIORS_FAST_CACHE_DIR``,
 default ``~/.cache/posteriors_fast``; ``off`` keeps them in memory only), so
 a new process starts from what earlier ones measured. A graph whose compile
@@ -72,6 +75,7 @@ import logging
 import math
 import os
 import statistics
+import sys
 import threading
 import time
 import types
@@ -306,15 +310,17 @@ class CostBook:
             self.failures.setdefault(key, value)
         self._medians.clear()
 
-    def estimate(self, key: str, kind: str) -> float:
-        """Seconds a compile of graph ``key`` (of ``kind``) is expected to take."""
+    def estimate(self, key: Optional[str], kind: str, default: float = DEFAULT_COMPILE_S) -> float:
+        """Seconds a compile of graph ``key`` (of ``kind``) is expected to
+        take; with ``key`` None, the median of ``kind``'s costs (``default``
+        when none is known)."""
         with self._lock:
             self._load()
-            if key in self.graphs:
+            if key is not None and key in self.graphs:
                 return self.graphs[key]
             if kind not in self._medians:
                 costs = self.kinds.get(kind)
-                self._medians[kind] = statistics.median(costs) if costs else DEFAULT_COMPILE_S
+                self._medians[kind] = statistics.median(costs) if costs else default
             return self._medians[kind]
 
     def failed(self, key: str) -> bool:
@@ -324,15 +330,17 @@ class CostBook:
             self._load()
             return key in self.failures
 
-    def record(self, key: str, kind: str, seconds: float) -> None:
-        """A measured compile cost of graph ``key`` (of ``kind``)."""
+    def record(self, key: Optional[str], kind: str, seconds: float) -> None:
+        """A measured compile cost of graph ``key`` (of ``kind``; None: a
+        cost of the kind alone, such as :data:`IMPORTS_KIND`)."""
         with self._lock:
             self._load()
             self._note(key, kind, seconds)
             self._save()
 
-    def _note(self, key: str, kind: str, seconds: float) -> None:
-        self.graphs[key] = seconds
+    def _note(self, key: Optional[str], kind: str, seconds: float) -> None:
+        if key is not None:
+            self.graphs[key] = seconds
         self.kinds[kind] = (self.kinds.get(kind, []) + [seconds])[-_MAX_KIND_COSTS:]
         self._unsaved.setdefault(kind, []).append(seconds)
         self._medians.pop(kind, None)
@@ -395,6 +403,28 @@ class CostBook:
 
 
 BOOK = CostBook(_cache_path())
+
+
+#: The kind under which the cost of importing dynamo and inductor (paid by a
+#: process's first compile) is kept, apart from the graphs' own costs.
+IMPORTS_KIND = "imports of dynamo and inductor"
+_COMPILE_STACK = ("torch._dynamo", "torch._inductor.compile_fx")
+
+
+def _compile_stack_imported() -> bool:
+    return all(name in sys.modules for name in _COMPILE_STACK)
+
+
+def _import_compile_stack() -> None:
+    import torch._dynamo  # noqa: F401
+    import torch._inductor.compile_fx  # noqa: F401
+
+
+def _pending_imports(book: "CostBook") -> float:
+    """What this process's first compile adds for importing dynamo and
+    inductor (the measured median, 0 before any was measured); 0 once they
+    are imported (by a compile, or by the user's own code)."""
+    return 0.0 if _compile_stack_imported() else book.estimate(None, IMPORTS_KIND, default=0.0)
 
 
 def _cache_root() -> Optional[str]:
@@ -687,7 +717,7 @@ class TieredCompile:
             ):
                 self._demote(entry, owner)
             return out
-        estimate = self.book.estimate(entry.key, self.kind)
+        estimate = self.book.estimate(entry.key, self.kind) + _pending_imports(self.book)
         if self._compiled >= MAX_COMPILED or not self.policy.should_compile(entry.calls, entry.eager_s, estimate):
             start = self.clock()
             out = self._fn(*args)
@@ -697,13 +727,20 @@ class TieredCompile:
         return self._compile_and_call(entry, owner, args)
 
     def _compile_and_call(self, entry: _Entry, owner: object, args: Tuple):
-        # The cost counts building the compiled callable too: the first
-        # torch.compile of a process imports dynamo and inductor (seconds).
+        # The graph's cost counts building the compiled callable too; the
+        # first compile of a process also imports dynamo and inductor, a cost
+        # of the process measured and kept apart (see _pending_imports).
         typical = entry.eager_s / entry.calls if entry.calls else 0.0
-        start = self.clock()
         compiled = None
-        _DYNAMO_COMPILES.register()
+        start = self.clock()
         try:
+            if not _compile_stack_imported():
+                _import_compile_stack()
+                imported = self.clock()
+                self.book.record(None, IMPORTS_KIND, imported - start)
+                _STATS["compile_s"] += imported - start
+                start = imported
+            _DYNAMO_COMPILES.register()
             with remembered_probe(_cache_root):
                 compiled = self._compile()
                 out = compiled(*args)

@@ -186,6 +186,42 @@ def test_a_slower_compile_than_estimated_teaches_the_estimate(monkeypatch):
     assert tiered.book.estimate(key, "fake") == pytest.approx(4.0 + 0.01 - 0.1)
 
 
+def test_the_imports_are_a_cost_of_the_process_kept_apart_from_the_graphs(monkeypatch):
+    """A process's first compile imports dynamo and inductor: that time is
+    measured and kept as its own kind, the graph's cost excludes it, and the
+    estimate adds it only while the imports have not happened (so a process
+    that already compiled, or imported them itself, compiles its next graphs
+    on their own cost)."""
+    clock = _FakeClock()
+    tiered, state = _fake_tiered(monkeypatch, clock, eager_s=0.125, compiled_s=0.0, compile_s=1.0, estimate_s=1.0)
+    tiered.book.kinds[_tiered.IMPORTS_KIND] = [2.0]  # measured by an earlier process
+    imported = [False]
+
+    def import_stack():
+        clock.now += 1.5  # this process's imports
+        imported[0] = True
+
+    monkeypatch.setattr(_tiered, "_compile_stack_imported", lambda: imported[0])
+    monkeypatch.setattr(_tiered, "_import_compile_stack", import_stack)
+    assert _tiered._pending_imports(tiered.book) == 2.0
+    for call in range(1, 40):
+        tiered(_owner, "sig", torch.zeros(()))
+        # 1.0 s of graph plus 2.0 s of imports: 24 eager calls of 0.125 s, the 25th compiles.
+        assert state["compiles"] == (1 if call >= 25 else 0), call
+    (key,) = tiered.book.graphs
+    assert tiered.book.graphs[key] == 1.0 - 0.125  # the graph alone
+    assert tiered.book.kinds[_tiered.IMPORTS_KIND] == [2.0, 1.5]
+    assert _tiered._pending_imports(tiered.book) == 0.0  # imported now
+    assert _tiered.stats()["compile_s"] >= 1.5 + 0.875  # what the user waited, imports included
+    # A second graph in the same process: its own estimate only (8 eager calls).
+    for call in range(1, 12):
+        tiered(_owner, "other", torch.zeros(()))
+        assert state["compiles"] == (2 if call >= 9 else 1), call
+    # Imports pending but never measured: they add nothing (the default graph estimate stands).
+    imported[0] = False
+    assert _tiered._pending_imports(_tiered.CostBook(None)) == 0.0
+
+
 def test_never_and_always(monkeypatch):
     clock = _FakeClock()
     tiered, state = _fake_tiered(monkeypatch, clock, eager_s=0.1, compiled_s=0.01, compile_s=1.0, estimate_s=0.0)
