@@ -116,7 +116,7 @@ def _truncate(diag, factor, rows, scale, rank, vector, transition, new: Callable
     writing them."""
     m, k = factor.shape[1], rows.shape[0]
     dtype, size = factor.dtype, factor.shape[0]
-    shrink = mix = None
+    shrink = mix = weight = None
     base = diag
     if not (isinstance(transition, float) and transition == 0.0):
         # The predicted factor is U_p = S U C, S = (I + QD)⁻¹, C Cᵀ = (I + UᵀQSU)⁻¹
@@ -124,8 +124,8 @@ def _truncate(diag, factor, rows, scale, rank, vector, transition, new: Callable
         # and C folded into the small matrices, so U_p is never stored.
         shrink = (diag * transition).add_(1.0).reciprocal_()
         base = diag * shrink
+        weight = shrink * transition
     new_diag = new((size,), factor)
-    weight = None if shrink is None else shrink * transition
     gram_u, gram_r, cross, inner = _gram_pass(factor, rows, shrink, weight)
     gram = torch.empty(m + k, m + k, dtype=torch.float64, device=factor.device)
     cross = cross.to(torch.float64)
@@ -160,6 +160,7 @@ def _truncate(diag, factor, rows, scale, rank, vector, transition, new: Callable
         keep = torch.cat([keep, keep.new_zeros(m + k, rank - keep.shape[1])], 1)
     left = (keep[:m] if mix is None else mix @ keep[:m]).to(dtype)
     right = keep[m:].mul(scale).to(dtype)
+    mix = None if mix is None else mix.to(dtype)
     new_factor = new((size, rank), factor)
     inner, proj = second_pass(factor, rows, new_diag, new_factor, base, shrink, mix, left, right, scale, vector)
     if vector is None:
@@ -193,6 +194,17 @@ def _gram_pass(factor, rows, shrink, weight):
     return gram_u, gram_r, cross.mT, inner
 
 
+def _predicted_part(factor, a, b, shrink, mix, left, out):
+    """Rows a:b of the predicted factor U_p = S U C (S = C = I without a
+    transition): S U·left written into ``out`` (the U part of the new
+    factor's rows, ``left`` having C folded in), and rowsum(U_p²) returned."""
+    torch.mm(factor[a:b], left, out=out)
+    if shrink is None:
+        return torch.linalg.vector_norm(factor[a:b], dim=1).square_()
+    out.mul_(shrink[a:b, None])
+    return torch.linalg.vector_norm(factor[a:b] @ mix, dim=1).mul_(shrink[a:b]).square_()
+
+
 def _factor_pass(factor, rows, new_diag, new_factor, base, shrink, mix, left, right, scale, vector):
     """One pass over row chunks: U_new = S U·left + Rᵀ·right (S = I without
     a transition) into ``new_factor``, and d_p + s²·Σ_k R_k² + rowsum(U_p²)
@@ -201,24 +213,18 @@ def _factor_pass(factor, rows, new_diag, new_factor, base, shrink, mix, left, ri
     width = new_factor.shape[1]
     inner = None if vector is None else new_factor.new_zeros(width, width)
     proj = None if vector is None else new_factor.new_zeros(width)
-    mix = None if mix is None else mix.to(new_factor.dtype)
     chunks = row_chunks(factor.shape[0])
     scratch = rows.new_empty(rows.shape[0], chunks[0][1]) if chunks else None
     for a, b in chunks:
         r_part = rows[:, a:b]
-        out = torch.mm(factor[a:b], left, out=new_factor[a:b])
-        if shrink is not None:
-            out.mul_(shrink[a:b, None])
+        out = new_factor[a:b]
+        dropped = _predicted_part(factor, a, b, shrink, mix, left, out)
         out.addmm_(r_part.mT, right)
         # d_new = d_p + rowsum(A²) - rowsum(U_new²): the diagonal of the
         # dropped part, PSD, so clamped at d_p against rounding. Σ_k R_k²
         # through one chunk-sized scratch while the chunk of R is in cache.
         part = torch.sum(torch.mul(r_part, r_part, out=scratch[:, : b - a]), 0, out=new_diag[a:b])
         part.mul_(scale * scale)
-        if mix is None:
-            dropped = torch.linalg.vector_norm(factor[a:b], dim=1).square_()
-        else:
-            dropped = torch.linalg.vector_norm(factor[a:b] @ mix, dim=1).mul_(shrink[a:b]).square_()
         dropped.sub_(torch.linalg.vector_norm(out, dim=1).square_())
         torch.maximum(part.add_(dropped).add_(base[a:b]), base[a:b], out=part)
         if vector is not None:
@@ -243,16 +249,8 @@ def _factor_pass_cpp(factor, rows, new_diag, new_factor, base, shrink, mix, left
     # A chunk of rows at a time: a multi-threaded GEMM writing a fresh output
     # in one call pays the page faults serially, and U_p is never stored.
     prior = torch.empty_like(new_diag)
-    mix = None if mix is None else mix.to(factor.dtype)
     for a, b in row_chunks(factor.shape[0]):
-        out = torch.mm(factor[a:b], left, out=new_factor[a:b])
-        if mix is None:
-            torch.linalg.vector_norm(factor[a:b], dim=1, out=prior[a:b])
-        else:
-            out.mul_(shrink[a:b, None])
-            torch.linalg.vector_norm(factor[a:b] @ mix, dim=1, out=prior[a:b])
-            prior[a:b].mul_(shrink[a:b])
-    prior.square_()
+        prior[a:b] = _predicted_part(factor, a, b, shrink, mix, left, new_factor[a:b])
     inner, proj = _library.OPS.lowrank_truncate_fold_(
         new_factor,
         new_diag,
