@@ -162,12 +162,21 @@ def batch_ggn_root_blocks(params, batch, forward, outer_log_likelihood, *, backe
             if first is not None:
                 return itertools.chain([first], blocks), z.shape[0] * roots.shape[-1], aux
     jac, z, aux = _output_jacobian(params, batch, forward, backend=backend, z_aux=(z, aux))
-    checks.require_finite([(jac, "the gradient of forward is NaN or inf")])
     roots = _hessian_roots(outer_log_likelihood, batch, z.detach(), jac.dtype)
-    count, width = roots.shape[0], roots.shape[-1]
-    rows = torch.bmm(roots, jac.reshape(count, width, -1)).reshape(jac.shape)
-    checks.require_finite([(rows, "the GGN of this batch overflowed (NaN or inf)")])
+    rows = _checked_rows(roots, jac.reshape(roots.shape[0], roots.shape[-1], -1))
     return [rows], rows.shape[0], aux
+
+
+def _checked_rows(roots, jac):
+    """R = roots·J sample by sample ((n, c, c) by (n, c, P): (n·c, P)),
+    checked finite with one pass over R: a NaN or inf in J reaches R, so J
+    is looked at only when R is not finite, to say which of the two is."""
+    rows = torch.bmm(roots, jac).reshape(-1, jac.shape[-1])
+    if not checks.all_finite([rows]):
+        checks.require_finite(
+            [(jac, "the gradient of forward is NaN or inf"), (rows, "the GGN of this batch overflowed (NaN or inf)")]
+        )
+    return rows
 
 
 def _hessian_roots(outer_log_likelihood, batch, z, dtype):
@@ -221,10 +230,7 @@ def _separable_root_blocks(params, batch, forward, z, roots, size, backend):
             )
         if jac is None:
             jac = output_jacobian(forward, (params, part), 0, has_aux=True)[0]
-        jac = jac.reshape(stop - start, width, size)
-        checks.require_finite([(jac, "the gradient of forward is NaN or inf")])
-        rows = torch.bmm(roots[start:stop], jac).reshape(-1, size)
+        rows = _checked_rows(roots[start:stop], jac.reshape(stop - start, width, size))
         del jac
-        checks.require_finite([(rows, "the GGN of this batch overflowed (NaN or inf)")])
         yield rows
         del rows

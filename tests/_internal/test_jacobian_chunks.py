@@ -308,3 +308,33 @@ def test_batch_ggn_root_beyond_the_budget_is_the_whole_root():
     assert blocked.shape == whole.shape == (3 * N, _size(params))
     torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(blocked_aux, aux, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["whole", "blocks"])
+def test_lowrank_ggn_names_a_non_finite_gradient_of_forward(blocked, monkeypatch):
+    """The GGN rows are checked once; when they are not finite, the Jacobian
+    is looked at to say that forward's gradient was, in both the whole-batch
+    and the block-of-samples paths, and the state is left as it was."""
+    from posteriors_fast.laplace import _ggn
+
+    rows = _ggn._checked_rows
+    params, batch = make_problem(N, torch.float64, seed=8)
+    # The last two samples' gradient is NaN (sqrt of |u| at u = 0), so the
+    # first block of samples passes the separability probe and a later block
+    # carries the NaN.
+    batch["c"] = params["b1"][0] + torch.tensor([1.0] * (N - 2) + [0.0, 0.0], dtype=torch.float64)
+
+    def forward(p, b):
+        return logits(p, b["x"]) + (p["b1"][0] - b["c"]).abs().sqrt()[:, None], torch.tensor([])
+
+    transform = pf.laplace.lowrank_ggn.build(forward, _outer, rank=3, init_prec_diag=1.0, backend="eager")
+    state = transform.init(params)
+    before = (state.prec_factor.clone(), tree_ravel(state.prec_diag)[0].clone())
+    checked = []
+    monkeypatch.setattr(_ggn, "_checked_rows", lambda roots, jac: checked.append(jac.shape[0]) or rows(roots, jac))
+    with budget_for(2 if blocked else N, _size(params), rows_per_sample=3):
+        with pytest.raises(ValueError, match="the gradient of forward is NaN or inf"):
+            transform.update(state, batch, inplace=True)
+    # Blocks: the first blocks of samples passed, the last one raised.
+    assert checked == ([b - a for a, b in jacobian_budget.sample_slices(N, 2)] if blocked else [N])
+    assert torch.equal(state.prec_factor, before[0]) and torch.equal(tree_ravel(state.prec_diag)[0], before[1])
