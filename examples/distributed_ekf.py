@@ -126,6 +126,9 @@ def main():
         _figure(probs.cpu(), y_test.cpu(), args.out, f"{group.mode}, R = {world}")
     elif args.check and args.sharded:
         state.cov.gather()  # gather is collective: every rank joins rank 0's
+    # Tear down together: a rank that destroys its gloo group while rank 0 is
+    # still drawing the figure can abort in gloo's teardown (seen once in CI).
+    dist.barrier()
     dist.destroy_process_group()
 
 
