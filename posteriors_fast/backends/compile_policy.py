@@ -24,8 +24,14 @@ at all; the policy demotes such a graph to eager after its first one.
 
 The estimate of a compile's cost comes from the compiles measured before:
 the last cost of the same graph (same kind, same function code, same
-signature; a warm on-disk inductor cache makes it cheaper), else the median
-of the kind's, else :data:`DEFAULT_COMPILE_S`; plus, while this process has
+signature), else the median of what the kind's new graphs cost, else
+:data:`DEFAULT_COMPILE_S`. Most of a first compile is inductor generating and
+building code, which its on-disk caches keep (``TORCHINDUCTOR_CACHE_DIR``):
+a later process compiling the same graph loads it, in a tenth of the time or
+less. So a compile also records that part (inductor's
+``fx_codegen_and_compile`` time), and while inductor's cache directory is the
+one it was measured with, still exists and the caches are not switched off,
+the same graph is estimated at its cost without it; plus, while this process has
 not imported dynamo and inductor, what those imports cost (measured by the
 first compile of a process and kept apart, under :data:`IMPORTS_KIND`, so
 that a graph compiled after others is not charged for them). Estimates are kept in
@@ -261,8 +267,10 @@ _MAX_KIND_COSTS = 16  # recent costs kept per kind
 
 @dataclass
 class CostBook:
-    """Measured compile costs: per graph key the last one, per kind the
-    recent ones, and the graphs whose compile failed; loaded from and saved
+    """Measured compile costs: per graph key the last one (from scratch,
+    when known) and what it costs while inductor's on-disk caches hold it,
+    per kind the recent costs of new graphs, and the graphs whose compile
+    failed; loaded from and saved
     to ``path`` (None: memory only). A file written by another torch version
     is ignored (its costs need not hold for this one); its failures hold only
     for the same posteriors_fast and torch versions (:data:`FAILURE_VERSION`).
@@ -271,6 +279,9 @@ class CostBook:
 
     path: Optional[str] = None
     graphs: Dict[str, float] = field(default_factory=dict)
+    # Per graph key: [what compiling it again costs while inductor's on-disk
+    # caches hold it, the inductor cache directory they are in].
+    cached: Dict[str, List] = field(default_factory=dict)
     kinds: Dict[str, List[float]] = field(default_factory=dict)
     failures: Dict[str, float] = field(default_factory=dict)
     _loaded: bool = False
@@ -290,6 +301,7 @@ class CostBook:
             failures = data.get("failures", {}) if data.get("failure_version") == FAILURE_VERSION else {}
             return {
                 "graphs": {str(k): float(v) for k, v in data.get("graphs", {}).items()},
+                "cached": {str(k): [float(v[0]), str(v[1])] for k, v in data.get("cached", {}).items()},
                 "kinds": {str(k): [float(c) for c in v] for k, v in data.get("kinds", {}).items()},
                 "failures": {str(k): float(v) for k, v in failures.items()},
             }
@@ -304,6 +316,8 @@ class CostBook:
         data = self._read()
         for key, value in data.get("graphs", {}).items():
             self.graphs.setdefault(key, value)
+        for key, value in data.get("cached", {}).items():
+            self.cached.setdefault(key, value)
         for kind, costs in data.get("kinds", {}).items():
             self.kinds[kind] = (costs + self.kinds.get(kind, []))[-_MAX_KIND_COSTS:]
         for key, value in data.get("failures", {}).items():
@@ -316,6 +330,8 @@ class CostBook:
         when none is known)."""
         with self._lock:
             self._load()
+            if key is not None and key in self.cached and _inductor_cache_holds(self.cached[key][1]):
+                return self.cached[key][0]
             if key is not None and key in self.graphs:
                 return self.graphs[key]
             if kind not in self._medians:
@@ -330,17 +346,35 @@ class CostBook:
             self._load()
             return key in self.failures
 
-    def record(self, key: Optional[str], kind: str, seconds: float) -> None:
+    def record(
+        self,
+        key: Optional[str],
+        kind: str,
+        seconds: float,
+        generated_s: Optional[float] = None,
+        inductor_dir: Optional[str] = None,
+    ) -> None:
         """A measured compile cost of graph ``key`` (of ``kind``; None: a
-        cost of the kind alone, such as :data:`IMPORTS_KIND`)."""
+        cost of the kind alone, such as :data:`IMPORTS_KIND`).
+
+        ``generated_s``: of ``seconds``, the time inductor spent generating
+        and building code, which its on-disk caches in ``inductor_dir`` keep
+        (None: not known). With both, the graph is estimated at ``seconds -
+        generated_s`` while that directory holds the caches. A compile that
+        generated nothing loaded the graph from them: it is neither the
+        graph's cost without the caches nor a cost of a new graph of the kind."""
         with self._lock:
             self._load()
-            self._note(key, kind, seconds)
+            if key is not None and generated_s is not None and inductor_dir is not None:
+                self.cached[key] = [max(0.0, seconds - generated_s), inductor_dir]
+            self._note(key, kind, seconds, loaded=generated_s is not None and generated_s <= 0)
             self._save()
 
-    def _note(self, key: Optional[str], kind: str, seconds: float) -> None:
-        if key is not None:
+    def _note(self, key: Optional[str], kind: str, seconds: float, loaded: bool = False) -> None:
+        if key is not None and not (loaded and key in self.graphs):
             self.graphs[key] = seconds
+        if loaded:
+            return
         self.kinds[kind] = (self.kinds.get(kind, []) + [seconds])[-_MAX_KIND_COSTS:]
         self._unsaved.setdefault(kind, []).append(seconds)
         self._medians.pop(kind, None)
@@ -362,6 +396,7 @@ class CostBook:
             self.failures.clear()
             if costs:
                 self.graphs.clear()
+                self.cached.clear()
                 self.kinds.clear()
                 self._unsaved.clear()
                 self._medians.clear()
@@ -374,8 +409,9 @@ class CostBook:
             return
         on_disk = {} if replace else self._read()
         graphs = {**on_disk.get("graphs", {}), **self.graphs}
+        cached = {**on_disk.get("cached", {}), **self.cached}
         failures = {**on_disk.get("failures", {}), **self.failures}
-        for table in (graphs, failures):  # bounded: oldest first (dicts keep insertion order)
+        for table in (graphs, cached, failures):  # bounded: oldest first (dicts keep insertion order)
             for old in list(table)[: max(0, len(table) - _MAX_GRAPHS)]:
                 del table[old]
         # Per kind: the file's recent costs (other processes' included) plus
@@ -391,12 +427,13 @@ class CostBook:
             "torch": torch.__version__,
             "failure_version": FAILURE_VERSION,
             "graphs": graphs,
+            "cached": cached,
             "kinds": kinds,
             "failures": failures,
         }
         if not write_json(self.path, payload):
             return
-        self.graphs, self.failures = graphs, failures
+        self.graphs, self.cached, self.failures = graphs, cached, failures
         self.kinds = kinds
         self._unsaved.clear()
         self._medians.clear()
@@ -427,6 +464,74 @@ def _pending_imports(book: "CostBook") -> float:
     return 0.0 if _compile_stack_imported() else book.estimate(None, IMPORTS_KIND, default=0.0)
 
 
+#: What dynamo times inductor's code generation and build under (the part of
+#: a compile that inductor's on-disk caches keep).
+_GENERATE_METRIC = "fx_codegen_and_compile"
+
+
+def _generated_so_far() -> Optional[Tuple[int, float]]:
+    """(how many, seconds): inductor's code generations so far in this
+    process, from dynamo's compile metrics (None if torch keeps none)."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+
+        times = compilation_time_metrics.get(_GENERATE_METRIC, [])
+        return len(times), float(sum(times))
+    except Exception:  # torch internals moved: the split is unknown
+        return None
+
+
+def _generated_since(before: Optional[Tuple[int, float]]) -> Optional[float]:
+    """Seconds inductor spent generating code since ``before``."""
+    after = _generated_so_far()
+    if before is None or after is None:
+        return None
+    return after[1] - before[1] if after[0] >= before[0] else after[1]  # the metrics were reset meanwhile
+
+
+def _inductor_cache_dir() -> Optional[str]:
+    """The directory of inductor's on-disk caches, None when they are off
+    (called after a compile: inductor is imported)."""
+    try:
+        from torch._inductor import config
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        if not config.fx_graph_cache or config.force_disable_caches:
+            return None
+        return cache_dir()
+    except Exception:  # torch internals moved: no cached estimate
+        return None
+
+
+def _default_inductor_dir() -> str:
+    """Where inductor keeps its caches when ``TORCHINDUCTOR_CACHE_DIR`` is
+    unset (its rule, without importing it: the system temp directory)."""
+    import getpass
+    import re
+    import tempfile
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, ImportError, OSError):
+        user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
+    return os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
+
+
+def _inductor_cache_holds(directory: str) -> bool:
+    """Whether a compile now would find what inductor cached in
+    ``directory``: its caches are not switched off (environment or config),
+    that is the directory it uses, and it still exists."""
+    environ = os.environ
+    if environ.get("TORCHINDUCTOR_FX_GRAPH_CACHE") == "0" or environ.get("TORCHINDUCTOR_FORCE_DISABLE_CACHES") == "1":
+        return False
+    config = sys.modules.get("torch._inductor.config")
+    if not getattr(config, "fx_graph_cache", True) or getattr(config, "force_disable_caches", False):
+        return False
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    in_use = os.path.abspath(current) if current else _default_inductor_dir()
+    return in_use == directory and os.path.isdir(directory)
+
+
 def _cache_root() -> Optional[str]:
     """The cache directory in use (None: memory only)."""
     return os.path.dirname(BOOK.path) if BOOK.path else None
@@ -441,6 +546,7 @@ def set_cache_dir(root: Optional[str]) -> None:
     with BOOK._lock:
         BOOK.path = path
         BOOK.graphs.clear()
+        BOOK.cached.clear()
         BOOK.kinds.clear()
         BOOK.failures.clear()
         BOOK._unsaved.clear()
@@ -731,7 +837,7 @@ class TieredCompile:
         # first compile of a process also imports dynamo and inductor, a cost
         # of the process measured and kept apart (see _pending_imports).
         typical = entry.eager_s / entry.calls if entry.calls else 0.0
-        compiled = None
+        compiled = generated = None
         start = self.clock()
         try:
             if not _compile_stack_imported():
@@ -741,6 +847,7 @@ class TieredCompile:
                 _STATS["compile_s"] += imported - start
                 start = imported
             _DYNAMO_COMPILES.register()
+            generated = _generated_so_far()
             with remembered_probe(_cache_root):
                 compiled = self._compile()
                 out = compiled(*args)
@@ -755,7 +862,7 @@ class TieredCompile:
                 if _graphs_cached(code):
                     # The graph was built and the error came from running it:
                     # the compile is measured and kept.
-                    self._keep(entry, compiled, code, max(0.0, spent - typical))
+                    self._keep(entry, compiled, code, max(0.0, spent - typical), _generated_since(generated))
                 # Else the trace stopped at the error, a part of a compile
                 # (inductor, most of the cost, never ran): no estimate, and
                 # the next call with this signature compiles afresh.
@@ -776,11 +883,15 @@ class TieredCompile:
             )
             return result
         # The first compiled call compiles: what it took beyond an eager call.
-        self._keep(entry, compiled, _dynamo_code(compiled), max(0.0, self.clock() - start - typical))
+        cost = max(0.0, self.clock() - start - typical)
+        self._keep(entry, compiled, _dynamo_code(compiled), cost, _generated_since(generated))
         return out
 
-    def _keep(self, entry: _Entry, compiled: Callable, code: Optional[types.CodeType], cost: float) -> None:
-        self.book.record(entry.key, self.kind, cost)
+    def _keep(
+        self, entry: _Entry, compiled: Callable, code: Optional[types.CodeType], cost: float, generated_s=None
+    ) -> None:
+        inductor_dir = _inductor_cache_dir() if generated_s is not None else None
+        self.book.record(entry.key, self.kind, cost, generated_s, inductor_dir)
         _STATS["compiles"] += 1
         _STATS["compile_s"] += cost
         entry.compiled, entry.code, entry.graphs = compiled, code, _graphs_cached(code)

@@ -298,6 +298,88 @@ def test_cost_estimates_persist_across_processes(tmp_path):
     assert _tiered.CostBook(path).estimate("g", "jacobian") == _tiered.DEFAULT_COMPILE_S  # ignored, not raised
 
 
+def _cache_env(monkeypatch, directory) -> None:
+    """Inductor's caches on, in ``directory``."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(directory))
+    monkeypatch.delenv("TORCHINDUCTOR_FX_GRAPH_CACHE", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_FORCE_DISABLE_CACHES", raising=False)
+
+
+def test_a_graph_inductor_has_cached_is_estimated_at_its_cost_with_the_cache(tmp_path, monkeypatch):
+    """A first compile is mostly inductor generating code, which its on-disk
+    caches keep: a later process compiling the same graph is estimated
+    without that part, as long as the cache it was measured with is in use."""
+    inductor = tmp_path / "inductor"
+    inductor.mkdir()
+    _cache_env(monkeypatch, inductor)
+    path = str(tmp_path / "compile_costs.json")
+    _tiered.CostBook(path).record("g", "jacobian", 10.0, generated_s=9.0, inductor_dir=str(inductor))
+    book = _tiered.CostBook(path)  # a new process
+    assert book.estimate("g", "jacobian") == pytest.approx(1.0)
+    assert book.estimate("new", "jacobian") == 10.0  # a new graph generates its code
+    # The next compile of g loads it (generates nothing): its cost with the
+    # cache, but neither its cost from scratch nor a new graph's.
+    book.record("g", "jacobian", 1.25, generated_s=0.0, inductor_dir=str(inductor))
+    book = _tiered.CostBook(path)
+    assert book.estimate("g", "jacobian") == 1.25
+    assert book.graphs["g"] == 10.0 and book.kinds["jacobian"] == [10.0]
+    # Whatever keeps the cache from being found: the cost from scratch.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert book.estimate("g", "jacobian") == 10.0
+    _cache_env(monkeypatch, inductor)
+    for variable, value in (("TORCHINDUCTOR_FX_GRAPH_CACHE", "0"), ("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")):
+        monkeypatch.setenv(variable, value)
+        assert book.estimate("g", "jacobian") == 10.0, variable
+        monkeypatch.delenv(variable)
+    assert book.estimate("g", "jacobian") == 1.25
+    inductor.rmdir()
+    assert book.estimate("g", "jacobian") == 10.0
+    # Unset, inductor's default directory is the one in use.
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    default = _tiered._default_inductor_dir()
+    book.record("h", "jacobian", 8.0, generated_s=7.5, inductor_dir=default)
+    assert book.estimate("h", "jacobian") == (0.5 if os.path.isdir(default) else 8.0)
+
+
+def test_a_compile_records_its_cost_without_the_code_inductor_generated(tmp_path, monkeypatch):
+    _cache_env(monkeypatch, tmp_path)
+    clock = _FakeClock()
+    tiered, state = _fake_tiered(monkeypatch, clock, eager_s=0.125, compiled_s=0.0, compile_s=4.0, estimate_s=1.0)
+    generated = [3, 20.0]  # earlier compiles' code generation in this process
+    monkeypatch.setattr(_tiered, "_generated_so_far", lambda: tuple(generated))
+    monkeypatch.setattr(_tiered, "_inductor_cache_dir", lambda: str(tmp_path))
+    compile_ = tiered._compile
+
+    def generating_compile():
+        generated[:] = [generated[0] + 1, generated[1] + 3.0]
+        return compile_()
+
+    monkeypatch.setattr(tiered, "_compile", generating_compile)
+    for _ in range(10):
+        tiered(_owner, "sig", torch.zeros(()))
+    assert state["compiles"] == 1
+    (key,) = tiered.book.graphs
+    assert tiered.book.graphs[key] == pytest.approx(4.0 - 0.125)
+    assert tiered.book.cached[key] == [pytest.approx(1.0 - 0.125), str(tmp_path)]
+    assert tiered.book.estimate(key, "fake") == pytest.approx(0.875)
+
+
+def test_inductors_code_generation_is_measured_in_a_real_compile():
+    """The torch internals the split relies on: dynamo's metric of inductor's
+    code generation grows by a compile that generates code, and the cache
+    directory is known while the caches are on."""
+    from torch._inductor import config
+
+    before = _tiered._generated_so_far()
+    with config.patch(fx_graph_cache=False):
+        assert _tiered._inductor_cache_dir() is None
+        torch.compile(lambda x: torch.sin(x) * 3 + 1, dynamic=False)(torch.randn(5))
+    generated = _tiered._generated_since(before)
+    assert generated is not None and generated > 0
+    directory = _tiered._inductor_cache_dir()
+    assert directory is not None and os.path.isabs(directory)
+
+
 def test_nothing_compiles_at_import():
     code = (
         "import torch, posteriors_fast; from torch._dynamo.utils import counters; "
