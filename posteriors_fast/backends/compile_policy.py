@@ -74,6 +74,7 @@ that stopped at the error measured only part of a compile, so nothing is).
 Nothing is compiled at import.
 """
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -503,6 +504,7 @@ def _inductor_cache_dir() -> Optional[str]:
         return None
 
 
+@functools.lru_cache(maxsize=1)
 def _default_inductor_dir() -> str:
     """Where inductor keeps its caches when ``TORCHINDUCTOR_CACHE_DIR`` is
     unset (its rule, without importing it: the system temp directory)."""
@@ -823,7 +825,9 @@ class TieredCompile:
             ):
                 self._demote(entry, owner)
             return out
-        estimate = self.book.estimate(entry.key, self.kind) + _pending_imports(self.book)
+        # Only auto reads the estimate (the other modes count calls or nothing).
+        auto = self.policy.mode == "auto"
+        estimate = self.book.estimate(entry.key, self.kind) + _pending_imports(self.book) if auto else 0.0
         if self._compiled >= MAX_COMPILED or not self.policy.should_compile(entry.calls, entry.eager_s, estimate):
             start = self.clock()
             out = self._fn(*args)
