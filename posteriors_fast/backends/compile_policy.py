@@ -27,8 +27,8 @@ the last cost of the same graph (same kind, same function code, same
 signature), else the median of what the kind's new graphs cost, else
 :data:`DEFAULT_COMPILE_S`. Most of a first compile is inductor generating and
 building code, which its on-disk caches keep (``TORCHINDUCTOR_CACHE_DIR``):
-a later process compiling the same graph loads it, in a tenth of the time or
-less. So a compile also records that part (inductor's
+a later process compiling the same graph loads it, several times faster. So
+a compile also records that part (inductor's
 ``fx_codegen_and_compile`` time), and while inductor's cache directory is the
 one it was measured with, still exists and the caches are not switched off,
 the same graph is estimated at its cost without it; plus, while this process has
@@ -266,6 +266,19 @@ _MAX_GRAPHS = 512  # entries kept per table of the file, oldest dropped first
 _MAX_KIND_COSTS = 16  # recent costs kept per kind
 
 
+def _cached_table(table: Any) -> Dict[str, List]:
+    """The file's ``cached`` table, without the entries that are not
+    ``[seconds, directory]`` (dropped one by one: the rest of the file holds)."""
+    entries = {}
+    for key, value in table.items() if isinstance(table, dict) else ():
+        if isinstance(value, list) and len(value) == 2 and isinstance(value[1], str):
+            try:
+                entries[str(key)] = [float(value[0]), value[1]]
+            except (TypeError, ValueError):
+                continue
+    return entries
+
+
 @dataclass
 class CostBook:
     """Measured compile costs: per graph key the last one (from scratch,
@@ -302,7 +315,7 @@ class CostBook:
             failures = data.get("failures", {}) if data.get("failure_version") == FAILURE_VERSION else {}
             return {
                 "graphs": {str(k): float(v) for k, v in data.get("graphs", {}).items()},
-                "cached": {str(k): [float(v[0]), str(v[1])] for k, v in data.get("cached", {}).items()},
+                "cached": _cached_table(data.get("cached", {})),
                 "kinds": {str(k): [float(c) for c in v] for k, v in data.get("kinds", {}).items()},
                 "failures": {str(k): float(v) for k, v in failures.items()},
             }

@@ -5,6 +5,7 @@ the persisted cost estimates; the compiled per-sample Jacobian equals the
 eager one without recompiling; failures fall back (or propagate the user's
 own error); nothing compiles at import."""
 
+import json
 import logging
 import os
 import subprocess
@@ -334,6 +335,13 @@ def test_a_graph_inductor_has_cached_is_estimated_at_its_cost_with_the_cache(tmp
     assert book.estimate("g", "jacobian") == 1.25
     inductor.rmdir()
     assert book.estimate("g", "jacobian") == 10.0
+    # A malformed entry of the file is dropped alone.
+    data = json.loads(open(path).read())
+    data["cached"].update({"bad1": [], "bad2": {"a": 1}, "bad3": ["x", "dir"], "bad4": 3.0})
+    with open(path, "w") as handle:
+        json.dump(data, handle)
+    book = _tiered.CostBook(path)
+    assert set(book.cached) == {"g"} and book.estimate("bad1", "jacobian") == 10.0
     # Unset, inductor's default directory is the one in use.
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     default = _tiered._default_inductor_dir()
