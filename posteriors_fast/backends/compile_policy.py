@@ -28,10 +28,11 @@ signature), else the median of what the kind's new graphs cost, else
 :data:`DEFAULT_COMPILE_S`. Most of a first compile is inductor generating and
 building code, which its on-disk caches keep (``TORCHINDUCTOR_CACHE_DIR``):
 a later process compiling the same graph loads it, several times faster. So
-a compile also records that part (inductor's
-``fx_codegen_and_compile`` time), and while inductor's cache directory is the
-one it was measured with, still exists and the caches are not switched off,
-the same graph is estimated at its cost without it; plus, while this process has
+a compile also records its cost without that part (inductor's
+``fx_codegen_and_compile`` time when its FX-graph cache missed; the whole cost
+when the graph was loaded from it), and while the caches are on and in the
+same directory (not removed and made again since), that is the graph's
+estimate; plus, while this process has
 not imported dynamo and inductor, what those imports cost (measured by the
 first compile of a process and kept apart, under :data:`IMPORTS_KIND`, so
 that a graph compiled after others is not charged for them). Estimates are kept in
@@ -268,14 +269,15 @@ _MAX_KIND_COSTS = 16  # recent costs kept per kind
 
 def _cached_table(table: Any) -> Dict[str, List]:
     """The file's ``cached`` table, without the entries that are not
-    ``[seconds, directory]`` (dropped one by one: the rest of the file holds)."""
+    ``[seconds >= 0, directory, inode]`` (dropped one by one: the rest of the
+    file holds)."""
     entries = {}
     for key, value in table.items() if isinstance(table, dict) else ():
-        if isinstance(value, list) and len(value) == 2 and isinstance(value[1], str):
-            try:
-                entries[str(key)] = [float(value[0]), value[1]]
-            except (TypeError, ValueError):
-                continue
+        if not (isinstance(value, list) and len(value) == 3 and isinstance(value[1], str)):
+            continue
+        seconds, directory, inode = value
+        if isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0 and type(inode) is int:
+            entries[str(key)] = [float(seconds), directory, inode]
     return entries
 
 
@@ -294,14 +296,16 @@ class CostBook:
     path: Optional[str] = None
     graphs: Dict[str, float] = field(default_factory=dict)
     # Per graph key: [what compiling it again costs while inductor's on-disk
-    # caches hold it, the inductor cache directory they are in].
+    # caches hold it, the inductor cache directory they are in, its inode].
     cached: Dict[str, List] = field(default_factory=dict)
     kinds: Dict[str, List[float]] = field(default_factory=dict)
     failures: Dict[str, float] = field(default_factory=dict)
     _loaded: bool = False
     _medians: Dict[str, float] = field(default_factory=dict)
-    # Costs recorded here and not yet merged into the file, per kind.
+    # Costs recorded here and not yet merged into the file, per kind; graph
+    # keys recorded here since (which win over the file's on a save).
     _unsaved: Dict[str, List[float]] = field(default_factory=dict)
+    _recorded: set = field(default_factory=set)
     _lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def _read(self) -> Dict:
@@ -344,7 +348,7 @@ class CostBook:
         when none is known)."""
         with self._lock:
             self._load()
-            if key is not None and key in self.cached and _inductor_cache_holds(self.cached[key][1]):
+            if key is not None and key in self.cached and _inductor_cache_holds(*self.cached[key][1:]):
                 return self.cached[key][0]
             if key is not None and key in self.graphs:
                 return self.graphs[key]
@@ -366,29 +370,32 @@ class CostBook:
         kind: str,
         seconds: float,
         generated_s: Optional[float] = None,
-        inductor_dir: Optional[str] = None,
+        cache: Optional[Tuple[str, int]] = None,
     ) -> None:
         """A measured compile cost of graph ``key`` (of ``kind``; None: a
         cost of the kind alone, such as :data:`IMPORTS_KIND`).
 
         ``generated_s``: of ``seconds``, the time inductor spent generating
-        and building code, which its on-disk caches in ``inductor_dir`` keep
-        (None: not known). With both, the graph is estimated at ``seconds -
-        generated_s`` while that directory holds the caches. A compile that
-        generated nothing loaded the graph from them: it is neither the
-        graph's cost without the caches nor a cost of a new graph of the kind."""
+        and building code, which its on-disk caches keep in ``cache``
+        (directory, inode); None for either: not known. With both, the graph
+        is estimated at ``seconds - generated_s`` while that directory holds
+        the caches. A compile that generated nothing loaded the graph from
+        them: it is neither the graph's cost from scratch nor a cost of a new
+        graph of the kind."""
         with self._lock:
             self._load()
-            if key is not None and generated_s is not None and inductor_dir is not None:
-                self.cached[key] = [max(0.0, seconds - generated_s), inductor_dir]
-            self._note(key, kind, seconds, loaded=generated_s is not None and generated_s <= 0)
+            known = key is not None and generated_s is not None and cache is not None
+            if known:
+                self.cached[key] = [max(0.0, seconds - generated_s), cache[0], cache[1]]
+                self._recorded.add(key)
+            if not (known and generated_s <= 0):
+                self._note(key, kind, seconds)
             self._save()
 
-    def _note(self, key: Optional[str], kind: str, seconds: float, loaded: bool = False) -> None:
-        if key is not None and not (loaded and key in self.graphs):
+    def _note(self, key: Optional[str], kind: str, seconds: float) -> None:
+        if key is not None:
             self.graphs[key] = seconds
-        if loaded:
-            return
+            self._recorded.add(key)
         self.kinds[kind] = (self.kinds.get(kind, []) + [seconds])[-_MAX_KIND_COSTS:]
         self._unsaved.setdefault(kind, []).append(seconds)
         self._medians.pop(kind, None)
@@ -413,6 +420,7 @@ class CostBook:
                 self.cached.clear()
                 self.kinds.clear()
                 self._unsaved.clear()
+                self._recorded.clear()
                 self._medians.clear()
             self._save(replace=True)
 
@@ -422,8 +430,14 @@ class CostBook:
         if self.path is None:
             return
         on_disk = {} if replace else self._read()
-        graphs = {**on_disk.get("graphs", {}), **self.graphs}
-        cached = {**on_disk.get("cached", {}), **self.cached}
+        # Per graph: what this process recorded, else what the file holds now
+        # (another process may have measured it since this one loaded), else
+        # what this process loaded.
+        graphs, cached = dict(on_disk.get("graphs", {})), dict(on_disk.get("cached", {}))
+        for mine, merged in ((self.graphs, graphs), (self.cached, cached)):
+            for key, value in mine.items():
+                if key in self._recorded or key not in merged:
+                    merged[key] = value
         failures = {**on_disk.get("failures", {}), **self.failures}
         for table in (graphs, cached, failures):  # bounded: oldest first (dicts keep insertion order)
             for old in list(table)[: max(0, len(table) - _MAX_GRAPHS)]:
@@ -450,6 +464,7 @@ class CostBook:
         self.graphs, self.cached, self.failures = graphs, cached, failures
         self.kinds = kinds
         self._unsaved.clear()
+        self._recorded.clear()
         self._medians.clear()
 
 
@@ -479,32 +494,43 @@ def _pending_imports(book: "CostBook") -> float:
 
 
 #: What dynamo times inductor's code generation and build under (the part of
-#: a compile that inductor's on-disk caches keep).
+#: a compile that inductor's on-disk caches keep; it also times a load from them).
 _GENERATE_METRIC = "fx_codegen_and_compile"
 
 
-def _generated_so_far() -> Optional[Tuple[int, float]]:
-    """(how many, seconds): inductor's code generations so far in this
-    process, from dynamo's compile metrics (None if torch keeps none)."""
+def _codegen_state() -> Optional[Tuple[int, float, int, int]]:
+    """(timed code generations, their seconds, FX-graph cache misses and
+    bypasses, FX-graph cache hits) so far in this process, from dynamo's
+    records (None if torch keeps none of them)."""
     try:
-        from torch._dynamo.utils import compilation_time_metrics
+        from torch._dynamo.utils import compilation_time_metrics, counters
 
         times = compilation_time_metrics.get(_GENERATE_METRIC, [])
-        return len(times), float(sum(times))
+        inductor = counters["inductor"]
+        misses = int(inductor["fxgraph_cache_miss"] + inductor["fxgraph_cache_bypass"])
+        return len(times), float(sum(times)), misses, int(inductor["fxgraph_cache_hit"])
     except Exception:  # torch internals moved: the split is unknown
         return None
 
 
-def _generated_since(before: Optional[Tuple[int, float]]) -> Optional[float]:
-    """Seconds inductor spent generating code since ``before``."""
-    after = _generated_so_far()
-    if before is None or after is None:
+def _generated_since(before: Optional[Tuple[int, float, int, int]]) -> Optional[float]:
+    """Seconds inductor spent generating code since ``before``: 0 when the
+    graphs since all came from its FX-graph cache (hits, no miss or bypass);
+    None when that is not known (no record, nothing went through the cache,
+    or the records were reset)."""
+    if before is None:
         return None
-    return after[1] - before[1] if after[0] >= before[0] else after[1]  # the metrics were reset meanwhile
+    after = _codegen_state()
+    if after is None or any(a < b for a, b in zip(after, before) if not isinstance(a, float)):
+        return None
+    if after[2] == before[2]:
+        return 0.0 if after[3] > before[3] else None
+    seconds = after[1] - before[1]
+    return seconds if seconds >= 0 else None
 
 
-def _inductor_cache_dir() -> Optional[str]:
-    """The directory of inductor's on-disk caches, None when they are off
+def _inductor_cache() -> Optional[Tuple[str, int]]:
+    """(directory, inode) of inductor's on-disk caches, None when they are off
     (called after a compile: inductor is imported)."""
     try:
         from torch._inductor import config
@@ -512,7 +538,8 @@ def _inductor_cache_dir() -> Optional[str]:
 
         if not config.fx_graph_cache or config.force_disable_caches:
             return None
-        return cache_dir()
+        directory = cache_dir()
+        return directory, os.stat(directory).st_ino
     except Exception:  # torch internals moved: no cached estimate
         return None
 
@@ -532,19 +559,34 @@ def _default_inductor_dir() -> str:
     return os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
 
 
-def _inductor_cache_holds(directory: str) -> bool:
-    """Whether a compile now would find what inductor cached in
-    ``directory``: its caches are not switched off (environment or config),
-    that is the directory it uses, and it still exists."""
-    environ = os.environ
-    if environ.get("TORCHINDUCTOR_FX_GRAPH_CACHE") == "0" or environ.get("TORCHINDUCTOR_FORCE_DISABLE_CACHES") == "1":
+def _inductor_caches_on() -> bool:
+    """Whether inductor's local FX-graph cache is on, without importing
+    inductor: its config when imported, else the environment it reads."""
+    if getattr(sys.modules.get("torch.compiler.config"), "force_disable_caches", False):
         return False
     config = sys.modules.get("torch._inductor.config")
-    if not getattr(config, "fx_graph_cache", True) or getattr(config, "force_disable_caches", False):
+    if config is not None:
+        return bool(getattr(config, "fx_graph_cache", True)) and not getattr(config, "force_disable_caches", False)
+    forced = os.environ.get("TORCHINDUCTOR_FX_GRAPH_CACHE")
+    if forced is not None:
+        return forced != "0"
+    return os.environ.get("TORCHINDUCTOR_FX_GRAPH_CACHE_DEFAULT") != "0"
+
+
+def _inductor_cache_holds(directory: str, inode: int) -> bool:
+    """Whether a compile now would find what inductor cached in
+    ``directory``: its caches are on, that is the directory it uses, and it
+    is the same directory (same inode: not removed and made again since)."""
+    if not _inductor_caches_on():
         return False
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     in_use = os.path.abspath(current) if current else _default_inductor_dir()
-    return in_use == directory and os.path.isdir(directory)
+    if in_use != directory:
+        return False
+    try:
+        return os.stat(directory).st_ino == inode
+    except OSError:
+        return False
 
 
 def _cache_root() -> Optional[str]:
@@ -565,6 +607,7 @@ def set_cache_dir(root: Optional[str]) -> None:
         BOOK.kinds.clear()
         BOOK.failures.clear()
         BOOK._unsaved.clear()
+        BOOK._recorded.clear()
         BOOK._medians.clear()
         BOOK._loaded = False
 
@@ -864,7 +907,7 @@ class TieredCompile:
                 _STATS["compile_s"] += imported - start
                 start = imported
             _DYNAMO_COMPILES.register()
-            generated = _generated_so_far()
+            generated = _codegen_state()
             with remembered_probe(_cache_root):
                 compiled = self._compile()
                 out = compiled(*args)
@@ -907,8 +950,8 @@ class TieredCompile:
     def _keep(
         self, entry: _Entry, compiled: Callable, code: Optional[types.CodeType], cost: float, generated_s=None
     ) -> None:
-        inductor_dir = _inductor_cache_dir() if generated_s is not None else None
-        self.book.record(entry.key, self.kind, cost, generated_s, inductor_dir)
+        cache = _inductor_cache() if generated_s is not None else None
+        self.book.record(entry.key, self.kind, cost, generated_s if cache is not None else None, cache)
         _STATS["compiles"] += 1
         _STATS["compile_s"] += cost
         entry.compiled, entry.code, entry.graphs = compiled, code, _graphs_cached(code)

@@ -300,10 +300,14 @@ def test_cost_estimates_persist_across_processes(tmp_path):
 
 
 def _cache_env(monkeypatch, directory) -> None:
-    """Inductor's caches on, in ``directory``."""
+    """Inductor's caches on, in ``directory`` (whatever the environment and
+    config of the process running the tests)."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(directory))
-    monkeypatch.delenv("TORCHINDUCTOR_FX_GRAPH_CACHE", raising=False)
-    monkeypatch.delenv("TORCHINDUCTOR_FORCE_DISABLE_CACHES", raising=False)
+    monkeypatch.setattr(_tiered, "_inductor_caches_on", lambda: True)
+
+
+def _where(directory) -> tuple:
+    return str(directory), os.stat(directory).st_ino
 
 
 def test_a_graph_inductor_has_cached_is_estimated_at_its_cost_with_the_cache(tmp_path, monkeypatch):
@@ -314,13 +318,13 @@ def test_a_graph_inductor_has_cached_is_estimated_at_its_cost_with_the_cache(tmp
     inductor.mkdir()
     _cache_env(monkeypatch, inductor)
     path = str(tmp_path / "compile_costs.json")
-    _tiered.CostBook(path).record("g", "jacobian", 10.0, generated_s=9.0, inductor_dir=str(inductor))
+    _tiered.CostBook(path).record("g", "jacobian", 10.0, generated_s=9.0, cache=_where(inductor))
     book = _tiered.CostBook(path)  # a new process
     assert book.estimate("g", "jacobian") == pytest.approx(1.0)
     assert book.estimate("new", "jacobian") == 10.0  # a new graph generates its code
     # The next compile of g loads it (generates nothing): its cost with the
     # cache, but neither its cost from scratch nor a new graph's.
-    book.record("g", "jacobian", 1.25, generated_s=0.0, inductor_dir=str(inductor))
+    book.record("g", "jacobian", 1.25, generated_s=0.0, cache=_where(inductor))
     book = _tiered.CostBook(path)
     assert book.estimate("g", "jacobian") == 1.25
     assert book.graphs["g"] == 10.0 and book.kinds["jacobian"] == [10.0]
@@ -328,38 +332,109 @@ def test_a_graph_inductor_has_cached_is_estimated_at_its_cost_with_the_cache(tmp
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "elsewhere"))
     assert book.estimate("g", "jacobian") == 10.0
     _cache_env(monkeypatch, inductor)
-    for variable, value in (("TORCHINDUCTOR_FX_GRAPH_CACHE", "0"), ("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")):
-        monkeypatch.setenv(variable, value)
-        assert book.estimate("g", "jacobian") == 10.0, variable
-        monkeypatch.delenv(variable)
+    monkeypatch.setattr(_tiered, "_inductor_caches_on", lambda: False)
+    assert book.estimate("g", "jacobian") == 10.0
+    _cache_env(monkeypatch, inductor)
     assert book.estimate("g", "jacobian") == 1.25
+    book.cached["g"][2] += 1  # another directory at that path (removed and made again)
+    assert book.estimate("g", "jacobian") == 10.0
+    book.cached["g"][2] -= 1
     inductor.rmdir()
     assert book.estimate("g", "jacobian") == 10.0
     # A malformed entry of the file is dropped alone.
     data = json.loads(open(path).read())
-    data["cached"].update({"bad1": [], "bad2": {"a": 1}, "bad3": ["x", "dir"], "bad4": 3.0})
+    bad = {"b1": [], "b2": {"a": 1}, "b3": ["x", "d", 1], "b4": 3.0, "b5": [-1.0, "d", 1], "b6": [1.0, "d", 1.5]}
+    data["cached"].update(bad)
     with open(path, "w") as handle:
         json.dump(data, handle)
     book = _tiered.CostBook(path)
-    assert book.estimate("bad1", "jacobian") == 10.0 and set(book.cached) == {"g"}
-    # Unset, inductor's default directory is the one in use.
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
-    default = _tiered._default_inductor_dir()
-    book.record("h", "jacobian", 8.0, generated_s=7.5, inductor_dir=default)
-    assert book.estimate("h", "jacobian") == (0.5 if os.path.isdir(default) else 8.0)
+    assert book.estimate("b1", "jacobian") == 10.0 and set(book.cached) == {"g"}
+
+
+def test_inductors_default_directory_is_the_one_in_use_when_unset(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    _tiered._default_inductor_dir.cache_clear()
+    try:
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        monkeypatch.setattr(_tiered, "_inductor_caches_on", lambda: True)
+        default = _tiered._default_inductor_dir()
+        assert os.path.dirname(default) == str(tmp_path) and os.path.basename(default).startswith("torchinductor_")
+        os.mkdir(default)
+        book = _tiered.CostBook(None)
+        book.record("h", "jacobian", 8.0, generated_s=7.5, cache=_where(default))
+        assert book.estimate("h", "jacobian") == 0.5
+    finally:
+        _tiered._default_inductor_dir.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "env, config, want",
+    [
+        ({}, None, True),
+        ({"TORCHINDUCTOR_FX_GRAPH_CACHE": "0"}, None, False),
+        ({"TORCHINDUCTOR_FX_GRAPH_CACHE_DEFAULT": "0"}, None, False),
+        ({"TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_FX_GRAPH_CACHE_DEFAULT": "0"}, None, True),
+        ({"TORCHINDUCTOR_FX_GRAPH_CACHE": "0"}, (True, False), True),  # inductor's config, once imported, decides
+        ({}, (False, False), False),
+        ({}, (True, True), False),
+    ],
+)
+def test_whether_inductors_caches_are_on(monkeypatch, env, config, want):
+    import types
+
+    for name in ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_FX_GRAPH_CACHE_DEFAULT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setitem(sys.modules, "torch.compiler.config", types.SimpleNamespace(force_disable_caches=False))
+    if config is None:
+        monkeypatch.delitem(sys.modules, "torch._inductor.config", raising=False)
+    else:
+        fx, off = config
+        inductor = types.SimpleNamespace(fx_graph_cache=fx, force_disable_caches=off)
+        monkeypatch.setitem(sys.modules, "torch._inductor.config", inductor)
+    assert _tiered._inductor_caches_on() is want
+    monkeypatch.setitem(sys.modules, "torch.compiler.config", types.SimpleNamespace(force_disable_caches=True))
+    assert _tiered._inductor_caches_on() is False
+
+
+def test_two_processes_merge_the_cached_table_and_a_load_keeps_the_cost_from_scratch(tmp_path, monkeypatch):
+    inductor = tmp_path / "inductor"
+    inductor.mkdir()
+    _cache_env(monkeypatch, inductor)
+    path = str(tmp_path / "compile_costs.json")
+    first, second = _tiered.CostBook(path), _tiered.CostBook(path)
+    first.estimate("g", "k")  # both loaded the (empty) file
+    second.estimate("g", "k")
+    second.record("g", "k", 10.0, generated_s=9.0, cache=_where(inductor))
+    first.record("g", "k", 1.25, generated_s=0.0, cache=_where(inductor))  # a load, in the other process
+    data = json.loads(open(path).read())
+    assert data["graphs"] == {"g": 10.0} and data["cached"]["g"][0] == 1.25 and data["kinds"]["k"] == [10.0]
+    # What a process loaded does not overwrite what another measured since.
+    stale = _tiered.CostBook(path)
+    stale.estimate("g", "k")
+    _tiered.CostBook(path).record("g", "k", 12.0, generated_s=10.0, cache=_where(inductor))
+    stale.record("h", "k", 3.0)
+    data = json.loads(open(path).read())
+    assert data["graphs"] == {"g": 12.0, "h": 3.0} and data["cached"]["g"][0] == pytest.approx(2.0)
 
 
 def test_a_compile_records_its_cost_without_the_code_inductor_generated(tmp_path, monkeypatch):
     _cache_env(monkeypatch, tmp_path)
     clock = _FakeClock()
     tiered, state = _fake_tiered(monkeypatch, clock, eager_s=0.125, compiled_s=0.0, compile_s=4.0, estimate_s=1.0)
-    generated = [3, 20.0]  # earlier compiles' code generation in this process
-    monkeypatch.setattr(_tiered, "_generated_so_far", lambda: tuple(generated))
-    monkeypatch.setattr(_tiered, "_inductor_cache_dir", lambda: str(tmp_path))
+    codegen = [3, 20.0, 2, 1]  # earlier compiles in this process: generations, seconds, cache misses, hits
+    monkeypatch.setattr(_tiered, "_codegen_state", lambda: tuple(codegen))
+    monkeypatch.setattr(_tiered, "_inductor_cache", lambda: _where(tmp_path))
     compile_ = tiered._compile
+    load = [False]
 
     def generating_compile():
-        generated[:] = [generated[0] + 1, generated[1] + 3.0]
+        # A miss generates 3 s of code; a load from the cache is timed too (0.2 s), a hit.
+        n, seconds, misses, hits = codegen
+        codegen[:] = [n + 1, seconds + (0.2 if load[0] else 3.0), misses + (not load[0]), hits + load[0]]
         return compile_()
 
     monkeypatch.setattr(tiered, "_compile", generating_compile)
@@ -368,24 +443,48 @@ def test_a_compile_records_its_cost_without_the_code_inductor_generated(tmp_path
     assert state["compiles"] == 1
     (key,) = tiered.book.graphs
     assert tiered.book.graphs[key] == pytest.approx(4.0 - 0.125)
-    assert tiered.book.cached[key] == [pytest.approx(1.0 - 0.125), str(tmp_path)]
+    assert tiered.book.cached[key][0] == pytest.approx(1.0 - 0.125)
     assert tiered.book.estimate(key, "fake") == pytest.approx(0.875)
+    # The same graph in a new process, loaded from the cache: its cached cost
+    # is what it took; its cost from scratch and the kind's costs stay.
+    load[0] = True
+    tiered._entries.clear()
+    for _ in range(20):
+        tiered(_owner, "sig", torch.zeros(()))
+    assert state["compiles"] == 2
+    assert tiered.book.graphs[key] == pytest.approx(3.875) and tiered.book.kinds["fake"] == [1.0, 3.875]
+    assert tiered.book.cached[key][0] == pytest.approx(4.0 - 0.125)
 
 
-def test_inductors_code_generation_is_measured_in_a_real_compile():
-    """The torch internals the split relies on: dynamo's metric of inductor's
-    code generation grows by a compile that generates code, and the cache
-    directory is known while the caches are on."""
+def test_the_split_is_unknown_when_dynamos_records_were_reset_or_are_missing(monkeypatch):
+    states = iter([(5, 10.0, 3, 1), (2, 1.0, 1, 0)])  # reset between the two reads
+    monkeypatch.setattr(_tiered, "_codegen_state", lambda: next(states))
+    assert _tiered._generated_since(_tiered._codegen_state()) is None
+    assert _tiered._generated_since(None) is None
+    states = iter([(5, 10.0, 3, 1), (6, 9.0, 4, 1)])  # a miss, yet less time: not to be trusted
+    assert _tiered._generated_since(_tiered._codegen_state()) is None
+    states = iter([(5, 10.0, 3, 1), (5, 10.0, 3, 1)])  # nothing went through the cache (no inductor graph)
+    assert _tiered._generated_since(_tiered._codegen_state()) is None
+    states = iter([(5, 10.0, 3, 1), (6, 10.2, 3, 2)])  # a hit: loaded
+    assert _tiered._generated_since(_tiered._codegen_state()) == 0.0
+
+
+def test_inductors_code_generation_is_measured_in_a_real_compile(tmp_path):
+    """The torch internals the split relies on: a compile that misses
+    inductor's caches (a fresh cache directory) grows dynamo's record of code
+    generation and its count of misses, and the cache directory is known."""
     from torch._inductor import config
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
-    before = _tiered._generated_so_far()
-    with config.patch(fx_graph_cache=False):
-        assert _tiered._inductor_cache_dir() is None
+    with config.patch(fx_graph_cache=True, force_disable_caches=False), temporary_cache_dir(str(tmp_path)):
+        before = _tiered._codegen_state()
         torch.compile(lambda x: torch.sin(x) * 3 + 1, dynamic=False)(torch.randn(5))
-    generated = _tiered._generated_since(before)
+        generated = _tiered._generated_since(before)
+        where = _tiered._inductor_cache()
     assert generated is not None and generated > 0
-    directory = _tiered._inductor_cache_dir()
-    assert directory is not None and os.path.isabs(directory)
+    assert where == (str(tmp_path), os.stat(tmp_path).st_ino)
+    with config.patch(fx_graph_cache=False):
+        assert _tiered._inductor_cache() is None
 
 
 def test_nothing_compiles_at_import():
