@@ -32,7 +32,7 @@ a compile also records its cost without that part (inductor's
 ``fx_codegen_and_compile`` time when its FX-graph cache missed; the whole cost
 when the graph was loaded from it), and while the caches are on and in the
 same directory (not removed and made again since), that is the graph's
-estimate; plus, while this process has
+estimate (:mod:`posteriors_fast.backends.inductor_cache`); plus, while this process has
 not imported dynamo and inductor, what those imports cost (measured by the
 first compile of a process and kept apart, under :data:`IMPORTS_KIND`, so
 that a graph compiled after others is not charged for them). Estimates are kept in
@@ -75,10 +75,8 @@ that stopped at the error measured only part of a compile, so nothing is).
 Nothing is compiled at import.
 """
 
-import functools
 import hashlib
 import importlib.metadata
-import json
 import logging
 import math
 import os
@@ -94,7 +92,8 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
 import torch
 from optree import tree_flatten, tree_leaves
 
-from posteriors_fast._internal.json_file import write_json
+from posteriors_fast._internal.json_file import read_json, write_json
+from posteriors_fast.backends import inductor_cache
 from posteriors_fast.backends.inductor_isa import remembered_probe
 
 logger = logging.getLogger("posteriors_fast")
@@ -309,13 +308,10 @@ class CostBook:
     _lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def _read(self) -> Dict:
-        if self.path is None or not os.path.exists(self.path):
+        data = {} if self.path is None else read_json(self.path)
+        if data.get("torch") != torch.__version__:
             return {}
         try:
-            with open(self.path) as handle:
-                data = json.load(handle)
-            if not isinstance(data, dict) or data.get("torch") != torch.__version__:
-                return {}
             failures = data.get("failures", {}) if data.get("failure_version") == FAILURE_VERSION else {}
             return {
                 "graphs": {str(k): float(v) for k, v in data.get("graphs", {}).items()},
@@ -323,8 +319,8 @@ class CostBook:
                 "kinds": {str(k): [float(c) for c in v] for k, v in data.get("kinds", {}).items()},
                 "failures": {str(k): float(v) for k, v in failures.items()},
             }
-        except (OSError, ValueError, TypeError, AttributeError) as err:
-            logger.debug("posteriors_fast: ignoring unreadable compile-cost file %s (%s)", self.path, err)
+        except (ValueError, TypeError, AttributeError) as err:
+            logger.debug("posteriors_fast: ignoring malformed compile-cost file %s (%s)", self.path, err)
             return {}
 
     def _load(self) -> None:
@@ -348,7 +344,7 @@ class CostBook:
         when none is known)."""
         with self._lock:
             self._load()
-            if key is not None and key in self.cached and _inductor_cache_holds(*self.cached[key][1:]):
+            if key is not None and key in self.cached and inductor_cache.holds(*self.cached[key][1:]):
                 return self.cached[key][0]
             if key is not None and key in self.graphs:
                 return self.graphs[key]
@@ -491,102 +487,6 @@ def _pending_imports(book: "CostBook") -> float:
     inductor (the measured median, 0 before any was measured); 0 once they
     are imported (by a compile, or by the user's own code)."""
     return 0.0 if _compile_stack_imported() else book.estimate(None, IMPORTS_KIND, default=0.0)
-
-
-#: What dynamo times inductor's code generation and build under (the part of
-#: a compile that inductor's on-disk caches keep; it also times a load from them).
-_GENERATE_METRIC = "fx_codegen_and_compile"
-
-
-def _codegen_state() -> Optional[Tuple[int, float, int, int]]:
-    """(timed code generations, their seconds, FX-graph cache misses and
-    bypasses, FX-graph cache hits) so far in this process, from dynamo's
-    records (None if torch keeps none of them)."""
-    try:
-        from torch._dynamo.utils import compilation_time_metrics, counters
-
-        times = compilation_time_metrics.get(_GENERATE_METRIC, [])
-        inductor = counters["inductor"]
-        misses = int(inductor["fxgraph_cache_miss"] + inductor["fxgraph_cache_bypass"])
-        return len(times), float(sum(times)), misses, int(inductor["fxgraph_cache_hit"])
-    except Exception:  # torch internals moved: the split is unknown
-        return None
-
-
-def _generated_since(before: Optional[Tuple[int, float, int, int]]) -> Optional[float]:
-    """Seconds inductor spent generating code since ``before``: 0 when the
-    graphs since all came from its FX-graph cache (hits, no miss or bypass);
-    None when that is not known (no record, nothing went through the cache,
-    or the records were reset)."""
-    if before is None:
-        return None
-    after = _codegen_state()
-    if after is None or any(a < b for a, b in zip(after, before) if not isinstance(a, float)):
-        return None
-    if after[2] == before[2]:
-        return 0.0 if after[3] > before[3] else None
-    seconds = after[1] - before[1]
-    return seconds if seconds >= 0 else None
-
-
-def _inductor_cache() -> Optional[Tuple[str, int]]:
-    """(directory, inode) of inductor's on-disk caches, None when they are off
-    (called after a compile: inductor is imported)."""
-    try:
-        from torch._inductor import config
-        from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-        if not config.fx_graph_cache or config.force_disable_caches:
-            return None
-        directory = cache_dir()
-        return directory, os.stat(directory).st_ino
-    except Exception:  # torch internals moved: no cached estimate
-        return None
-
-
-@functools.lru_cache(maxsize=1)
-def _default_inductor_dir() -> str:
-    """Where inductor keeps its caches when ``TORCHINDUCTOR_CACHE_DIR`` is
-    unset (its rule, without importing it: the system temp directory)."""
-    import getpass
-    import re
-    import tempfile
-
-    try:
-        user = getpass.getuser()
-    except (KeyError, ImportError, OSError):
-        user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
-    return os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
-
-
-def _inductor_caches_on() -> bool:
-    """Whether inductor's local FX-graph cache is on, without importing
-    inductor: its config when imported, else the environment it reads."""
-    if getattr(sys.modules.get("torch.compiler.config"), "force_disable_caches", False):
-        return False
-    config = sys.modules.get("torch._inductor.config")
-    if config is not None:
-        return bool(getattr(config, "fx_graph_cache", True)) and not getattr(config, "force_disable_caches", False)
-    forced = os.environ.get("TORCHINDUCTOR_FX_GRAPH_CACHE")
-    if forced is not None:
-        return forced != "0"
-    return os.environ.get("TORCHINDUCTOR_FX_GRAPH_CACHE_DEFAULT") != "0"
-
-
-def _inductor_cache_holds(directory: str, inode: int) -> bool:
-    """Whether a compile now would find what inductor cached in
-    ``directory``: its caches are on, that is the directory it uses, and it
-    is the same directory (same inode: not removed and made again since)."""
-    if not _inductor_caches_on():
-        return False
-    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    in_use = os.path.abspath(current) if current else _default_inductor_dir()
-    if in_use != directory:
-        return False
-    try:
-        return os.stat(directory).st_ino == inode
-    except OSError:
-        return False
 
 
 def _cache_root() -> Optional[str]:
@@ -907,7 +807,7 @@ class TieredCompile:
                 _STATS["compile_s"] += imported - start
                 start = imported
             _DYNAMO_COMPILES.register()
-            generated = _codegen_state()
+            generated = inductor_cache.codegen_state()
             with remembered_probe(_cache_root):
                 compiled = self._compile()
                 out = compiled(*args)
@@ -922,7 +822,7 @@ class TieredCompile:
                 if _graphs_cached(code):
                     # The graph was built and the error came from running it:
                     # the compile is measured and kept.
-                    self._keep(entry, compiled, code, max(0.0, spent - typical), _generated_since(generated))
+                    self._keep(entry, compiled, code, max(0.0, spent - typical), generated)
                 # Else the trace stopped at the error, a part of a compile
                 # (inductor, most of the cost, never ran): no estimate, and
                 # the next call with this signature compiles afresh.
@@ -944,14 +844,22 @@ class TieredCompile:
             return result
         # The first compiled call compiles: what it took beyond an eager call.
         cost = max(0.0, self.clock() - start - typical)
-        self._keep(entry, compiled, _dynamo_code(compiled), cost, _generated_since(generated))
+        self._keep(entry, compiled, _dynamo_code(compiled), cost, generated)
         return out
 
     def _keep(
-        self, entry: _Entry, compiled: Callable, code: Optional[types.CodeType], cost: float, generated_s=None
+        self,
+        entry: _Entry,
+        compiled: Callable,
+        code: Optional[types.CodeType],
+        cost: float,
+        before: Optional[inductor_cache.State] = None,
     ) -> None:
-        cache = _inductor_cache() if generated_s is not None else None
-        self.book.record(entry.key, self.kind, cost, generated_s if cache is not None else None, cache)
+        """Keep a compiled entry and record its cost; ``before``: inductor's
+        code-generation record when the compile started."""
+        generated = inductor_cache.generated_since(before)
+        where = inductor_cache.location() if generated is not None else None
+        self.book.record(entry.key, self.kind, cost, generated if where is not None else None, where)
         _STATS["compiles"] += 1
         _STATS["compile_s"] += cost
         entry.compiled, entry.code, entry.graphs = compiled, code, _graphs_cached(code)

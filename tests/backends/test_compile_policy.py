@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from posteriors_fast.backends import compile_policy as _tiered
+from posteriors_fast.backends import inductor_cache
 from posteriors_fast.ops import sample_jacobian as jacobian
 from posteriors_fast.ops import separable_jacobian
 from tests._compare import tol
@@ -303,7 +304,7 @@ def _cache_env(monkeypatch, directory) -> None:
     """Inductor's caches on, in ``directory`` (whatever the environment and
     config of the process running the tests)."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(directory))
-    monkeypatch.setattr(_tiered, "_inductor_caches_on", lambda: True)
+    monkeypatch.setattr(inductor_cache, "caches_on", lambda: True)
 
 
 def _where(directory) -> tuple:
@@ -332,7 +333,7 @@ def test_a_graph_inductor_has_cached_is_estimated_at_its_cost_with_the_cache(tmp
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "elsewhere"))
     assert book.estimate("g", "jacobian") == 10.0
     _cache_env(monkeypatch, inductor)
-    monkeypatch.setattr(_tiered, "_inductor_caches_on", lambda: False)
+    monkeypatch.setattr(inductor_cache, "caches_on", lambda: False)
     assert book.estimate("g", "jacobian") == 10.0
     _cache_env(monkeypatch, inductor)
     assert book.estimate("g", "jacobian") == 1.25
@@ -355,18 +356,18 @@ def test_inductors_default_directory_is_the_one_in_use_when_unset(tmp_path, monk
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    _tiered._default_inductor_dir.cache_clear()
+    inductor_cache.default_dir.cache_clear()
     try:
         monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-        monkeypatch.setattr(_tiered, "_inductor_caches_on", lambda: True)
-        default = _tiered._default_inductor_dir()
+        monkeypatch.setattr(inductor_cache, "caches_on", lambda: True)
+        default = inductor_cache.default_dir()
         assert os.path.dirname(default) == str(tmp_path) and os.path.basename(default).startswith("torchinductor_")
         os.mkdir(default)
         book = _tiered.CostBook(None)
         book.record("h", "jacobian", 8.0, generated_s=7.5, cache=_where(default))
         assert book.estimate("h", "jacobian") == 0.5
     finally:
-        _tiered._default_inductor_dir.cache_clear()
+        inductor_cache.default_dir.cache_clear()
 
 
 @pytest.mark.parametrize(
@@ -395,9 +396,9 @@ def test_whether_inductors_caches_are_on(monkeypatch, env, config, want):
         fx, off = config
         inductor = types.SimpleNamespace(fx_graph_cache=fx, force_disable_caches=off)
         monkeypatch.setitem(sys.modules, "torch._inductor.config", inductor)
-    assert _tiered._inductor_caches_on() is want
+    assert inductor_cache.caches_on() is want
     monkeypatch.setitem(sys.modules, "torch.compiler.config", types.SimpleNamespace(force_disable_caches=True))
-    assert _tiered._inductor_caches_on() is False
+    assert inductor_cache.caches_on() is False
 
 
 def test_two_processes_merge_the_cached_table_and_a_load_keeps_the_cost_from_scratch(tmp_path, monkeypatch):
@@ -426,8 +427,8 @@ def test_a_compile_records_its_cost_without_the_code_inductor_generated(tmp_path
     clock = _FakeClock()
     tiered, state = _fake_tiered(monkeypatch, clock, eager_s=0.125, compiled_s=0.0, compile_s=4.0, estimate_s=1.0)
     codegen = [3, 20.0, 2, 1]  # earlier compiles in this process: generations, seconds, cache misses, hits
-    monkeypatch.setattr(_tiered, "_codegen_state", lambda: tuple(codegen))
-    monkeypatch.setattr(_tiered, "_inductor_cache", lambda: _where(tmp_path))
+    monkeypatch.setattr(inductor_cache, "codegen_state", lambda: tuple(codegen))
+    monkeypatch.setattr(inductor_cache, "location", lambda: _where(tmp_path))
     compile_ = tiered._compile
     load = [False]
 
@@ -458,15 +459,15 @@ def test_a_compile_records_its_cost_without_the_code_inductor_generated(tmp_path
 
 def test_the_split_is_unknown_when_dynamos_records_were_reset_or_are_missing(monkeypatch):
     states = iter([(5, 10.0, 3, 1), (2, 1.0, 1, 0)])  # reset between the two reads
-    monkeypatch.setattr(_tiered, "_codegen_state", lambda: next(states))
-    assert _tiered._generated_since(_tiered._codegen_state()) is None
-    assert _tiered._generated_since(None) is None
+    monkeypatch.setattr(inductor_cache, "codegen_state", lambda: next(states))
+    assert inductor_cache.generated_since(inductor_cache.codegen_state()) is None
+    assert inductor_cache.generated_since(None) is None
     states = iter([(5, 10.0, 3, 1), (6, 9.0, 4, 1)])  # a miss, yet less time: not to be trusted
-    assert _tiered._generated_since(_tiered._codegen_state()) is None
+    assert inductor_cache.generated_since(inductor_cache.codegen_state()) is None
     states = iter([(5, 10.0, 3, 1), (5, 10.0, 3, 1)])  # nothing went through the cache (no inductor graph)
-    assert _tiered._generated_since(_tiered._codegen_state()) is None
+    assert inductor_cache.generated_since(inductor_cache.codegen_state()) is None
     states = iter([(5, 10.0, 3, 1), (6, 10.2, 3, 2)])  # a hit: loaded
-    assert _tiered._generated_since(_tiered._codegen_state()) == 0.0
+    assert inductor_cache.generated_since(inductor_cache.codegen_state()) == 0.0
 
 
 def test_inductors_code_generation_is_measured_in_a_real_compile(tmp_path):
@@ -477,14 +478,14 @@ def test_inductors_code_generation_is_measured_in_a_real_compile(tmp_path):
     from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
     with config.patch(fx_graph_cache=True, force_disable_caches=False), temporary_cache_dir(str(tmp_path)):
-        before = _tiered._codegen_state()
+        before = inductor_cache.codegen_state()
         torch.compile(lambda x: torch.sin(x) * 3 + 1, dynamic=False)(torch.randn(5))
-        generated = _tiered._generated_since(before)
-        where = _tiered._inductor_cache()
+        generated = inductor_cache.generated_since(before)
+        where = inductor_cache.location()
     assert generated is not None and generated > 0
     assert where == (str(tmp_path), os.stat(tmp_path).st_ino)
     with config.patch(fx_graph_cache=False):
-        assert _tiered._inductor_cache() is None
+        assert inductor_cache.location() is None
 
 
 def test_nothing_compiles_at_import():
@@ -904,7 +905,7 @@ def test_cost_book_is_thread_safe_merges_kinds_and_leaves_no_temp_file(tmp_path,
         handle.write("{")
         raise OSError("disk full")
 
-    monkeypatch.setattr(_tiered.json, "dump", broken_dump)
+    monkeypatch.setattr(json, "dump", broken_dump)
     first.record("a2", "a", 5.0)
     assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["compile_costs.json"]
 
