@@ -18,7 +18,7 @@ Workflows (tanh MLPs, data standardised, 80/20 split with a fixed seed):
   (``linearized_forward_diag``), ``laplace.dense_fisher``, ``ekf.diag_fisher``
   and ``ekf.dense_fisher`` over one epoch of mini-batches, ``vi.diag``
   (300 steps) and an ``sgmcmc.sghmc`` chain (300 steps).
-* ``sghmc_long``: a 5,000-step SGHMC chain on digits.
+* ``sghmc_long``: a 100,000-step SGHMC chain on digits.
 * ``ekf_dense_long``: 50 epochs of ``ekf.dense_fisher`` on digits.
 """
 
@@ -55,7 +55,7 @@ SHORT_PHASES = ("map", "laplace_diag", "laplace_dense", "ekf_diag", "ekf_dense",
 WORKFLOWS: Dict[str, Workflow] = {
     "breast_cancer": Workflow("breast_cancer", 32, SHORT_PHASES),
     "digits": Workflow("digits", 32, SHORT_PHASES),
-    "sghmc_long": Workflow("digits", 32, ("map", "sghmc"), long=True, sghmc_steps=5000),
+    "sghmc_long": Workflow("digits", 32, ("map", "sghmc"), long=True, sghmc_steps=100_000),
     "ekf_dense_long": Workflow("digits", 32, ("map", "ekf_dense"), long=True, ekf_epochs=50),
 }
 
