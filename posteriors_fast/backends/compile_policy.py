@@ -32,9 +32,7 @@ a compile also records its cost without that part (inductor's
 ``fx_codegen_and_compile`` time when its FX-graph cache missed; the whole cost
 when the graph was loaded from it), and while the caches are on and in the
 same directory (not removed and made again since), that is the graph's
-estimate (:mod:`posteriors_fast.backends.inductor_cache`; such a compile also
-skips inductor's preparation of a precompiled C++ header, which only a build
-uses); plus, while this process has
+estimate (:mod:`posteriors_fast.backends.inductor_cache`); plus, while this process has
 not imported dynamo and inductor, what those imports cost (measured by the
 first compile of a process and kept apart, under :data:`IMPORTS_KIND`, so
 that a graph compiled after others is not charged for them). Estimates are kept in
@@ -346,7 +344,7 @@ class CostBook:
         when none is known)."""
         with self._lock:
             self._load()
-            if key is not None and self.holds(key):
+            if key is not None and key in self.cached and inductor_cache.holds(*self.cached[key][1:]):
                 return self.cached[key][0]
             if key is not None and key in self.graphs:
                 return self.graphs[key]
@@ -354,13 +352,6 @@ class CostBook:
                 costs = self.kinds.get(kind)
                 self._medians[kind] = statistics.median(costs) if costs else default
             return self._medians[kind]
-
-    def holds(self, key: str) -> bool:
-        """Whether inductor's on-disk caches in use hold graph ``key`` (it was
-        compiled with them, and they are still where it was)."""
-        with self._lock:
-            self._load()
-            return key in self.cached and inductor_cache.holds(*self.cached[key][1:])
 
     def failed(self, key: str) -> bool:
         """Whether compiling graph ``key`` failed before (here or in an
@@ -817,7 +808,7 @@ class TieredCompile:
                 start = imported
             _DYNAMO_COMPILES.register()
             generated = inductor_cache.codegen_state()
-            with remembered_probe(_cache_root), inductor_cache.loading(self.book.holds(entry.key)):
+            with remembered_probe(_cache_root):
                 compiled = self._compile()
                 out = compiled(*args)
         except Exception as err:

@@ -1,18 +1,16 @@
 """What inductor's on-disk caches (``TORCHINDUCTOR_CACHE_DIR``) hold for the
 compile policy's estimates: how much of a compile was inductor generating code
 (the part those caches keep, so that a later process loads the graph instead),
-where the caches are, and whether a compile now would find them there; and
-how a compile that loads its graph from them skips work only a build needs.
+where the caches are, and whether a compile now would find them there.
 
 Torch's internals are read defensively: anything unexpected makes the split
 unknown (None), and the policy then estimates as if nothing were cached.
 """
 
-import contextlib
 import functools
 import os
 import sys
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 #: What dynamo times inductor's code generation and build under (the part of
 #: a compile that inductor's on-disk caches keep; it also times a load from them).
@@ -112,20 +110,3 @@ def holds(directory: str, inode: int) -> bool:
         return os.stat(directory).st_ino == inode
     except OSError:
         return False
-
-
-@contextlib.contextmanager
-def loading(expected: bool) -> Iterator[None]:
-    """Context for a compile; with ``expected`` (the caches hold the graph),
-    inductor does not prepare its precompiled C++ header. It prepares one
-    before it loads any C++ kernel, even a kernel whose library its cache
-    holds: a preprocessor run and a checksum in every process (about 0.15 s
-    on a 2-core machine), which only a kernel being built uses. Should the
-    graph be built after all, its kernels build without the header: slower,
-    the same code."""
-    config = sys.modules.get("torch._inductor.config")
-    if not expected or not hasattr(config, "cpp_cache_precompile_headers"):
-        yield
-        return
-    with config.patch(cpp_cache_precompile_headers=False):
-        yield

@@ -457,41 +457,6 @@ def test_a_compile_records_its_cost_without_the_code_inductor_generated(tmp_path
     assert tiered.book.cached[key][0] == pytest.approx(4.0 - 0.125)
 
 
-def test_a_compile_the_caches_hold_does_not_prepare_the_precompiled_header(tmp_path, monkeypatch):
-    """Inductor prepares its precompiled C++ header before loading any kernel,
-    a cost only a build needs: off for a compile of a graph its caches hold,
-    on for any other, and restored after."""
-    from torch._inductor import config
-
-    _cache_env(monkeypatch, tmp_path)
-    clock = _FakeClock()
-    tiered, _ = _fake_tiered(monkeypatch, clock, eager_s=1.0, compiled_s=0.0, compile_s=1.0, estimate_s=1.0)
-    seen = []
-    compile_ = tiered._compile
-
-    def watching_compile():
-        seen.append(config.cpp_cache_precompile_headers)
-        return compile_()
-
-    monkeypatch.setattr(tiered, "_compile", watching_compile)
-    with config.patch(cpp_cache_precompile_headers=True):
-        for signature in ("built", "held", "moved"):
-            for _ in range(3):
-                tiered(_owner, signature, torch.zeros(()))
-            (key,) = [k for k in tiered.book.graphs if k.endswith(repr(signature))]
-            # What a compile with the caches records: the next process finds it there.
-            tiered.book.cached[key] = [0.5, *_where(tmp_path)]
-        tiered._entries.clear()  # a new process
-        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "elsewhere"))
-        for _ in range(3):
-            tiered(_owner, "moved", torch.zeros(()))
-        _cache_env(monkeypatch, tmp_path)
-        for _ in range(3):
-            tiered(_owner, "held", torch.zeros(()))
-        assert config.cpp_cache_precompile_headers
-    assert seen == [True, True, True, True, False]
-
-
 def test_the_split_is_unknown_when_dynamos_records_were_reset_or_are_missing(monkeypatch):
     states = iter([(5, 10.0, 3, 1), (2, 1.0, 1, 0)])  # reset between the two reads
     monkeypatch.setattr(inductor_cache, "codegen_state", lambda: next(states))
@@ -519,7 +484,6 @@ def test_inductors_code_generation_is_measured_in_a_real_compile(tmp_path):
         where = inductor_cache.location()
     assert generated is not None and generated > 0
     assert where == (str(tmp_path), os.stat(tmp_path).st_ino)
-    assert isinstance(config.cpp_cache_precompile_headers, bool)  # what inductor_cache.loading switches
     with config.patch(fx_graph_cache=False):
         assert inductor_cache.location() is None
 
