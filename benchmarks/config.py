@@ -64,7 +64,7 @@ def _cases():
     # Native kernels against their plain-torch baselines (BASELINE of the module).
     for p, k, quick in [(5000, 256, True), (20000, 64, False)]:
         out.append(Case("syrk", "syrk (JᵀJ, P×P)", "-", k, quick, p))
-    for p, r, quick in [(4890, 64, True), (4890, 256, False)]:
+    for p, r, quick in [(4890, 64, True), (4890, 256, False), (4890, 16, False)]:
         out.append(Case("symm_jt", "symm_jt (Σ·Jᵀ, P×R)", "-", r, quick, p))
     for p, quick in [(10_000, True), (10_000_000, False)]:
         out.append(Case("cg_step", "cg step (vector updates)", "-", 0, quick, p))

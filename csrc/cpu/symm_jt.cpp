@@ -7,8 +7,8 @@
 // and Jᵀ, packed once, the vector operand. Each task is a band of kRows
 // output rows, all R columns; its S panel is packed chunk by chunk, so S is
 // read once (benchmarks/bench_symm_jt.py: against torch.mm, which runs MKL's
-// AVX2 kernels on AMD CPUs). Below the avx512
-// ISA level (multiversion.h), or for an S that is not row-major, one ATen GEMM.
+// AVX2 kernels on AMD CPUs). Below the avx512 ISA level (multiversion.h),
+// for an S that is not row-major, or for R < kMinR, one ATen GEMM.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -34,10 +34,14 @@ void check_inputs(const at::Tensor& s, const at::Tensor& j) {
 namespace v4 = gemm_v4;
 
 constexpr int64_t kMr = 6;     // output rows per micro-tile
-constexpr int64_t kNv = 4;     // vectors of output columns per micro-tile (R = 64 in float32: one)
+constexpr int64_t kNvMax = 4;  // vectors of output columns per micro-tile (R = 64 in float32: one panel)
 constexpr int64_t kRows = 96;  // output rows per task (a multiple of kMr)
+constexpr int64_t kMinR = 4;   // from R = 4 the kernel beats at::mm (P = 2410, 4890)
 
-template <typename T>
+// kNv vectors of output columns per micro-tile: the fewest that hold R when
+// R fits in kNvMax vectors (a narrower tile computes no padding columns: at
+// R = 1 the widest one did 64 columns of work for one), else kNvMax.
+template <typename T, int kNv>
 void symm_jt_run(at::Tensor& out, const at::Tensor& s, const at::Tensor& j) {
   constexpr int64_t NR = kNv * v4::Simd<T>::L;
   const int64_t r = j.size(0), p = j.size(1);
@@ -101,8 +105,18 @@ at::Tensor symm_jt(const at::Tensor& s, const at::Tensor& j) {
   at::Tensor out = at::empty({j.size(1), j.size(0)}, s.options());
   if (out.numel() == 0) return out;
 #if PF_HAVE_V4_KERNELS
-  if (active_isa() == Isa::kAvx512 && s.stride(1) == 1) {
-    AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "symm_jt_avx512", [&] { symm_jt_run<scalar_t>(out, s, j); });
+  // Fewer than kMinR columns is a matrix-vector product, bound by reading S
+  // once: ATen's GEMV does that without the tile packing.
+  if (active_isa() == Isa::kAvx512 && s.stride(1) == 1 && j.size(0) >= kMinR) {
+    AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "symm_jt_avx512", [&] {
+      constexpr int64_t L = v4::Simd<scalar_t>::L;
+      switch (std::min<int64_t>((j.size(0) + L - 1) / L, kNvMax)) {
+        case 1: symm_jt_run<scalar_t, 1>(out, s, j); break;
+        case 2: symm_jt_run<scalar_t, 2>(out, s, j); break;
+        case 3: symm_jt_run<scalar_t, 3>(out, s, j); break;
+        default: symm_jt_run<scalar_t, kNvMax>(out, s, j); break;
+      }
+    });
     return out;
   }
 #endif

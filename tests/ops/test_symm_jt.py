@@ -11,9 +11,10 @@ from posteriors_fast.ops import symm_jt
 from tests.ops._native import at_each_isa, close, needs_ext
 
 OPS = _library.OPS
-# P around the 96-row tasks and 128-deep chunks; R around the 64-wide
-# (float32) / 32-wide (float64) column panels.
-SHAPES = [(1, 1), (37, 5), (97, 65), (241, 64), (300, 129), (1100, 64)]
+# P around the 96-row tasks and 128-deep chunks; R below 4 (ATen's GEMV),
+# at each tile width (1 to 4 vectors: 16 to 64 float32 columns, 8 to 32
+# float64) and around the widest panels.
+SHAPES = [(1, 1), (60, 3), (37, 5), (150, 17), (200, 24), (120, 33), (97, 65), (241, 64), (300, 129), (1100, 64)]
 
 
 def _inputs(p, r, dtype, seed, j_layout="rows"):
