@@ -185,7 +185,7 @@ def main(argv=None) -> int:
         rounds = args.rounds or (3 if args.full else 2)
         print(
             f"\nworkflows (fresh process per run, {rounds} rounds, providers rotated; "
-            "round 1 with empty compile caches):",
+            "round 1 with empty compile caches, reported apart; medians over the later rounds):",
             flush=True,
         )
         cache = os.path.join(args.out, "workflow-cache")
