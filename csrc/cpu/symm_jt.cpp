@@ -40,7 +40,7 @@ constexpr int64_t kMinR = 4;   // from R = 4 the kernel beats at::mm (P = 2410, 
 
 // kNv vectors of output columns per micro-tile: the fewest that hold R when
 // R fits in kNvMax vectors (a narrower tile computes no padding columns: at
-// R = 1 the widest one did 64 columns of work for one), else kNvMax.
+// R = 4 the widest one did 64 columns of work for four), else kNvMax.
 template <typename T, int kNv>
 void symm_jt_run(at::Tensor& out, const at::Tensor& s, const at::Tensor& j) {
   constexpr int64_t NR = kNv * v4::Simd<T>::L;
