@@ -25,9 +25,10 @@ from posteriors_fast._internal.native import accepts
 from posteriors_fast.backends import UNMEASURED_ON_CUDA, decline, implementation, register
 from posteriors_fast.ops.new_matrix import new_matrix
 
-#: GEMM tile edge of the eager path: the best of 512, 1024 and 2048 tried at
-#: P = 20000, K = 64, and close to the best at P = 5000, K = 256.
-BLOCK = 1024
+#: GEMM tile edge of the eager path: of 384, 512, 768 and 1024, 512 was the
+#: fastest or tied at P = 1045, 2410 and 4890 (K = 64 and 256) and at
+#: P = 20000, K = 64 (P = 2410, K = 64: 10.2 against 11.4 ms with 1024).
+BLOCK = 512
 
 
 def _mirror_block(size: int) -> int:
