@@ -62,7 +62,8 @@ def _cases():
     out.append(Case("laplace", "laplace.dense_fisher.sample(100) flat params", "M", 64, False))
     out.append(Case("vi", "vi.diag.update", "S", 64, True))
     # Native kernels against their plain-torch baselines (BASELINE of the module).
-    for p, k, quick in [(5000, 256, True), (20000, 64, False)]:
+    # P = 1045, K = 64: the product of laplace.dense_fisher.update at the S size.
+    for p, k, quick in [(1045, 64, True), (5000, 256, True), (20000, 64, False)]:
         out.append(Case("syrk", "syrk (JᵀJ, P×P)", "-", k, quick, p))
     for p, r, quick in [(4890, 64, True), (4890, 256, False), (4890, 16, False)]:
         out.append(Case("symm_jt", "symm_jt (Σ·Jᵀ, P×R)", "-", r, quick, p))

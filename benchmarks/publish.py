@@ -52,7 +52,8 @@ def _ms(x) -> str:
 def _rows_by_case(results: List[Dict]) -> Dict:
     cases: Dict = {}
     for row in results:
-        cases.setdefault((row["op"], row["model"], row["N"]), {})[row["provider"]] = row
+        # P too: kernel cases of one op and N differ only in P.
+        cases.setdefault((row["op"], row["model"], row["N"], row["P"]), {})[row["provider"]] = row
     return cases
 
 
@@ -84,7 +85,7 @@ def headline(data: Dict) -> str:
     cases = _rows_by_case(data["results"])
     lines = ["| case | size | eager | compiled |", "|---|---|---|---|"]
     for op, model, n in HEADLINE:
-        got = cases.get((op, model, n))
+        got = next((rows for key, rows in cases.items() if key[:3] == (op, model, n)), None)
         if not got or "eager" not in got:
             continue
         p = got["eager"]["P"]
@@ -134,7 +135,7 @@ def per_call(data: Dict) -> str:
         "| op | size | posteriors 0.0.5 | eager | compiled | compile s |",
         "|---|---|---|---|---|---|",
     ]
-    for (op, model, n), got in _rows_by_case(data["results"]).items():
+    for (op, model, n, _), got in _rows_by_case(data["results"]).items():
         ref = got.get("posteriors")
         if ref is None:
             continue
@@ -154,7 +155,7 @@ def per_call(data: Dict) -> str:
 
 def kernels(data: Dict) -> str:
     lines = ["| kernel | size | baseline | providers (speedup over the baseline) |", "|---|---|---|---|"]
-    for (op, model, n), got in _rows_by_case(data["results"]).items():
+    for (op, model, n, _), got in _rows_by_case(data["results"]).items():
         if "posteriors" in got:
             continue
         first = next(iter(got.values()))

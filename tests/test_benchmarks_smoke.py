@@ -140,6 +140,30 @@ def test_publish_of_the_published_file_itself_regenerates_without_copying(tmp_pa
     assert json.loads(published.read_text()) == {"marker": 1}
 
 
+def test_kernel_cases_of_one_op_and_n_keep_a_row_per_size():
+    """Two syrk cases with the same N and different P: one kernels-table row
+    each (keyed on the size too), not the later one overwriting the earlier."""
+    from benchmarks import publish
+
+    def row(p, provider, ms):
+        return {
+            "op": "syrk (JᵀJ, P×P)",
+            "model": "-",
+            "N": 64,
+            "P": p,
+            "provider": provider,
+            "status": "ok",
+            "baseline": "J.T @ J",
+            "median_ms": ms,
+            "speedup": 2.0 / ms,
+        }
+
+    results = [row(1045, "J.T @ J", 2.0), row(1045, "eager", 4.0), row(20000, "J.T @ J", 2.0), row(20000, "eager", 1.0)]
+    table = publish.kernels({"results": results})
+    assert "| P = 1045, N = 64 | J.T @ J" in table and "eager 0.5x" in table
+    assert "| P = 20000, N = 64 | J.T @ J" in table and "eager 2.0x" in table
+
+
 def test_failed_workflow_rounds_are_dropped_and_counted(monkeypatch):
     """The medians are over the rounds after the first (round 1, cold caches,
     is reported on its own); a later round whose child fails, or fails a
