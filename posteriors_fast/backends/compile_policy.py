@@ -94,6 +94,7 @@ from optree import tree_flatten, tree_leaves
 
 from posteriors_fast._internal.json_file import read_json, write_json
 from posteriors_fast.backends import inductor_cache
+from posteriors_fast.backends.direct_call import direct_caller
 from posteriors_fast.backends.inductor_isa import remembered_probe
 
 logger = logging.getLogger("posteriors_fast")
@@ -686,6 +687,7 @@ class _Entry:
     compiled: Any = None  # the compiled callable, _FAILED or _DEMOTED
     code: Optional[types.CodeType] = None  # where dynamo caches its graphs
     graphs: Optional[int] = None  # how many it held after the compile
+    direct: Optional[Callable] = None  # the compiled graph without torch.compile's wrapper (direct_call)
 
 
 _INSTANCES: "weakref.WeakSet" = weakref.WeakSet()
@@ -773,6 +775,10 @@ class TieredCompile:
             return self._fn(*args)
         if entry.compiled is not None:
             seen = _DYNAMO_COMPILES.count()
+            if entry.direct is not None and seen is not None:  # (None: dynamo was reset since)
+                hit, out = entry.direct(args)
+                if hit:
+                    return out
             out = entry.compiled(*args)
             if (
                 entry.graphs is not None
@@ -863,9 +869,10 @@ class TieredCompile:
         _STATS["compiles"] += 1
         _STATS["compile_s"] += cost
         entry.compiled, entry.code, entry.graphs = compiled, code, _graphs_cached(code)
+        entry.direct = direct_caller(compiled) if entry.graphs == 1 else None
 
     def _demote(self, entry: _Entry, owner: object) -> None:
-        entry.compiled, entry.code = _DEMOTED, None
+        entry.compiled, entry.code, entry.direct = _DEMOTED, None, None
         _STATS["recompiles"] += 1
         self._warn_once(
             "recompile",
