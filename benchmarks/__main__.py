@@ -36,7 +36,10 @@ def _args(argv):
         "(python -m benchmarks.scale, the longest part; --skip leaves groups out)",
     )
     parser.add_argument(
-        "--rounds", type=int, default=None, help="fresh processes per workflow and provider (default 2; 3 with --full)"
+        "--rounds",
+        type=int,
+        default=None,
+        help="fresh processes per workflow and provider (default 2; with --full 5 for the short rows, 3 for the long)",
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -182,9 +185,10 @@ def main(argv=None) -> int:
         print(", ".join(summary), flush=True)
     flow_rows = []
     if flows:
-        rounds = args.rounds or (3 if args.full else 2)
+        rounds = args.rounds or (workflows.full_rounds(flows) if args.full else 2)
+        described = rounds if isinstance(rounds, int) else "/".join(str(n) for n in sorted(set(rounds.values()))[::-1])
         print(
-            f"\nworkflows (fresh process per run, {rounds} rounds, providers rotated; "
+            f"\nworkflows (fresh process per run, {described} rounds, providers rotated; "
             "round 1 with empty compile caches, reported apart; medians over the later rounds):",
             flush=True,
         )

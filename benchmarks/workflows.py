@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple, Union
 
 import torch
 from optree.integrations.torch import tree_ravel
@@ -319,9 +319,25 @@ def run_child(name: str, provider: str, threads: int, env: Dict[str, str], timeo
     return result
 
 
-def measure_workflows(names, providers, rounds: int, threads: int, cache_dir: str, log=print) -> List[Dict]:
-    """Every (workflow, provider) ``rounds`` times, providers rotated per
-    round; returns one summary row per (workflow, provider) with the medians.
+#: Fresh processes per (workflow, provider) with ``--full``. The short rows
+#: take seconds, where this shared host's noise is a tenth or more of a run
+#: (the MAP fit, the same torch.optim code for every provider, varied by 0.4 s
+#: between processes), so their medians take four warm rounds; a long row's
+#: minute averages that out within the run.
+FULL_ROUNDS = {"short": 5, "long": 3}
+
+
+def full_rounds(names) -> Dict[str, int]:
+    """``FULL_ROUNDS`` for each workflow of ``names``."""
+    return {name: FULL_ROUNDS["long" if WORKFLOWS[name].long else "short"] for name in names}
+
+
+def measure_workflows(
+    names, providers, rounds: Union[int, Dict[str, int]], threads: int, cache_dir: str, log=print
+) -> List[Dict]:
+    """Every (workflow, provider) ``rounds`` times (or ``rounds[name]``),
+    providers rotated per round; returns one summary row per (workflow,
+    provider) with the medians.
 
     The compiled provider's caches (torch inductor's on-disk caches and the
     library's compile-cost estimates) live under ``cache_dir``, which the
@@ -340,7 +356,8 @@ def measure_workflows(names, providers, rounds: int, threads: int, cache_dir: st
     rows = []
     for name in names:
         runs: Dict[str, List[Dict]] = {p: [] for p in providers}
-        for r in range(rounds):
+        count = rounds[name] if isinstance(rounds, dict) else rounds
+        for r in range(count):
             order = providers[r % len(providers) :] + providers[: r % len(providers)]
             for provider in order:
                 runs[provider].append(run_child(name, provider, threads, env))
@@ -350,10 +367,10 @@ def measure_workflows(names, providers, rounds: int, threads: int, cache_dir: st
             # A round counts when its process finished and every common phase
             # completed in it; the others are dropped (and counted), so one
             # failed round cannot turn a median into NaN.
-            counted = runs[provider][1:] if rounds > 1 else runs[provider]
+            counted = runs[provider][1:] if count > 1 else runs[provider]
             ok = [x for x in counted if _completed(x, common)]
             row = {"workflow": name, "provider": provider, "rounds": len(ok), "failed_rounds": len(counted) - len(ok)}
-            if not ok and rounds > 1 and _completed(runs[provider][0], common):
+            if not ok and count > 1 and _completed(runs[provider][0], common):
                 ok = runs[provider][:1]  # every later round failed: round 1, marked as such
                 row["cold_only"] = True
             if not ok:

@@ -201,6 +201,26 @@ def test_failed_workflow_rounds_are_dropped_and_counted(monkeypatch):
     assert "posteriors (every later round failed: round 1, cold caches, only)" in table
 
 
+def test_full_runs_give_the_short_workflows_more_rounds(monkeypatch):
+    """``--full`` runs each short workflow 5 times per provider (4 warm
+    rounds for the medians) and each long one 3 times."""
+    from benchmarks import workflows
+
+    rounds = workflows.full_rounds(["breast_cancer", "sghmc_long"])
+    assert rounds == {"breast_cancer": 5, "sghmc_long": 3}
+    started = []
+
+    def child(name, provider, *a, **k):
+        started.append(name)
+        phases = {"map": {"s": 1.0, "acc": 0.9, "nll": 0.3}}
+        return {"status": "ok", "P": 10, "process_s": 2.0, "compile_s": 0.0, "compiles": 0, "phases": phases}
+
+    monkeypatch.setattr(workflows, "run_child", child)
+    rows = workflows.measure_workflows(list(rounds), ["eager"], rounds, 1, "/nonexistent", log=lambda *_: None)
+    assert started.count("breast_cancer") == 5 and started.count("sghmc_long") == 3
+    assert [r["rounds"] for r in rows] == [4, 2]
+
+
 def test_python_m_benchmarks_keeps_compile_costs_under_its_output(tmp_path, monkeypatch):
     from benchmarks import __main__ as bench_main
     from posteriors_fast.backends import compile_policy

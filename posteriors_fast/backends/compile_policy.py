@@ -67,7 +67,10 @@ tensor's shape, dtype and device and the value of each bool, int, float,
 str or None leaf of the batch (graphs specialise on them). What it cannot
 hold (closure variables, globals, module attributes) may still change: a
 compiled entry whose code object then gains a second graph has recompiled,
-and it runs eagerly from then on (logged once per computation). A failed
+and it runs eagerly from then on (logged once per computation). A compiled
+entry with one graph and no graph break is then called through
+:mod:`posteriors_fast.backends.direct_call` (its guards checked, dynamo's
+transformed code run without the frame hook) while its guards hold. A failed
 compile is logged once and that entry runs eagerly from then on; an error
 the user's function raises on the compiling call propagates and is no
 failure (its compile time is recorded when the graph was built; a trace

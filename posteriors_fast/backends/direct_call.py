@@ -101,8 +101,12 @@ def direct_caller(compiled: Callable) -> Optional[Callable[[tuple], Tuple[bool, 
     def call(args: tuple) -> Tuple[bool, Any]:
         # Inside someone else's trace, or under a stance such as "force_eager",
         # torch.compile's own path decides what runs.
-        if len(args) != count or is_compiling() or not usual() or not check(dict(zip(names, args))):
+        if len(args) != count or is_compiling() or not usual():
             return MISSED
-        return True, run(*args)
+        try:
+            hold = check(dict(zip(names, args)))
+        except Exception:  # a guard that cannot be evaluated here: torch.compile's path decides
+            return MISSED
+        return (True, run(*args)) if hold else MISSED
 
     return call

@@ -73,28 +73,26 @@ def test_a_changed_global_misses(fresh_dynamo, monkeypatch):
     assert call((x, y)) == MISSED  # the graph holds SCALE = 2 as a constant
 
 
+def scaling_user(factor):
+    """A user function whose closure holds ``factor``."""
+
+    def user(x):
+        return x * factor
+
+    return user
+
+
 def test_a_changed_closure_of_an_argument_misses(fresh_dynamo):
-    k = [2.0]
-
-    def make():
-        factor = k[0]
-
-        def user(x):
-            return x * factor
-
-        return user
-
-    user = make()
+    user = scaling_user(2.0)
     x = torch.arange(3.0)
     call = direct_caller(_compiled(calls_fn, user, x))
     assert call((user, x))[0]
     torch.testing.assert_close(call((user, x))[1], 2 * x + 1)
     # A rebuilt function with the same code and closure values is the same graph.
-    torch.testing.assert_close(call((make(), x)), (True, 2 * x + 1))
+    torch.testing.assert_close(call((scaling_user(2.0), x)), (True, 2 * x + 1))
     user.__closure__[0].cell_contents = 5.0
     assert call((user, x)) == MISSED
-    k[0] = 7.0
-    assert call((make(), x)) == MISSED
+    assert call((scaling_user(7.0), x)) == MISSED
 
 
 def test_not_for_graph_breaks_closures_or_defaults(fresh_dynamo):
@@ -139,20 +137,10 @@ def test_the_policy_runs_compiled_entries_directly_and_demotes_on_a_changed_clos
         eager_calls.append(1)
         return calls_fn(fn, x)
 
-    factor = [2.0]
-
-    def make():
-        k = factor[0]
-
-        def user(x):
-            return x * k
-
-        return user
-
     tiered = _tiered.TieredCompile(calls_fn, "the tiny computation", eager=eager, kind="tiny")
     tiered.book = _tiered.CostBook(None)
     tiered.policy = _tiered.Policy("always")
-    user = make()
+    user = scaling_user(2.0)
     x = torch.arange(3.0)
     torch.testing.assert_close(tiered(user, "sig", user, x), 2 * x + 1)
     entry = tiered._entries[user]["sig"]
