@@ -778,7 +778,9 @@ class TieredCompile:
             return self._fn(*args)
         if entry.compiled is not None:
             seen = _DYNAMO_COMPILES.count()
-            if entry.direct is not None and seen is not None:  # (None: dynamo was reset since)
+            if seen is None:  # dynamo was reset since: its graphs are gone, and the direct caller with them
+                entry.direct = None
+            elif entry.direct is not None:
                 hit, out = entry.direct(args)
                 if hit:
                     return out

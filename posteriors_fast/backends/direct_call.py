@@ -29,12 +29,13 @@ import torch
 MISSED: Tuple[bool, Any] = (False, None)
 
 
-def _cache_entries(code: types.CodeType) -> Optional[list]:
+def _entry_lister() -> Optional[Callable[[types.CodeType], list]]:
+    """dynamo's ``code -> [cache entries]``, or None where it is missing."""
     try:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     except ImportError:
         return None
-    return _debug_get_cache_entry_list(code)
+    return _debug_get_cache_entry_list
 
 
 def _stance_reader() -> Optional[Callable[[], bool]]:
@@ -80,13 +81,14 @@ def direct_caller(compiled: Callable) -> Optional[Callable[[tuple], Tuple[bool, 
         return None
     if code.co_kwonlyargcount or code.co_flags & (0x04 | 0x08):  # *args, **kwargs
         return None
-    entries = _cache_entries(code)
+    entries_of = _entry_lister()
+    entries = entries_of(code) if entries_of is not None else None
     if not entries or len(entries) != 1:
         return None
     transformed = getattr(entries[0], "code", None)
-    guards = getattr(entries[0], "guard_manager", None)
-    check = getattr(guards, "check", None)
-    if not isinstance(transformed, types.CodeType) or check is None or transformed.co_freevars:
+    if not isinstance(transformed, types.CodeType) or transformed.co_freevars:
+        return None
+    if not callable(getattr(getattr(entries[0], "guard_manager", None), "check", None)):
         return None
     names = code.co_varnames[: code.co_argcount]
     if transformed.co_argcount != code.co_argcount or transformed.co_varnames[: code.co_argcount] != names:
@@ -103,8 +105,15 @@ def direct_caller(compiled: Callable) -> Optional[Callable[[tuple], Tuple[bool, 
         # torch.compile's own path decides what runs.
         if len(args) != count or is_compiling() or not usual():
             return MISSED
+        # The entry as dynamo holds it now (about 1 µs): gone after a reset, and
+        # its guard manager replaced by one that always fails once an object
+        # an identity guard names is freed (a new object at the same address
+        # would pass the old one).
+        current = entries_of(code)
+        if len(current) != 1 or current[0].code is not transformed:
+            return MISSED
         try:
-            hold = check(dict(zip(names, args)))
+            hold = current[0].guard_manager.check(dict(zip(names, args)))
         except Exception:  # a guard that cannot be evaluated here: torch.compile's path decides
             return MISSED
         return (True, run(*args)) if hold else MISSED

@@ -2,7 +2,9 @@
 gives torch.compile's results and hands every call whose guards fail (a new
 shape, a changed global, a changed closure of an argument) back to it."""
 
+import gc
 import logging
+import types
 
 import pytest
 import torch
@@ -28,6 +30,10 @@ def scaled(x, y):
 
 def calls_fn(fn, x):
     return fn(x) + 1
+
+
+def holder_scale(holder, x):
+    return holder.act.scale(x) + 1
 
 
 def _compiled(fn, *args):
@@ -157,3 +163,50 @@ def test_the_policy_runs_compiled_entries_directly_and_demotes_on_a_changed_clos
     assert _tiered.stats()["recompiles"] == before + 1 and len(eager_calls) == 1
     assert entry.direct is None
     assert sum("recompiled" in r.getMessage() for r in caplog.records) == 1
+
+
+def _scaler_class(factor):
+    """A new class (dynamo guards a method's class by identity) whose
+    ``scale`` multiplies by ``factor``."""
+    namespace = {}
+    exec(f"class Scaler:\n    def scale(self, x):\n        return x * {factor}\n", namespace)
+    return namespace["Scaler"]
+
+
+def test_an_identity_guard_on_a_freed_object_misses_even_at_a_reused_address(fresh_dynamo):
+    """dynamo guards the class by its id and, when that class is freed,
+    replaces the entry's guards by ones that always fail; a new class at the
+    same address must not pass the guards kept from before."""
+    holder = types.SimpleNamespace(act=_scaler_class(2)())
+    x = torch.ones(2)
+    call = direct_caller(_compiled(holder_scale, holder, x))
+    assert call is not None
+    torch.testing.assert_close(call((holder, x)), (True, 2 * x + 1))
+    old_id = id(type(holder.act))
+    holder.act = None
+    gc.collect()
+    for _ in range(200):  # try for a new class at the freed one's address
+        cls = _scaler_class(3)
+        if id(cls) == old_id:
+            break
+    holder.act = cls()
+    assert call((holder, x)) == MISSED
+    torch.testing.assert_close(holder_scale(holder, x), 3 * x + 1)
+
+
+def test_after_a_dynamo_reset_the_policy_drops_the_direct_caller(fresh_dynamo):
+    tiered = _tiered.TieredCompile(calls_fn, "the tiny computation", kind="tiny")
+    tiered.book = _tiered.CostBook(None)
+    tiered.policy = _tiered.Policy("always")
+    user, other = scaling_user(2.0), scaling_user(5.0)
+    x = torch.arange(3.0)
+    tiered(user, "sig", user, x)
+    entry = tiered._entries[user]["sig"]
+    assert entry.direct is not None
+    torch._dynamo.reset()
+    torch.testing.assert_close(tiered(user, "sig", user, x), 2 * x + 1)
+    assert entry.direct is None
+    torch.testing.assert_close(tiered(other, "sig", other, x), 5 * x + 1)  # registers dynamo's callback again
+    assert _tiered._DYNAMO_COMPILES.count() is not None
+    torch.testing.assert_close(tiered(user, "sig", user, x), 2 * x + 1)
+    assert entry.direct is None
