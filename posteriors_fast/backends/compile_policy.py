@@ -97,7 +97,7 @@ from optree import tree_flatten, tree_leaves
 
 from posteriors_fast._internal.json_file import read_json, write_json
 from posteriors_fast.backends import inductor_cache
-from posteriors_fast.backends.direct_call import direct_caller
+from posteriors_fast.backends.direct_call import cache_entries, direct_caller
 from posteriors_fast.backends.inductor_isa import remembered_probe
 
 logger = logging.getLogger("posteriors_fast")
@@ -673,13 +673,8 @@ _DYNAMO_COMPILES = _DynamoCompiles()
 def _graphs_cached(code: Optional[types.CodeType]) -> Optional[int]:
     """How many compiled graphs dynamo holds for ``code``: one per compile,
     so a growing count after the first is a recompile."""
-    if code is None:
-        return None
-    try:
-        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-    except ImportError:  # a torch without it: recompiles go unseen
-        return None
-    return len(_debug_get_cache_entry_list(code))
+    entries = cache_entries(code)  # None on a torch without them: recompiles go unseen
+    return None if entries is None else len(entries)
 
 
 @dataclass
@@ -874,7 +869,7 @@ class TieredCompile:
         _STATS["compiles"] += 1
         _STATS["compile_s"] += cost
         entry.compiled, entry.code, entry.graphs = compiled, code, _graphs_cached(code)
-        entry.direct = direct_caller(compiled) if entry.graphs == 1 else None
+        entry.direct = direct_caller(compiled)
 
     def _demote(self, entry: _Entry, owner: object) -> None:
         entry.compiled, entry.code, entry.direct = _DEMOTED, None, None

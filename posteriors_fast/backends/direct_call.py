@@ -29,13 +29,16 @@ import torch
 MISSED: Tuple[bool, Any] = (False, None)
 
 
-def _entry_lister() -> Optional[Callable[[types.CodeType], list]]:
-    """dynamo's ``code -> [cache entries]``, or None where it is missing."""
+def cache_entries(code: Optional[types.CodeType]) -> Optional[list]:
+    """dynamo's cache entries (one per compiled graph) for ``code``; None
+    for no code, or where this torch does not expose them."""
+    if code is None:
+        return None
     try:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     except ImportError:
         return None
-    return _debug_get_cache_entry_list
+    return _debug_get_cache_entry_list(code)
 
 
 def _stance_reader() -> Optional[Callable[[], bool]]:
@@ -81,8 +84,7 @@ def direct_caller(compiled: Callable) -> Optional[Callable[[tuple], Tuple[bool, 
         return None
     if code.co_kwonlyargcount or code.co_flags & (0x04 | 0x08):  # *args, **kwargs
         return None
-    entries_of = _entry_lister()
-    entries = entries_of(code) if entries_of is not None else None
+    entries = cache_entries(code)
     if not entries or len(entries) != 1:
         return None
     transformed = getattr(entries[0], "code", None)
@@ -109,7 +111,7 @@ def direct_caller(compiled: Callable) -> Optional[Callable[[tuple], Tuple[bool, 
         # its guard manager replaced by one that always fails once an object
         # an identity guard names is freed (a new object at the same address
         # would pass the old one).
-        current = entries_of(code)
+        current = cache_entries(code)
         if len(current) != 1 or current[0].code is not transformed:
             return MISSED
         try:
