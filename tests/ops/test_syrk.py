@@ -60,6 +60,34 @@ def test_syrk_matches_float64_oracle(dtype, k, p, mirror, variant, isa):
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("k,p", SHAPES)
+@pytest.mark.parametrize("mirror", [True, False])
+def test_transposed_operands_match_float64_oracle(dtype, k, p, mirror, isa):
+    """a and b stored as row-major (P, K) arrays viewed as (K, P), as the
+    EKF's Kalman gain is (the AVX-512 kernel loads them with register
+    transposes), with a separate C and an output whose rows are not
+    contiguous with each other."""
+    gen = torch.Generator().manual_seed(k * 7 + p)
+    a = torch.randn(p, k, dtype=dtype, generator=gen).T
+    h = _sym(k, torch.float64, gen)
+    b = torch.empty(p, k, dtype=dtype).copy_((h @ a.double()).T).T  # aᵀb = aᵀHa is symmetric
+    assert a.stride(0) == 1 and b.stride(0) == 1
+    c = _sym(p, dtype, gen)
+    big = torch.full((p, p + 3), 5.0, dtype=dtype)
+    out = big[:, 1 : p + 1]
+    OPS.syrk_(out, a, b, c, -0.6, 1.5, mirror)
+    expected = 1.5 * c.double() + -0.6 * a.double().T @ b.double()
+    upper = torch.ones(p, p, dtype=torch.bool).triu()
+    close(out[upper], expected[upper], dtype)
+    if mirror:
+        assert torch.equal(out, out.T)
+    else:
+        assert (out[~upper] == 5.0).all()
+    assert (big[:, 0] == 5.0).all() and (big[:, p + 1 :] == 5.0).all()
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_empty_k_gives_beta_c(dtype, isa):
     c = _sym(50, dtype, torch.Generator().manual_seed(3))
     out = torch.full((50, 50), float("nan"), dtype=dtype)
