@@ -1,5 +1,5 @@
 // AVX-512 GEMM building blocks (x86-64-v4 CPUs) and the body of
-// posteriors_fast::syrk_; symm_jt.cpp builds its product from the same parts.
+// posteriors_fast::syrk_; symm_jt.cpp uses its SIMD wrappers and packing.
 // The ops run these at the avx512 ISA level (active_isa(), multiversion.h),
 // else ATen GEMMs.
 //

@@ -2,13 +2,16 @@
 // (R × P), the Σ·Jᵀ of the Woodbury EKF step. Schema and semantics:
 // posteriors_fast/_library.py.
 //
-// S is symmetric, so (S·Jᵀ)[i][j] = Σ_k S[k][i]·J[j][k]: S's rows are the
-// broadcast operand of gemm_avx512.h's micro-kernel as stored (no transpose)
-// and Jᵀ, packed once, the vector operand. Each task is a band of kRows
-// output rows, all R columns; its S panel is packed chunk by chunk, so S is
-// read once (benchmarks/bench_symm_jt.py: against torch.mm, which runs MKL's
-// AVX2 kernels on AMD CPUs). Below the avx512 ISA level (multiversion.h),
-// for an S that is not row-major, or for R < kMinR, one ATen GEMM.
+// Row by row: (S·Jᵀ)[i][:] = Σ_k S[i][k]·Jᵀ[k][:]. Jᵀ is packed once into
+// panels of NR columns (gemm_avx512.h's pack_transposed); each task is a
+// block of kMr output rows, whose micro-kernel broadcasts from kMr rows of S
+// as stored, read along k in long sequential runs that the hardware
+// prefetchers follow, against a Jᵀ panel: S is read once and never packed
+// (a kernel that packed column bands of S chunk by chunk, reading it in
+// short runs, took 1.1-1.6x as long at P = 1045-5000, R = 8-256;
+// benchmarks/bench_symm_jt.py compares with torch.mm, which runs MKL's AVX2
+// kernels on AMD CPUs). Below the avx512 ISA level (multiversion.h), for an
+// S that is not row-major, or for R < kMinR, one ATen GEMM.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -35,8 +38,52 @@ namespace v4 = gemm_v4;
 
 constexpr int64_t kMr = 6;     // output rows per micro-tile
 constexpr int64_t kNvMax = 4;  // vectors of output columns per micro-tile (R = 64 in float32: one panel)
-constexpr int64_t kRows = 96;  // output rows per task (a multiple of kMr)
-constexpr int64_t kMinR = 4;   // from R = 4 the kernel beats at::mm (P = 2410, 4890)
+constexpr int64_t kMinR = 4;     // from R = 4 the kernel beats at::mm (P = 2410, 4890)
+constexpr int64_t kChunk = 256;  // terms of k summed in registers before they are added to the output
+
+// out[r][:ncols] (=, or += unless `first`) Σ_{k0 <= k < k1} rows[r][k]·bp[k][:]
+// for r < nrows, bp a Jᵀ panel (NR columns, k-major); rows[r] for r >= nrows
+// points at a valid row whose results are dropped. The rows are prefetched
+// kAhead entries ahead, a line per row every kLine steps.
+template <typename T, int MR, int NV>
+PF_TARGET_V4 void row_tile(const T* const* rows, const T* bp, int64_t k0, int64_t k1, int64_t p, T* out, int64_t ld,
+                           int64_t nrows, int64_t ncols, bool first) {
+  using S = v4::Simd<T>;
+  constexpr int64_t L = S::L, NR = NV * L, kLine = 64 / sizeof(T), kAhead = 8 * kLine;
+  typename S::reg acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = S::zero();
+  }
+  for (int64_t k = k0; k < k1; ++k) {
+    if ((k & (kLine - 1)) == 0) {
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) __builtin_prefetch(rows[r] + std::min(k + kAhead, p - 1), 0, 3);
+    }
+    const T* brow = bp + k * NR;
+    typename S::reg bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = S::load(brow + v * L);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const typename S::reg a = S::set1(rows[r][k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = S::fmadd(a, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    if (r >= nrows) break;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const typename S::mask m = v4::lanes<T>(0, ncols - v * L);
+      if (m == 0) continue;
+      T* dst = out + r * ld + v * L;
+      S::storem(dst, m, first ? acc[r][v] : S::add(acc[r][v], S::loadm(m, dst)));
+    }
+  }
+}
 
 // kNv vectors of output columns per micro-tile: the fewest that hold R when
 // R fits in kNvMax vectors (a narrower tile computes no padding columns: at
@@ -46,8 +93,6 @@ void symm_jt_run(at::Tensor& out, const at::Tensor& s, const at::Tensor& j) {
   constexpr int64_t NR = kNv * v4::Simd<T>::L;
   const int64_t r = j.size(0), p = j.size(1);
   const int64_t panels = (r + NR - 1) / NR;
-  // Jᵀ packed once for all tasks: panel q holds columns [q·NR, q·NR + NR),
-  // k-major over all P rows of Jᵀ.
   auto jp = v4::aligned_buffer<T>(panels * NR * p);
   if (j.stride(1) == 1) {
     v4::pack_transposed<T, NR>(jp.get(), j.const_data_ptr<T>(), j.stride(0), r, p);
@@ -55,42 +100,23 @@ void symm_jt_run(at::Tensor& out, const at::Tensor& s, const at::Tensor& j) {
     const v4::Matrix<T> jt{j.const_data_ptr<T>(), j.stride(1), j.stride(0)};
     v4::pack<T, NR>(jp.get(), jt, 0, p, 0, r);
   }
-  const v4::Matrix<T> sm{s.const_data_ptr<T>(), s.stride(0), 1};
+  const T* sp = s.const_data_ptr<T>();
+  const int64_t lds = s.stride(0);
   T* o = out.mutable_data_ptr<T>();
   const int64_t ld = out.stride(0);
-  const int64_t ntasks = (p + kRows - 1) / kRows;
-  const int64_t kc_max = std::min(v4::kKc, std::max<int64_t>(p, 1));
+  const int64_t ntasks = (p + kMr - 1) / kMr;
   run_tasks(ntasks, [&](const auto& claim) {
-    // The S tile as kc rows of kRows entries (row k: S[k0 + k][r0, r0 + rows));
-    // entries past the band's rows are read, never written out: zeroed once.
-    auto sp = v4::aligned_buffer<T>(kRows * kc_max);
-    std::fill(sp.get(), sp.get() + kRows * kc_max, T(0));
     for (int64_t t = claim(); t < ntasks; t = claim()) {
-      const int64_t r0 = t * kRows, rows = std::min(kRows, p - r0), row_end = r0 + rows;
-      for (int64_t k0 = 0; k0 < p; k0 += v4::kKc) {
-        const int64_t kc = std::min(v4::kKc, p - k0);
-        v4::copy_rows(sp.get(), kRows, sm, k0, kc, r0, rows);
-        // The next chunk's S tile (kKc rows, each a short run of `rows`
-        // entries) is prefetched into L2 a slice per row block while this one
-        // computes: read in tile order from memory it is latency-bound, and
-        // slower than torch.mm without the prefetch.
-        const int64_t next_k0 = k0 + kc, next_kc = std::min(v4::kKc, p - next_k0);
-        const int64_t blocks = (rows + kMr - 1) / kMr;
-        const int64_t per_block = (next_kc + blocks - 1) / blocks;
-        for (int64_t i0 = r0; i0 < row_end; i0 += kMr) {
-          const int64_t first_row = next_k0 + ((i0 - r0) / kMr) * per_block;
-          const int64_t last_row = std::min(next_k0 + next_kc, first_row + per_block);
-          for (int64_t k = first_row; k < last_row; ++k) {
-            const T* row = sm.data + k * sm.s0 + r0;
-            for (int64_t x = 0; x < rows; x += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(row + x, 0, 2);
-            __builtin_prefetch(row + rows - 1, 0, 2);
-          }
-          for (int64_t q = 0; q < panels; ++q) {
-            // beta = 0: the first chunk writes, later ones accumulate; `out`
-            // stands in for the unread C.
-            v4::micro_tile<T, kMr, kNv>(sp.get() + (i0 - r0), kRows, jp.get() + q * NR * p + k0 * NR, kc, o, ld, o, ld,
-                                        i0, q * NR, row_end, r, false, k0 == 0, T(1), T(0));
-          }
+      const int64_t i0 = t * kMr, nrows = std::min(kMr, p - i0);
+      const T* rows[kMr];
+      for (int64_t x = 0; x < kMr; ++x) rows[x] = sp + (i0 + std::min(x, nrows - 1)) * lds;
+      // Partial sums of kChunk terms added into the output: the rounding of
+      // a blocked GEMM, not of one running sum over all of P (float32,
+      // P = 2410: about 6x the error of the chunked sums).
+      for (int64_t q = 0; q < panels; ++q) {
+        for (int64_t k0 = 0; k0 < p; k0 += kChunk) {
+          row_tile<T, kMr, kNv>(rows, jp.get() + q * NR * p, k0, std::min(p, k0 + kChunk), p, o + i0 * ld + q * NR, ld,
+                                nrows, std::min(NR, r - q * NR), k0 == 0);
         }
       }
     }

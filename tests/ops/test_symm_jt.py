@@ -11,10 +11,23 @@ from posteriors_fast.ops import symm_jt
 from tests.ops._native import at_each_isa, close, needs_ext
 
 OPS = _library.OPS
-# P around the 96-row tasks and 128-deep chunks; R below 4 (ATen's GEMV),
-# at each tile width (1 to 4 vectors: 16 to 64 float32 columns, 8 to 32
-# float64) and around the widest panels.
-SHAPES = [(1, 1), (60, 3), (37, 5), (150, 17), (200, 24), (120, 33), (97, 65), (241, 64), (300, 129), (1100, 64)]
+# P around the 6-row blocks and the 256-term partial sums; R below 4 (ATen's
+# GEMV), at each tile width (1 to 4 vectors: 16 to 64 float32 columns, 8 to
+# 32 float64) and around the widest panels.
+SHAPES = [
+    (1, 1),
+    (60, 3),
+    (37, 5),
+    (150, 17),
+    (200, 24),
+    (120, 33),
+    (97, 65),
+    (241, 64),
+    (257, 40),
+    (300, 129),
+    (513, 9),
+    (1100, 64),
+]
 
 
 def _inputs(p, r, dtype, seed, j_layout="rows"):
@@ -44,6 +57,19 @@ def test_s_that_is_not_row_major_takes_the_aten_path(isa):
     s, j = _inputs(50, 7, torch.float32, 1)
     s_t = s.T.contiguous().T  # same values (symmetric), column-major storage
     close(OPS.symm_jt(s_t, j), s.double() @ j.double().T, torch.float32)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_s_with_padded_rows(dtype, isa):
+    """S a row-major view whose rows are further apart than P (a block of a
+    larger matrix): the kernel follows its row stride."""
+    s, j = _inputs(203, 20, dtype, 5)
+    big = torch.full((203, 211), float("nan"), dtype=dtype)
+    big[:, 3:206] = s
+    view = big[:, 3:206]
+    assert view.stride() == (211, 1)
+    close(OPS.symm_jt(view, j), s.double() @ j.double().T, dtype)
 
 
 @needs_ext
