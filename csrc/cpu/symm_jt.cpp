@@ -93,6 +93,8 @@ void symm_jt_run(at::Tensor& out, const at::Tensor& s, const at::Tensor& j) {
   constexpr int64_t NR = kNv * v4::Simd<T>::L;
   const int64_t r = j.size(0), p = j.size(1);
   const int64_t panels = (r + NR - 1) / NR;
+  // Jᵀ packed once for all tasks: panel q holds columns [q·NR, q·NR + NR),
+  // k-major over all P rows of Jᵀ.
   auto jp = v4::aligned_buffer<T>(panels * NR * p);
   if (j.stride(1) == 1) {
     v4::pack_transposed<T, NR>(jp.get(), j.const_data_ptr<T>(), j.stride(0), r, p);
