@@ -142,6 +142,25 @@ def test_failed_inplace_update_leaves_state_untouched(name):
     assert all(torch.equal(t, old) and t.data_ptr() == ptr for t, (old, ptr) in zip(tree_leaves(state), before))
 
 
+@pytest.mark.parametrize("name", ["diag_fisher", "diag_ggn"])
+def test_diag_update_names_a_prec_diag_that_does_not_fit_the_params(name):
+    params, batch = random_params("dict", torch.float64), random_batch(4, torch.float64)
+    transform = (
+        laplace.diag_fisher.build(_log_post) if name == "diag_fisher" else laplace.diag_ggn.build(_forward, _outer)
+    )
+    state = transform.init(params)
+    leaves = tree_leaves(state.prec_diag)
+    wrong_shape = tree_map(lambda x: x, state.prec_diag)
+    key = next(k for k, v in wrong_shape.items() if isinstance(v, torch.Tensor))
+    wrong_shape[key] = torch.ones(wrong_shape[key].numel() + 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="state.prec_diag leaf shapes must match state.params"):
+        transform.update(state._replace(prec_diag=wrong_shape), batch)
+    with pytest.raises(ValueError, match="state.prec_diag must have the same pytree structure as state.params"):
+        transform.update(state._replace(prec_diag=leaves), batch)
+    with pytest.raises(TypeError, match="state.prec_diag must be a pytree of tensors"):
+        transform.update(state._replace(prec_diag=tree_map(lambda x: x.tolist(), state.prec_diag)), batch)
+
+
 @pytest.mark.parametrize("name", ["dense_ggn", "diag_ggn"])
 def test_ggn_with_batch_coupled_forward(ref, name):
     # Centering over the batch couples samples: the per-sample Jacobian must
