@@ -39,7 +39,7 @@ def _args(argv):
         "--rounds",
         type=int,
         default=None,
-        help="fresh processes per workflow and provider (default 2; with --full 5 for the short rows, 3 for the long)",
+        help="fresh processes per workflow and provider (default 2; with --full 9 for the short rows, 3 for the long)",
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))

@@ -202,12 +202,12 @@ def test_failed_workflow_rounds_are_dropped_and_counted(monkeypatch):
 
 
 def test_full_runs_give_the_short_workflows_more_rounds(monkeypatch):
-    """``--full`` runs each short workflow 5 times per provider (4 warm
+    """``--full`` runs each short workflow 9 times per provider (8 warm
     rounds for the medians) and each long one 3 times."""
     from benchmarks import workflows
 
     rounds = workflows.full_rounds(["breast_cancer", "sghmc_long"])
-    assert rounds == {"breast_cancer": 5, "sghmc_long": 3}
+    assert rounds == {"breast_cancer": 9, "sghmc_long": 3}
     started = []
 
     def child(name, provider, *a, **k):
@@ -217,8 +217,8 @@ def test_full_runs_give_the_short_workflows_more_rounds(monkeypatch):
 
     monkeypatch.setattr(workflows, "run_child", child)
     rows = workflows.measure_workflows(list(rounds), ["eager"], rounds, 1, "/nonexistent", log=lambda *_: None)
-    assert started.count("breast_cancer") == 5 and started.count("sghmc_long") == 3
-    assert [r["rounds"] for r in rows] == [4, 2]
+    assert started.count("breast_cancer") == 9 and started.count("sghmc_long") == 3
+    assert [r["rounds"] for r in rows] == [8, 2]
 
 
 def test_python_m_benchmarks_keeps_compile_costs_under_its_output(tmp_path, monkeypatch):
