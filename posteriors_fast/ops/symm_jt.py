@@ -4,9 +4,10 @@
 
 The C++ kernel uses S's symmetry to read it by rows, as stored, in the
 AVX-512 micro-kernel that ``syrk`` uses. It pays off where torch's GEMM does
-not run AVX-512 code, as MKL does not on AMD CPUs; on Intel CPUs MKL's own
-AVX-512 GEMM is faster (``benchmarks/bench_symm_jt.py`` measures both), so
-``"compiled"`` keeps ``torch.mm`` there. Its result may differ from ``S @ J.T`` by rounding
+not run AVX-512 code, as MKL does not on AMD CPUs. On Intel CPUs MKL's own
+AVX-512 GEMM is faster at R = 256 and at small P·R, the C++ kernel at R = 64
+(``benchmarks/bench_symm_jt.py`` measures both; docs/performance.md has the
+sizes), so ``"compiled"`` keeps ``torch.mm`` there. Its result may differ from ``S @ J.T`` by rounding
 only, and by that much more for an S that is symmetric only to within
 rounding (an EKF covariance is exactly symmetric after every update; ``init``
 accepts a user's matrix symmetric to within 100 machine epsilons of its
@@ -35,7 +36,11 @@ def symm_jt_cpp(s: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
 
 register("symm_jt", "eager", symm_jt_eager, doc="S·Jᵀ for symmetric S (the Σ·Jᵀ of the Woodbury EKF step)")
 if cpu_vendor() == "GenuineIntel":
-    decline("symm_jt", "cpp", "not on Intel CPUs, where MKL's AVX-512 GEMM is faster (benchmarks/bench_symm_jt.py)")
+    decline(
+        "symm_jt",
+        "cpp",
+        "not on Intel CPUs, where MKL's AVX-512 GEMM is faster at R = 256 and small P·R (benchmarks/bench_symm_jt.py)",
+    )
 else:
     register("symm_jt", "cpp", symm_jt_cpp, devices=("cpu",))
 decline("symm_jt", "triton", "not provided: one cuBLAS GEMM already runs at the GPU's speed")
