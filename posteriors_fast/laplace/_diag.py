@@ -50,7 +50,7 @@ def add_to_prec(state, term_flat: torch.Tensor, aux, inplace: bool):
     ):
         _checks.same_structure(state.prec_diag, state.params, "state.prec_diag", "state.params")
     pieces = term_flat.split([x.numel() for x in leaves])
-    new = tree_unflatten(spec, [x.detach() + p.view(x.shape).to(x.dtype) for x, p in zip(leaves, pieces)])
+    new = tree_unflatten(spec, [(x.detach() + p.view(x.shape)).to(x.dtype) for x, p in zip(leaves, pieces)])
     if inplace:
         rebind_tree_(state.prec_diag, new)
         return state._replace(aux=aux)
