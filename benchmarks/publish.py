@@ -117,6 +117,55 @@ def headline(data: Dict) -> str:
     return "\n".join(lines)
 
 
+def workflow_summary(data: Dict) -> str:
+    """One row per workflow: each provider's seconds over every phase it
+    completed (the sum of the phases' medians over the warm rounds, compiles
+    included), compiled against eager over all phases, the compiled
+    process's compile seconds (warm rounds; round 1, with cold caches, in
+    brackets), and each provider's test accuracy and NLL after the
+    workflow's last phase."""
+    flows: Dict = {}
+    for row in data.get("workflows", []):
+        flows.setdefault(row["workflow"], {})[row["provider"]] = row
+    lines = [
+        "| workflow | P | posteriors 0.0.5 | eager | compiled | compiled / eager | compile s "
+        "| last phase: accuracy, NLL (posteriors 0.0.5 · eager · compiled) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, got in flows.items():
+        eager, compiled = got.get("eager"), got.get("compiled")
+        if not eager or eager.get("status") != "ok":
+            continue
+        cells, results = [], []
+        last = list(eager["phases"])[-1]
+        for provider in ("posteriors", "eager", "compiled"):
+            row = got.get(provider)
+            if not row or row.get("status") != "ok":
+                cells.append(row.get("status", "—") if row else "—")
+                results.append("—")
+                continue
+            failed = _failed_phases(row)
+            done = sum(phase["s"] for phase in row["phases"].values() if not phase.get("error"))
+            cells.append(f"{done:.2f} s" + (f" (fails {', '.join(f'`{f}`' for f in failed)})" if failed else ""))
+            phase = row["phases"].get(last, {})
+            results.append(
+                "error" if phase.get("error") or "acc" not in phase else f"{phase['acc']:.3f}, {phase['nll']:.3f}"
+            )
+        ratio = _total(compiled) / _total(eager) if compiled else float("nan")
+        compile_s = _seconds_or_dash(compiled.get("compile_s") if compiled else None)
+        cold = _seconds_or_dash(compiled.get("cold_compile_s") if compiled else None)
+        lines.append(
+            f"| {name} | {eager['P']} | {' | '.join(cells)} | "
+            f"{'—' if math.isnan(ratio) else f'{ratio:.2f}x the time'} | "
+            f"{compile_s} (cold caches: {cold}) | `{last}`: {' · '.join(results)} |"
+        )
+    return "\n".join(lines)
+
+
+def _seconds_or_dash(x) -> str:
+    return "—" if not isinstance(x, (int, float)) or math.isnan(x) else f"{x:.1f}"
+
+
 def _failed_phases(row) -> list:
     if not row or row.get("status") != "ok":
         return []
@@ -189,6 +238,7 @@ def coldstart(data: Dict) -> str:
 SECTIONS: Dict[str, Callable[[Dict], str]] = {
     "environment": environment,
     "headline": headline,
+    "workflow_summary": workflow_summary,
     "per_call": per_call,
     "kernels": kernels,
     "workflows": workflows,

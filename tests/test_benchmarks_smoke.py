@@ -164,6 +164,35 @@ def test_kernel_cases_of_one_op_and_n_keep_a_row_per_size():
     assert "| P = 20000, N = 64 | J.T @ J" in table and "eager 2.0x" in table
 
 
+def test_readme_workflow_summary_sums_the_completed_phases_and_names_the_failed_ones():
+    """The README's workflow table: each provider's seconds over the phases it
+    completed, compiled against eager over all phases, and the last phase's
+    accuracy and NLL per provider ("error" where the reference fails it)."""
+    from benchmarks import publish
+
+    def row(provider, map_s, ekf, compile_s=0.0):
+        phases = {"map": {"s": map_s, "acc": 0.9, "nll": 0.3}, "ekf_dense": ekf}
+        return {
+            "workflow": "w",
+            "provider": provider,
+            "status": "ok",
+            "P": 10,
+            "phases": phases,
+            "compile_s": compile_s,
+            "cold_compile_s": 5.0,
+        }
+
+    rows = [
+        row("posteriors", 1.0, {"error": "LinAlgError"}),
+        row("eager", 1.0, {"s": 3.0, "acc": 0.95, "nll": 0.2}),
+        row("compiled", 1.0, {"s": 1.0, "acc": 0.95, "nll": 0.21}, compile_s=0.5),
+    ]
+    table = publish.workflow_summary({"workflows": rows})
+    line = table.splitlines()[-1]
+    assert line.startswith("| w | 10 | 1.00 s (fails `ekf_dense`) | 4.00 s | 2.00 s | 0.50x the time |")
+    assert "0.5 (cold caches: 5.0)" in line and "`ekf_dense`: error · 0.950, 0.200 · 0.950, 0.210" in line
+
+
 def test_failed_workflow_rounds_are_dropped_and_counted(monkeypatch):
     """The medians are over the rounds after the first (round 1, cold caches,
     is reported on its own); a later round whose child fails, or fails a
