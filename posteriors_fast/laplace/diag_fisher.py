@@ -121,8 +121,10 @@ def update(
         The updated ``DiagLaplaceState``.
 
     Raises:
-        ValueError: a bad batch or output shape, or NaN/inf in the parameters
-            or the gradients of ``log_posterior``.
+        ValueError: a bad batch or output shape, NaN/inf in the parameters
+            or the gradients of ``log_posterior``, or a ``state.prec_diag``
+            whose structure or leaf shapes differ from ``state.params``.
+        TypeError: a ``state.prec_diag`` leaf that is not a tensor.
         posteriors_fast.distributed.RankError: with a process group, the
             update failed on some rank (raised on every rank; nothing written).
     """

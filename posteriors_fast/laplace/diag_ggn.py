@@ -128,7 +128,10 @@ def update(
 
     Raises:
         ValueError: NaN/inf in the parameters, the outputs of ``forward``,
-            their gradient, or the Hessian of ``outer_log_likelihood``.
+            their gradient, or the Hessian of ``outer_log_likelihood``, or a
+            ``state.prec_diag`` whose structure or leaf shapes differ from
+            ``state.params``.
+        TypeError: a ``state.prec_diag`` leaf that is not a tensor.
         posteriors_fast.distributed.RankError: with a process group, the
             update failed on some rank (raised on every rank; nothing written).
     """

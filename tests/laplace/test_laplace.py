@@ -149,16 +149,25 @@ def test_diag_update_names_a_prec_diag_that_does_not_fit_the_params(name):
         laplace.diag_fisher.build(_log_post) if name == "diag_fisher" else laplace.diag_ggn.build(_forward, _outer)
     )
     state = transform.init(params)
-    leaves = tree_leaves(state.prec_diag)
-    wrong_shape = tree_map(lambda x: x, state.prec_diag)
-    key = next(k for k, v in wrong_shape.items() if isinstance(v, torch.Tensor))
-    wrong_shape[key] = torch.ones(wrong_shape[key].numel() + 1, dtype=torch.float64)
-    with pytest.raises(ValueError, match="state.prec_diag leaf shapes must match state.params"):
-        transform.update(state._replace(prec_diag=wrong_shape), batch)
-    with pytest.raises(ValueError, match="state.prec_diag must have the same pytree structure as state.params"):
-        transform.update(state._replace(prec_diag=leaves), batch)
-    with pytest.raises(TypeError, match="state.prec_diag must be a pytree of tensors"):
-        transform.update(state._replace(prec_diag=tree_map(lambda x: x.tolist(), state.prec_diag)), batch)
+    key = next(iter(state.prec_diag))
+    wrong_shape = {**state.prec_diag, key: torch.ones(state.prec_diag[key].numel() + 1, dtype=torch.float64)}
+    not_tensors = {k: v.numpy() for k, v in state.prec_diag.items()}  # same structure and shapes
+    bad = [
+        (ValueError, "state.prec_diag leaf shapes must match state.params", wrong_shape),
+        (
+            ValueError,
+            "state.prec_diag must have the same pytree structure as state.params",
+            tree_leaves(state.prec_diag),
+        ),
+        (TypeError, "state.prec_diag must be a pytree of tensors; found a ndarray leaf", not_tensors),
+    ]
+    for error, message, prec_diag in bad:
+        for inplace in (False, True):
+            kept = tree_map(lambda x: x.copy() if not isinstance(x, torch.Tensor) else x.clone(), prec_diag)
+            with pytest.raises(error, match=message):
+                transform.update(state._replace(prec_diag=prec_diag), batch, inplace=inplace)
+            same = [(a == b).all() for a, b in zip(tree_leaves(prec_diag), tree_leaves(kept))]
+            assert all(bool(x) for x in same), "a failed update wrote into state.prec_diag"
 
 
 @pytest.mark.parametrize("name", ["dense_ggn", "diag_ggn"])
