@@ -145,12 +145,9 @@ def workflow_summary(data: Dict) -> str:
                 results.append("—")
                 continue
             failed = _failed_phases(row)
-            done = sum(phase["s"] for phase in row["phases"].values() if not phase.get("error"))
-            cells.append(f"{done:.2f} s" + (f" (fails {', '.join(f'`{f}`' for f in failed)})" if failed else ""))
-            phase = row["phases"].get(last, {})
-            results.append(
-                "error" if phase.get("error") or "acc" not in phase else f"{phase['acc']:.3f}, {phase['nll']:.3f}"
-            )
+            done = sum(phase.get("s", math.nan) for phase in row["phases"].values() if not phase.get("error"))
+            cells.append(f"{_seconds_or_dash(done, 2)} s" + (f" (fails {_names(failed)})" if failed else ""))
+            results.append(_accuracy(row["phases"].get(last)))
         ratio = _total(compiled) / _total(eager) if compiled else float("nan")
         compile_s = _seconds_or_dash(compiled.get("compile_s") if compiled else None)
         cold = _seconds_or_dash(compiled.get("cold_compile_s") if compiled else None)
@@ -162,8 +159,25 @@ def workflow_summary(data: Dict) -> str:
     return "\n".join(lines)
 
 
-def _seconds_or_dash(x) -> str:
-    return "—" if not isinstance(x, (int, float)) or math.isnan(x) else f"{x:.1f}"
+def _seconds_or_dash(x, digits: int = 1) -> str:
+    return "—" if not isinstance(x, (int, float)) or math.isnan(x) else f"{x:.{digits}f}"
+
+
+def _names(phases) -> str:
+    return ", ".join(f"`{name}`" for name in phases)
+
+
+def _accuracy(phase) -> str:
+    """``"acc, nll"`` of a phase's result; "error" when it failed, "—" when
+    it is missing or not finite."""
+    if phase is None:
+        return "—"
+    if phase.get("error"):
+        return "error"
+    acc, nll = phase.get("acc", math.nan), phase.get("nll", math.nan)
+    if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in (acc, nll)):
+        return "—"
+    return f"{acc:.3f}, {nll:.3f}"
 
 
 def _failed_phases(row) -> list:

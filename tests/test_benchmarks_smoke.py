@@ -191,6 +191,13 @@ def test_readme_workflow_summary_sums_the_completed_phases_and_names_the_failed_
     line = table.splitlines()[-1]
     assert line.startswith("| w | 10 | 1.00 s (fails `ekf_dense`) | 4.00 s | 2.00 s | 0.50x the time |")
     assert "0.5 (cold caches: 5.0)" in line and "`ekf_dense`: error · 0.950, 0.200 · 0.950, 0.210" in line
+    # A provider that did not finish, and one whose last phase has no finite result.
+    rows[0] = {"workflow": "w", "provider": "posteriors", "status": "DNF", "note": "took over 900 s"}
+    rows[2]["phases"]["ekf_dense"] = {"s": 1.0, "acc": float("nan"), "nll": 0.2}
+    rows[2]["compile_s"] = float("nan")
+    line = publish.workflow_summary({"workflows": rows}).splitlines()[-1]
+    assert line.startswith("| w | 10 | DNF | 4.00 s | 2.00 s | 0.50x the time | — (cold caches: 5.0) |")
+    assert line.endswith("`ekf_dense`: — · 0.950, 0.200 · — |")
 
 
 def test_failed_workflow_rounds_are_dropped_and_counted(monkeypatch):
