@@ -322,10 +322,11 @@ def run_child(name: str, provider: str, threads: int, env: Dict[str, str], timeo
 #: Fresh processes per (workflow, provider) with ``--full``. The short rows
 #: take seconds, where this shared host's noise is a tenth or more of a run:
 #: the MAP fit, the same torch.optim code for every provider, varied by 0.4 s
-#: between processes, and a median over four warm rounds once put compiled at
-#: 1.11x eager on breast_cancer, where six alternating pairs of processes on a
-#: quiet host gave 0.96-1.01x. So the short rows take eight warm rounds; a
-#: long row's minute averages the noise out within the run.
+#: between processes. With four warm rounds, one run's median put compiled at
+#: 1.11x eager's time on breast_cancer, where six alternating pairs of
+#: processes on a quiet host gave 0.96-1.01x; so the short rows take eight
+#: warm rounds. A long row's tens of seconds average the noise out within
+#: the run.
 FULL_ROUNDS = {"short": 9, "long": 3}
 
 

@@ -7,11 +7,12 @@ AVX-512 micro-kernel that ``syrk`` uses. It pays off where torch's GEMM does
 not run AVX-512 code, as MKL does not on AMD CPUs. On Intel CPUs MKL's own
 AVX-512 GEMM is faster at R = 256 and at small P·R, the C++ kernel at R = 64
 (``benchmarks/bench_symm_jt.py`` measures both; docs/performance.md has the
-sizes), so ``"compiled"`` keeps ``torch.mm`` there. Its result may differ from ``S @ J.T`` by rounding
-only, and by that much more for an S that is symmetric only to within
-rounding (an EKF covariance is exactly symmetric after every update; ``init``
-accepts a user's matrix symmetric to within 100 machine epsilons of its
-largest entry).
+sizes): neither wins everywhere, and ``"compiled"`` keeps ``torch.mm`` there.
+The C++ kernel's result may differ from ``S @ J.T`` by rounding only, and by
+that much more for an S that is symmetric only to within rounding (an EKF
+covariance is exactly symmetric after every update; ``init`` accepts a
+user's matrix symmetric to within 100 machine epsilons of its largest
+entry).
 """
 
 import torch
