@@ -3,7 +3,7 @@ atomic precision update and sampling. Each public module defines its own
 state class, as posteriors 0.0.5 does; these helpers take any of them."""
 
 import torch
-from optree import tree_flatten, tree_leaves, tree_map, tree_structure, tree_unflatten
+from optree import tree_flatten, tree_map, tree_unflatten
 from optree.integrations.torch import tree_ravel
 
 from posteriors_fast._internal import checks as _checks
@@ -38,7 +38,7 @@ def add_to_prec(state, term_flat: torch.Tensor, aux, inplace: bool):
     or new.
 
     ``term_flat`` is added leaf by leaf through views of its pieces, in the
-    promoted dtype and rounded once to the leaf's: 75 µs of a 1.1 ms eager
+    promoted dtype and rounded once to the leaf's: 75–80 µs of a 1.1 ms eager
     ``diag_fisher`` update at P = 1045, N = 64, where raveling the precision
     and unraveling the sum took 91 µs."""
     _checks.require_finite([(term_flat, "the curvature of this batch overflowed (NaN or inf)")])
@@ -46,10 +46,7 @@ def add_to_prec(state, term_flat: torch.Tensor, aux, inplace: bool):
     other = next((x for x in leaves if not isinstance(x, torch.Tensor)), None)
     if other is not None:
         raise TypeError(f"state.prec_diag must be a pytree of tensors; found a {type(other).__name__} leaf")
-    if spec != tree_structure(state.params) or any(
-        x.shape != p.shape for x, p in zip(leaves, tree_leaves(state.params))
-    ):
-        _checks.same_structure(state.prec_diag, state.params, "state.prec_diag", "state.params")
+    _checks.same_structure(state.prec_diag, state.params, "state.prec_diag", "state.params")
     pieces = term_flat.split([x.numel() for x in leaves])
     new = tree_unflatten(spec, [(x.detach() + p.view(x.shape)).to(x.dtype) for x, p in zip(leaves, pieces)])
     if inplace:
