@@ -93,22 +93,22 @@ def headline(data: Dict) -> str:
             f"| `{op}` | {_size(model, n, p)} | {_ratio(got['eager']['speedup'])} | "
             f"{_ratio(got.get('compiled', {}).get('speedup'))} |"
         )
-    flows: Dict = {}
-    for row in data.get("workflows", []):
-        flows.setdefault(row["workflow"], {})[row["provider"]] = row
-    for name, got in flows.items():
+    from benchmarks import workflows as flows
+
+    for name, got in flows.by_workflow(data.get("workflows", [])).items():
         if "eager" not in got or got["eager"]["status"] != "ok":
             continue
         size = f"workflow `{name}`, wall time with compiles | P = {got['eager']['P']}"
-        failed = _failed_phases(got.get("posteriors"))
+        failed = flows.failed_phases(got.get("posteriors"))
         if failed:
             # posteriors 0.0.5 fails a phase (its defects): the ratios to it
             # cover the phases it finishes; compiled against eager covers all.
             missing = ", ".join(f"`{f}`" for f in failed)
+            over_eager = flows.total_seconds(got["eager"]) / flows.total_seconds(got.get("compiled"))
             lines.append(
                 f"| {size} | {_ratio(got['eager'].get('speedup'))} (without {missing}: "
                 f"posteriors 0.0.5 fails it) | {_ratio(got.get('compiled', {}).get('speedup'))}; "
-                f"every phase: {_ratio(_total(got['eager']) / _total(got.get('compiled')))} over eager |"
+                f"every phase: {_ratio(over_eager)} over eager |"
             )
             continue
         lines.append(
@@ -118,79 +118,9 @@ def headline(data: Dict) -> str:
 
 
 def workflow_summary(data: Dict) -> str:
-    """One row per workflow: each provider's seconds over every phase it
-    completed (the sum of the phases' medians over the warm rounds, compiles
-    included), compiled against eager over all phases, the compiled
-    process's compile seconds (warm rounds; round 1, with cold caches, in
-    brackets), and each provider's test accuracy and NLL after the
-    workflow's last phase."""
-    flows: Dict = {}
-    for row in data.get("workflows", []):
-        flows.setdefault(row["workflow"], {})[row["provider"]] = row
-    lines = [
-        "| workflow | P | posteriors 0.0.5 | eager | compiled | compiled / eager | compile s "
-        "| last phase: accuracy, NLL (posteriors 0.0.5 · eager · compiled) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, got in flows.items():
-        eager, compiled = got.get("eager"), got.get("compiled")
-        if not eager or eager.get("status") != "ok":
-            continue
-        cells, results = [], []
-        last = list(eager["phases"])[-1]
-        for provider in ("posteriors", "eager", "compiled"):
-            row = got.get(provider)
-            if not row or row.get("status") != "ok":
-                cells.append(row.get("status", "—") if row else "—")
-                results.append("—")
-                continue
-            failed = _failed_phases(row)
-            done = sum(phase.get("s", math.nan) for phase in row["phases"].values() if not phase.get("error"))
-            cells.append(f"{_seconds_or_dash(done, 2)} s" + (f" (fails {_names(failed)})" if failed else ""))
-            results.append(_accuracy(row["phases"].get(last)))
-        ratio = _total(compiled) / _total(eager) if compiled else float("nan")
-        compile_s = _seconds_or_dash(compiled.get("compile_s") if compiled else None)
-        cold = _seconds_or_dash(compiled.get("cold_compile_s") if compiled else None)
-        lines.append(
-            f"| {name} | {eager['P']} | {' | '.join(cells)} | "
-            f"{'—' if math.isnan(ratio) else f'{ratio:.2f}x the time'} | "
-            f"{compile_s} (cold caches: {cold}) | `{last}`: {' · '.join(results)} |"
-        )
-    return "\n".join(lines)
+    from benchmarks import workflows as flows
 
-
-def _seconds_or_dash(x, digits: int = 1) -> str:
-    return "—" if not isinstance(x, (int, float)) or math.isnan(x) else f"{x:.{digits}f}"
-
-
-def _names(phases) -> str:
-    return ", ".join(f"`{name}`" for name in phases)
-
-
-def _accuracy(phase) -> str:
-    """``"acc, nll"`` of a phase's result; "error" when it failed, "—" when
-    it is missing or not finite."""
-    if phase is None:
-        return "—"
-    if phase.get("error"):
-        return "error"
-    acc, nll = phase.get("acc", math.nan), phase.get("nll", math.nan)
-    if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in (acc, nll)):
-        return "—"
-    return f"{acc:.3f}, {nll:.3f}"
-
-
-def _failed_phases(row) -> list:
-    if not row or row.get("status") != "ok":
-        return []
-    return [name for name, phase in row.get("phases", {}).items() if phase.get("error")]
-
-
-def _total(row) -> float:
-    """Seconds over every phase of a workflow row (NaN when one failed)."""
-    if not row or row.get("status") != "ok":
-        return float("nan")
-    return sum(phase.get("s", float("nan")) for phase in row["phases"].values())
+    return flows.summary_markdown(data.get("workflows", []))
 
 
 def per_call(data: Dict) -> str:

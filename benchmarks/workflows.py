@@ -494,8 +494,82 @@ def markdown(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
-def _seconds(value) -> str:
-    return "—" if not isinstance(value, float) or math.isnan(value) else f"{value:.1f}"
+def by_workflow(rows: List[Dict]) -> Dict[str, Dict[str, Dict]]:
+    """Summary rows as ``{workflow: {provider: row}}``, in order."""
+    flows: Dict[str, Dict[str, Dict]] = {}
+    for row in rows:
+        flows.setdefault(row["workflow"], {})[row["provider"]] = row
+    return flows
+
+
+def failed_phases(row) -> List[str]:
+    """The phases a summary row's provider failed (none for a failed row)."""
+    if not row or row.get("status") != "ok":
+        return []
+    return [name for name, phase in row.get("phases", {}).items() if phase.get("error")]
+
+
+def total_seconds(row) -> float:
+    """Seconds over every phase of a summary row (NaN when one failed)."""
+    if not row or row.get("status") != "ok":
+        return float("nan")
+    return sum(phase.get("s", float("nan")) for phase in row["phases"].values())
+
+
+def summary_markdown(rows: List[Dict]) -> str:
+    """One row per workflow: each provider's seconds over every phase it
+    completed (the sum of the phases' medians over the warm rounds, compiles
+    included), compiled against eager over all phases, the compiled
+    process's compile seconds (warm rounds; round 1, with cold caches, in
+    brackets), and each provider's test accuracy and NLL after the
+    workflow's last phase."""
+    lines = [
+        "| workflow | P | posteriors 0.0.5 | eager | compiled | compiled / eager | compile s "
+        "| last phase: accuracy, NLL (posteriors 0.0.5 · eager · compiled) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, got in by_workflow(rows).items():
+        eager, compiled = got.get("eager"), got.get("compiled")
+        if not eager or eager.get("status") != "ok":
+            continue
+        cells, results = [], []
+        last = list(eager["phases"])[-1]
+        for provider in ("posteriors", "eager", "compiled"):
+            row = got.get(provider)
+            if not row or row.get("status") != "ok":
+                cells.append(row.get("status", "—") if row else "—")
+                results.append("—")
+                continue
+            failed = ", ".join(f"`{phase}`" for phase in failed_phases(row))
+            done = sum(phase.get("s", math.nan) for phase in row["phases"].values() if not phase.get("error"))
+            cells.append(f"{_seconds(done, 2)} s" + (f" (fails {failed})" if failed else ""))
+            results.append(_accuracy(row["phases"].get(last)))
+        ratio = total_seconds(compiled) / total_seconds(eager) if compiled else math.nan
+        compile_s = _seconds(compiled.get("compile_s") if compiled else None)
+        cold = _seconds(compiled.get("cold_compile_s") if compiled else None)
+        lines.append(
+            f"| {name} | {eager['P']} | {' | '.join(cells)} | "
+            f"{'—' if math.isnan(ratio) else f'{ratio:.2f}x the time'} | "
+            f"{compile_s} (cold caches: {cold}) | `{last}`: {' · '.join(results)} |"
+        )
+    return "\n".join(lines)
+
+
+def _accuracy(phase) -> str:
+    """``"acc, nll"`` of a phase's result; "error" when it failed, "—" when
+    it is missing or not finite."""
+    if phase is None:
+        return "—"
+    if phase.get("error"):
+        return "error"
+    acc, nll = phase.get("acc", math.nan), phase.get("nll", math.nan)
+    if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in (acc, nll)):
+        return "—"
+    return f"{acc:.3f}, {nll:.3f}"
+
+
+def _seconds(value, digits: int = 1) -> str:
+    return "—" if not isinstance(value, (int, float)) or math.isnan(value) else f"{value:.{digits}f}"
 
 
 def _ratio(value) -> str:
