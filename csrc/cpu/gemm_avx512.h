@@ -1,5 +1,6 @@
 // AVX-512 GEMM building blocks (x86-64-v4 CPUs) and the body of
-// posteriors_fast::syrk_; symm_jt.cpp uses its SIMD wrappers and packing.
+// posteriors_fast::syrk_; symm_jt.cpp uses its SIMD wrappers, packing and
+// register-tile loop (tile_fma).
 // The ops run these at the avx512 ISA level (active_isa(), multiversion.h),
 // else ATen GEMMs.
 //
@@ -136,6 +137,36 @@ inline typename Simd<T>::mask lanes(int64_t lo, int64_t hi) {
   return static_cast<typename Simd<T>::mask>(upto & ~((1u << lo) - 1u));
 }
 
+// The register tile's inner loop, shared by micro_tile and symm_jt:
+// acc[r][:] = Σ_{k < kc} a(k, r)·bp[k][:] for a packed B panel bp (NR
+// columns, k-major); each_k(k) runs first at every k (prefetches). `a` reads
+// the A operand wherever it lies: packed rows here, rows of S as stored in
+// symm_jt.
+template <typename T, int MR, int NV, typename AAt, typename EachK>
+PF_TARGET_V4 inline void tile_fma(typename Simd<T>::reg (&acc)[MR][NV], const T* bp, int64_t kc, AAt a,
+                                  EachK each_k) {
+  using S = Simd<T>;
+  constexpr int64_t L = S::L, NR = NV * L;
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = S::zero();
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    each_k(k);
+    const T* brow = bp + k * NR;
+    typename S::reg bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = S::load(brow + v * L);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const typename S::reg ar = S::set1(a(k, r));
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = S::fmadd(ar, bv[v], acc[r][v]);
+    }
+  }
+}
+
 // The MR × NR block of AᵀB from the A rows at `ap` (row k of the block at
 // ap + k·a_step, as copy_rows lays them out) and the B panel `bp`, then
 // out[i][j] = beta·C[i][j] + alpha·acc (first chunk) or out[i][j] += alpha·acc,
@@ -162,24 +193,7 @@ PF_TARGET_V4 void micro_tile(const T* ap, int64_t a_step, const T* bp, int64_t k
     }
   }
   typename S::reg acc[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = S::zero();
-  }
-  for (int64_t k = 0; k < kc; ++k) {
-    const T* brow = bp + k * NR;
-    const T* arow = ap + k * a_step;
-    typename S::reg bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = S::load(brow + v * L);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const typename S::reg a = S::set1(arow[r]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = S::fmadd(a, bv[v], acc[r][v]);
-    }
-  }
+  tile_fma<T, MR, NV>(acc, bp, kc, [&](int64_t k, int r) { return ap[k * a_step + r]; }, [](int64_t) {});
   const typename S::reg va = S::set1(alpha), vb = S::set1(beta);
   // Interior blocks (the vast majority) take full vectors; edge blocks and
   // blocks that cross the diagonal are masked lane by lane.

@@ -51,27 +51,14 @@ PF_TARGET_V4 void row_tile(const T* const* rows, const T* bp, int64_t k0, int64_
   using S = v4::Simd<T>;
   constexpr int64_t L = S::L, NR = NV * L, kLine = 64 / sizeof(T), kAhead = 8 * kLine;
   typename S::reg acc[MR][NV];
+  v4::tile_fma<T, MR, NV>(
+      acc, bp + k0 * NR, k1 - k0, [&](int64_t k, int r) { return rows[r][k0 + k]; },
+      [&](int64_t k) {
+        if (((k0 + k) & (kLine - 1)) == 0) {
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = S::zero();
-  }
-  for (int64_t k = k0; k < k1; ++k) {
-    if ((k & (kLine - 1)) == 0) {
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) __builtin_prefetch(rows[r] + std::min(k + kAhead, p - 1), 0, 3);
-    }
-    const T* brow = bp + k * NR;
-    typename S::reg bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = S::load(brow + v * L);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const typename S::reg a = S::set1(rows[r][k]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = S::fmadd(a, bv[v], acc[r][v]);
-    }
-  }
+          for (int r = 0; r < MR; ++r) __builtin_prefetch(rows[r] + std::min(k0 + k + kAhead, p - 1), 0, 3);
+        }
+      });
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
     if (r >= nrows) break;
